@@ -1,0 +1,5 @@
+"""`python -m raretask` runs the CLI."""
+
+from raretask.cli import main
+
+main()
