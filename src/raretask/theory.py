@@ -262,7 +262,7 @@ class Theory:
 
     @cached_property
     def _frequent_eigenvalues(self) -> np.ndarray:
-        """mu^F: the descending eigenvalues of M_F = sum_{k in F} pi_k C_k (blocks are orthogonal)."""
+        """mu^F: descending eigenvalues of M_F = sum_{k in F} pi_k C_k (blocks are orthogonal)."""
         ts = self.tasks
         mu = np.concatenate([ts.frequencies[k] * ts.spectra[k] for k in self.frequent_tasks()])
         return np.sort(mu)[::-1]
@@ -272,7 +272,7 @@ class Theory:
         return self._frequent_eigenvalues.copy()
 
     def critical_width(self) -> np.ndarray:
-        """Prop. 6 for every task: N_crit = min{N : mu_N^F <= pi_k * lambda_k1} (ties count as <=)."""
+        """Prop. 6 per task: N_crit = min{N : mu_N^F <= pi_k * lambda_k1}, ties counting as <=."""
         mu = self._frequent_eigenvalues
         out = np.empty(self.tasks.size, dtype=int)
         for k, (p, s) in enumerate(zip(self.tasks.frequencies, self.tasks.spectra, strict=True)):
@@ -316,7 +316,7 @@ class Theory:
     def width_for_tasks(self, m: int) -> int:
         """N*(m): the smallest width at which at least m tasks hold a feature.
 
-        The m-th smallest first-feature width (our reading of N*(m); the paper shows it as a figure).
+        The m-th smallest first-feature width: our reading of N*(m) (the paper shows a figure).
         """
         if not 1 <= m <= self.tasks.size:
             raise UserError(f"m must be in [1, {self.tasks.size}], got {m}")
