@@ -1,0 +1,1 @@
+"""Figures (matplotlib) and the report, read from finished run directories."""

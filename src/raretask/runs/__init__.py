@@ -1,0 +1,1 @@
+"""Experiment grids on disk: run directories, atomic writes, resume, the results store."""

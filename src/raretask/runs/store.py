@@ -1,0 +1,80 @@
+"""Atomic files and the run-directory lock.
+
+Every file a run writes goes through a temporary file in the same directory and ``os.replace``,
+so a reader (or a resumed run) sees the old file or the new one, never half of one. A finished
+group is marked by its ``summary.json``, written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raretask.errors import UserError
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    with _atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def write_parquet(path: Path, rows: list[dict] | pa.Table) -> None:
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+    with _atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def write_safetensors(path: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    with _atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def run_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run directory: a second process pointed at it refuses."""
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / ".lock", "a+")  # noqa: SIM115 - held for the whole block
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{directory}: another raretask process is running in this "
+                            "directory") from None
+        yield
+    finally:
+        handle.close()

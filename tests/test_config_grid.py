@@ -1,0 +1,104 @@
+"""Experiment configs: list axes expand to grids, overrides, and one-line errors naming fields."""
+
+from pathlib import Path
+
+import pytest
+
+from raretask.config import ToyCell, load_experiment, parse_override
+from raretask.errors import UserError
+from raretask.runs.toy_grid import eval_steps, plan_groups
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_list_fields_are_axes_in_field_order():
+    grid = load_experiment(None, ["width=[8,16]", "beta=[1,2]", "seed=[0,1,2]", "steps=10"])
+    cells = list(grid.cells())
+    assert len(cells) == 12
+    assert [(c.width, c.beta, c.seed) for c in cells[:4]] == [
+        (8, 1, 0), (8, 1, 1), (8, 1, 2), (8, 2, 0)]
+    assert all(c.steps == 10 for c in cells)
+
+
+def test_defaults_follow_the_paper_and_are_recorded():
+    cell = ToyCell()
+    assert (cell.tasks, cell.alpha, cell.steps) == (32, 2.0, 100_000)
+    resolved = load_experiment(None, ["width=[8,16]"]).resolved()
+    assert resolved["width"] == [8, 16] and resolved["lr"] == 1e-3
+    assert resolved["learned_threshold"] == 0.3
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_load(name):
+    grid = load_experiment(CONFIGS / name)
+    cells = list(grid.cells())
+    assert cells
+    assert all(c.width <= c.tasks * c.features for c in cells)
+
+
+def test_paper_configs_have_the_paper_grids():
+    fig2 = list(load_experiment(CONFIGS / "fig2_phase.yaml").cells())
+    assert len(fig2) == 63 and {c.width for c in fig2} == {8, 16, 32, 64, 128, 256, 512}
+    assert {c.beta for c in fig2} == {1.0, 1.5, 2.0} and {c.steps for c in fig2} == {100_000}
+    fig4 = list(load_experiment(CONFIGS / "fig4_injection.yaml").cells())
+    assert {32, 256} <= {c.width for c in fig4} and 1280 in {c.gap for c in fig4}
+    short = list(load_experiment(CONFIGS / "fig2_phase.yaml", ["steps=2000"]).cells())
+    assert {c.steps for c in short} == {2000}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["wdth=8"], "config: wdth: unknown key"),
+        (["width=-1"], "config: width: Input should be greater than or equal to 1, got -1"),
+        (["beta=[]"], "config: beta: list is empty"),
+        (["width=2000"], "config: width: 2000 exceeds the total feature count"),
+        (["schedule=matched"], "config: gap: schedule 'matched' needs gap >= 1"),
+        (["schedule=every", "gap=5"], "config: count: schedule 'every' needs count >= 1"),
+        (["lr=0"], "config: lr: Input should be greater than 0"),
+        (["kind=lm"], "config: kind: unknown experiment kind 'lm'"),
+        (["group_size=0"], "config: group_size: Input should be greater than or equal to 1"),
+        (["steps"], "--set 'steps': expected key=value"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, message):
+    with pytest.raises(UserError) as err:
+        load_experiment(None, overrides)
+    assert str(err.value).startswith(message)
+
+
+def test_bad_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: toy\nwidth: [8, 16\n")
+    with pytest.raises(UserError, match=r"bad.yaml line \d+"):
+        load_experiment(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="expected a mapping"):
+        load_experiment(bad)
+
+
+def test_override_values_are_yaml():
+    assert parse_override("width=[8, 16]") == ("width", [8, 16])
+    assert parse_override("lr=0.01") == ("lr", 0.01)
+    # YAML 1.1 reads 1e-2 as a string; validation makes it a number in the resolved config
+    assert load_experiment(None, ["lr=1e-2"]).resolved()["lr"] == 0.01
+    assert parse_override("schedule=matched") == ("schedule", "matched")
+
+
+def test_groups_pack_cells_of_the_same_shape():
+    grid = load_experiment(None, ["width=[8,16,32]", "seed=[0,1]", "lr=[0.001,0.01]",
+                                  "steps=10", "group_size=4"])
+    cells = list(grid.cells())
+    groups = plan_groups(cells, 4)
+    assert sorted(i for g in groups for i in g.cell_ids) == list(range(12))
+    for g in groups:
+        assert len(g.cell_ids) <= 4
+        assert len({cells[i].lr for i in g.cell_ids}) == 1
+    assert plan_groups(cells, 4) == groups  # a pure function of the config: resume-safe
+
+
+def test_eval_steps_are_log_spaced_and_end_at_the_last_step():
+    s = eval_steps(100_000, 30)
+    assert s[0] == 1 and s[-1] == 100_000 and list(s) == sorted(set(s))
+    assert 20 <= len(s) <= 31
+    assert eval_steps(5, 30) == (1, 2, 3, 4, 5)
