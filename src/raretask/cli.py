@@ -119,13 +119,52 @@ def scaling(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Fit L(N, D) = L0 + A/N^a + B/D^b and classify model sizes (Definitions 1 and 2)."""
-    from raretask.scaling_report import scaling_report
+    from dataclasses import asdict
 
-    result = scaling_report(data, sizes, eps)
-    if as_json:
-        _print_json(result.to_json())
+    from raretask.scaling import classify, load_scaling_csv, max_data_scalable_ratio
+
+    table = load_scaling_csv(data)
+    fit = table.fit()
+    if sizes is None:
+        size_list = sorted(set(float(p) for p in table.params))
     else:
-        result.render(console)
+        size_list = []
+        for item in sizes.split(","):
+            try:
+                size_list.append(float(item))
+            except ValueError:
+                raise UserError(f"--sizes: {item.strip()!r} is not a number") from None
+    pairs = classify(fit, size_list, eps)
+    result = {
+        "fit": {"L0": fit.L0, "A": fit.A, "B": fit.B, "a": fit.a, "b": fit.b,
+                "rmse": fit.rmse, "n_points": fit.n_points},
+        "exponents": {"compute": fit.compute_exponent, "params": fit.params_exponent,
+                      "tokens": fit.tokens_exponent},
+        "max_data_scalable_ratio": max_data_scalable_ratio(fit),
+        "eps": eps,
+        "pairs": [asdict(p) for p in pairs],
+    }
+    if as_json:
+        _print_json(result)
+        return
+    console.print(
+        f"[bold]L(N, D) = {fit.L0:.4g} + {fit.A:.4g}/N^{fit.a:.3f} + {fit.B:.4g}/D^{fit.b:.3f}"
+        f"[/]  (rmse {fit.rmse:.3g}, {fit.n_points} points)\n"
+        f"compute-optimal under C = 6ND: L - L0 ∝ C^-{fit.compute_exponent:.3f}, "
+        f"N_opt ∝ C^{fit.params_exponent:.3f}, D_opt ∝ C^{fit.tokens_exponent:.3f}\n"
+        f"a smaller model reaches a larger one's compute-optimal loss with unlimited data "
+        f"(Def. 1) when N_l / N_s < {result['max_data_scalable_ratio']:.3g}"
+    )
+    tab = Table(title=f"Definitions 1 and 2 (eps = {eps:g})")
+    for col in ("small N_s", "large N_l", "L_C(N_s) - L_C(N_l)", "L_inf(N_s) - L_C(N_l)",
+                "learnable via", "N_s*(eps)"):
+        tab.add_column(col, justify="right")
+    for p in pairs:
+        tab.add_row(f"{p.small:.3g}", f"{p.large:.3g}", f"{p.gap_compute_optimal:.4f}",
+                    f"{p.gap_infinite_data:.4f}",
+                    "[green]data scaling[/]" if p.verdict == "data" else "[red]model scaling[/]",
+                    f"{p.critical_small_size:.3g}")
+    console.print(tab)
 
 
 # -- run / show --------------------------------------------------------------------------------
@@ -135,8 +174,14 @@ class _GridProgress:
     """rich progress for a grid: cells done/total, steps of the running group, rate, ETA."""
 
     def __init__(self, quiet: bool):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.quiet = quiet
         self.progress = Progress(
