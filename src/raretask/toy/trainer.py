@@ -1,0 +1,604 @@
+"""Batched trainer of the linear multitask toy: many instances, one Adam step.
+
+:class:`ToyTrainer` takes :class:`~raretask.toy.spec.ToyInstance` s and one
+:class:`~raretask.toy.spec.TrainSettings`, trains every instance with Adam plus a retraction, and
+records exact metrics at the eval steps and the rare task's signal every ``trace_every`` steps.
+
+Example
+-------
+>>> import numpy as np
+>>> from raretask.toy import Schedule, ToyInstance, ToyTrainer, TrainSettings
+>>> pi, lam = np.array([0.4, 0.3, 0.2, 0.1]), np.tile(np.arange(1, 5.0) ** -2, (4, 1))
+>>> F = np.array([True, True, True, False])
+>>> insts = [ToyInstance(w, pi, lam, seed=0, rare_task=3, frequent=F) for w in (3, 6)]
+>>> tr = ToyTrainer(insts, TrainSettings(steps=20, batch_size=64, lr=1e-2, eval_steps=(0, 20)))
+>>> tr.run()
+>>> rows = tr.metrics()  # long format: instance, step, task (-1 = whole model), metric, value
+>>> sorted({r["metric"] for r in rows if r["task"] == -1})[:3]
+['grad_cosine', 'grad_norm_frequent', 'grad_norm_rare']
+
+Choices (documented here once)
+------------------------------
+* **Model and loss**: see :mod:`raretask.toy.model`. Batch loss = sum over samples / batch_size;
+  injected rare samples have the same per-sample weight. The loss is summed over instances, and
+  Adam is elementwise, so instances never interact.
+* **Init**: U = random orthonormal (sign-corrected QR of a Gaussian d x N, Haar), D = 0. The model
+  starts at the mean predictor (loss_norm = 1 for every task) with a random encoder (s~ ~ 0). With
+  D = 0 the encoder gradient is exactly 0 at step 0 (dL/dU = -2 (A - D U^T)^T D), so the first
+  update moves D only and step-0 gradient metrics are 0 (cosine NaN). Likewise a task withheld
+  until its first injection ("matched"/"every") has D_r = 0 then: that injection trains D_r only,
+  and the encoder starts to feel the rare task from the second injection on.
+* **Optimizer**: Adam written out (torch.optim.Adam's non-fused formula: lerp of the first moment,
+  bias corrections, eps added after the square root), applied to one stacked [2, I, d, N] tensor
+  holding U and D, so an update is a handful of kernels for all instances. No weight decay.
+* **Retraction**: after every Adam step U <- qr_retraction(U) (Q of QR with columns multiplied by
+  sign(diag R), continuous). Adam's moments are kept as they are. Swappable by name
+  (``TrainSettings.retraction``, :data:`raretask.toy.model.RETRACTIONS`).
+* **Grouping**: instances are grouped by shape (K, M, N); each group has its own tensors with a
+  leading instance axis. Padding every width to the largest with masks was rejected: QR costs
+  d N^2 and the matmuls d N per instance, so padding a grid with log-spaced widths to its widest
+  multiplies the work several times over, and zero columns make QR's Q arbitrary. A grid has few
+  distinct widths, so there are few groups (one Python pass of ~20 kernels each per step).
+* **Basis**: ``"random"``: one Haar-random orthogonal d x d matrix per instance, drawn from its
+  seed (so instances with the same seed share basis, initial draw and data across widths: paired
+  comparisons); ``"identity"``: the standard basis. The basis is rebuilt from the seed, never
+  stored in checkpoints.
+* **RNG**: every instance owns independent streams derived from its seed with
+  ``numpy.random.SeedSequence(seed, spawn_key=(stream, ...))``: basis and initial U (CPU
+  generator, float64, then cast: identical start on every device), training data (a device
+  generator drawing ``rng_chunk`` steps of tasks and inputs at a time, [I, rng_chunk, B, d]
+  floats per group; on CPU instances draw in parallel threads), injected samples (device
+  generator, drawn at injection steps), and measurement batches (a fresh generator per eval step
+  seeded with (seed, step): evals never touch the training streams and a value at step s does
+  not depend on which other steps are evaluated). Task indices come from float64 uniforms through
+  the inverse CDF (``searchsorted``). Same instances + settings give identical numbers on CPU.
+* **Independence from group-mates**: an instance's random numbers and arithmetic do not depend on
+  which instances share its trainer: same draws from its own generators, same tensor shapes per
+  instance, and injected samples are handled in their own sub-batch (never padded to a mate's
+  injection size). Tested bit-exact on CPU, including mixed widths and schedules. On CUDA,
+  cuBLAS/cuSOLVER may pick another kernel for another batch count: expect last-bit differences.
+* **Syncs**: the training step never reads a device value on the host (no ``.item()``); which
+  instances inject at a step is known on the host from the schedules. Metrics stay on the device
+  until :meth:`ToyTrainer.metrics`, :meth:`ToyTrainer.traces` or :meth:`ToyTrainer.state_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from raretask.errors import UserError
+from raretask.toy.model import (
+    MODEL_METRICS,
+    RETRACTIONS,
+    TASK_METRICS,
+    batch_gradients,
+    exact_metrics,
+    random_orthonormal,
+    rare_signal_norm,
+)
+from raretask.toy.spec import ToyInstance, TrainSettings
+
+Tensor = torch.Tensor
+
+TASK_COLUMNS = (*TASK_METRICS, "seen")
+"""Per-task metric names in the order of the stored table (``seen``: samples of the task so far)."""
+
+MODEL_COLUMNS = (*MODEL_METRICS, "grad_norm_frequent", "grad_norm_rare", "grad_cosine")
+"""Per-instance metric names (task = -1) in the order of the stored table."""
+
+# Random streams per instance (the first entry of the SeedSequence spawn key).
+_BASIS, _INIT, _TRAIN, _INJECT, _MEASURE = range(5)
+
+
+def stream_seed(seed: int, *key: int) -> int:
+    """A 63-bit seed for one random stream of an instance (``SeedSequence`` spawn key ``key``)."""
+    state = np.random.SeedSequence(seed, spawn_key=tuple(key)).generate_state(1, np.uint64)
+    return int(state[0]) & ((1 << 63) - 1)
+
+
+def _generator(device: torch.device | str, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def _cdf(p: np.ndarray) -> np.ndarray:
+    """Inverse-CDF table for ``searchsorted(cdf, u, right=True)`` with u in [0, 1).
+
+    Entries from the last task of positive mass on are exactly 1, so rounding can never select a
+    zero-prior task.
+    """
+    c = np.cumsum(p / p.sum())
+    c[np.nonzero(p > 0)[0][-1] :] = 1.0
+    return c
+
+
+def _take(t: Tensor, sel: slice | Tensor) -> Tensor:
+    return t[sel] if isinstance(sel, slice) else t.index_select(0, sel)
+
+
+def _add_at(t: Tensor, sel: slice | Tensor, x: Tensor) -> None:
+    """t[sel] += x along dim 0 (deterministic: each row is written once)."""
+    if isinstance(sel, slice):
+        t[sel] += x
+    else:
+        t.index_copy_(0, sel, t.index_select(0, sel) + x)
+
+
+@dataclass
+class _Group:
+    """Tensors of the instances that share (K, M, N); leading axis = instance within the group."""
+
+    idx: list[int]  # trainer-level instance indices
+    k: int
+    m: int
+    n: int
+    rotate: bool  # use V = B^T U (2 d^2 N) instead of x = B z (B d^2)
+    basis: Tensor | None  # [I, d, d] or None (identity)
+    sqrt_lam: Tensor  # [I, 1, d]            training dtype
+    lam64: Tensor  # [I, K, M]               float64
+    priors64: Tensor  # [I, K]
+    frequent: Tensor  # [I, K] bool
+    cdf_train: Tensor  # [I, K] float64
+    cdf_freq: Tensor  # [I, K] float64
+    rare: Tensor  # [I] int64
+    rare_coef: Tensor  # [I, K] 2/B on the rare task, training dtype
+    rare_basis: Tensor  # [I, d, M]           training dtype
+    rare_lam: Tensor  # [I, M]                training dtype
+    gaps: list[int]  # injection period per instance (1 for iid, with size 0)
+    sizes: list[int]  # rare samples per injection per instance
+    params: Tensor  # [2, I, d, N]: params[0] = U, params[1] = D (rows task-major)
+    exp_avg: Tensor  # [2, I, d, N]
+    exp_avg_sq: Tensor  # [2, I, d, N]
+    grad: Tensor  # [2, I, d, N]
+    u_buf: Tensor  # [I, R, B] float64 uniforms (task draws)
+    z_buf: Tensor  # [I, R, B, d] inputs in feature coordinates
+    coef_buf: Tensor  # [I, R, B, K] 2/B on each sample's task
+    count_buf: Tensor  # [I, R, K] int64 samples per task per step
+    seen: Tensor  # [I, K] int64 samples seen so far
+    trace_buf: Tensor  # [n_trace, I] float64
+    evals: list[Tensor]  # per recorded eval: [I, len(TASK_COLUMNS) * K + len(MODEL_COLUMNS)]
+    plans: dict = field(default_factory=dict)  # injection pattern -> sub-batches (cached)
+
+    @property
+    def dim(self) -> int:
+        return self.k * self.m
+
+
+class ToyTrainer:
+    """Train many toy instances in one loop.
+
+    Parameters
+    ----------
+    instances:
+        The models to train (any mix of widths, spectra, priors, seeds, schedules).
+    settings:
+        Shared settings (steps, batch, Adam, eval/trace steps, basis, device, dtype).
+
+    Attributes
+    ----------
+    step:
+        Updates done so far (0 .. settings.steps).
+
+    Raises
+    ------
+    UserError (a ValueError):
+        no instances, or a schedule that would inject fewer than one sample (names the field).
+    """
+
+    def __init__(self, instances: Sequence[ToyInstance], settings: TrainSettings):
+        if len(instances) == 0:
+            raise UserError("instances: at least one instance is needed")
+        self.instances = tuple(instances)
+        self.settings = settings
+        self.step = 0
+        self.device = torch.device(settings.device)
+        self._retract = RETRACTIONS[settings.retraction]
+        bsz = settings.batch_size
+        sizes = []
+        for inst in self.instances:
+            if not isinstance(inst, ToyInstance):
+                raise UserError(f"instances: expected ToyInstance, got {type(inst).__name__}")
+            sizes.append(inst.schedule.injection_size(bsz, inst.frequencies[inst.rare_task]))
+        self._sizes = sizes
+        self._gen_train = [
+            _generator(self.device, stream_seed(i.seed, _TRAIN)) for i in self.instances
+        ]
+        self._gen_inject = [
+            _generator(self.device, stream_seed(i.seed, _INJECT)) for i in self.instances
+        ]
+        threads = torch.get_num_threads()
+        self._pool = (
+            ThreadPoolExecutor(min(threads, len(self.instances)), thread_name_prefix="toy-rng")
+            if self.device.type == "cpu" and threads > 1 and len(self.instances) > 1
+            else None
+        )
+        self._chunk: int | None = None  # index of the chunk of training samples in the buffers
+        self._chunk_states: list[Tensor] = []  # train-generator states before drawing it
+        self._eval_steps: list[int] = []
+        self._eval_set = set(settings.eval_steps)
+        self._n_traced = 0
+        keys: dict[tuple[int, int, int], list[int]] = {}
+        for i, inst in enumerate(self.instances):
+            keys.setdefault((inst.tasks, inst.features, inst.width), []).append(i)
+        self._groups = [self._build_group(idx) for idx in keys.values()]
+
+    # -- construction ---------------------------------------------------------------------------
+    def _build_group(self, idx: list[int]) -> _Group:
+        s, dev, dt = self.settings, self.device, self.settings.dtype
+        insts = [self.instances[i] for i in idx]
+        k, m, n = insts[0].tasks, insts[0].features, insts[0].width
+        dim, i_n, r, bsz = k * m, len(idx), s.rng_chunk, s.batch_size
+
+        def stack(arrs, dtype=torch.float64):
+            return torch.as_tensor(np.stack(arrs), dtype=dtype, device=dev)
+
+        if s.basis == "random":
+            basis = torch.stack(
+                [random_orthonormal(dim, dim, _generator("cpu", stream_seed(x.seed, _BASIS)))
+                 for x in insts]
+            ).to(device=dev, dtype=dt)
+        else:
+            basis = None
+        u0 = torch.stack(
+            [random_orthonormal(dim, n, _generator("cpu", stream_seed(x.seed, _INIT)))
+             for x in insts]
+        ).to(device=dev, dtype=dt)
+        params = torch.zeros(2, i_n, dim, n, device=dev, dtype=dt)
+        params[0] = u0
+        lam64 = stack([x.eigenvalues for x in insts])
+        rare = torch.tensor([x.rare_task for x in insts], dtype=torch.int64, device=dev)
+        rows = (rare[:, None] * m + torch.arange(m, device=dev)).to(torch.int64)  # [I, M]
+        if basis is None:
+            eye = torch.eye(dim, dtype=dt, device=dev).expand(i_n, dim, dim)
+            rare_basis = torch.gather(eye, 2, rows[:, None, :].expand(i_n, dim, m))
+        else:
+            rare_basis = torch.gather(basis, 2, rows[:, None, :].expand(i_n, dim, m))
+        onehot_rare = torch.nn.functional.one_hot(rare, k).to(dt)
+        gaps = [x.schedule.gap if x.schedule.kind != "iid" else 1 for x in insts]
+        sizes = [self._sizes[i] for i in idx]
+        n_trace = len(s.trace_steps)
+        return _Group(
+            idx=idx, k=k, m=m, n=n,
+            rotate=basis is not None and 2 * n < bsz,
+            basis=basis,
+            sqrt_lam=lam64.sqrt().reshape(i_n, 1, dim).to(dt),
+            lam64=lam64,
+            priors64=stack([x.frequencies for x in insts]),
+            frequent=stack([x.frequent for x in insts], torch.bool),
+            cdf_train=stack([_cdf(x.train_priors()) for x in insts]),
+            cdf_freq=stack([_cdf(x.frequent_priors()) for x in insts]),
+            rare=rare,
+            rare_coef=onehot_rare * (2.0 / bsz),
+            rare_basis=rare_basis.contiguous(),
+            rare_lam=torch.gather(lam64, 1, rare[:, None, None].expand(i_n, 1, m))[:, 0].to(dt),
+            gaps=gaps, sizes=sizes,
+            params=params,
+            exp_avg=torch.zeros_like(params),
+            exp_avg_sq=torch.zeros_like(params),
+            grad=torch.zeros_like(params),
+            u_buf=torch.empty(i_n, r, bsz, dtype=torch.float64, device=dev),
+            z_buf=torch.empty(i_n, r, bsz, dim, dtype=dt, device=dev),
+            coef_buf=torch.empty(i_n, r, bsz, k, dtype=dt, device=dev),
+            count_buf=torch.empty(i_n, r, k, dtype=torch.int64, device=dev),
+            seen=torch.zeros(i_n, k, dtype=torch.int64, device=dev),
+            trace_buf=torch.full((n_trace, i_n), math.nan, dtype=torch.float64, device=dev),
+            evals=[],
+        )
+
+    # -- training -------------------------------------------------------------------------------
+    def run(self, until: int | None = None, callback: Callable[[int], None] | None = None) -> None:
+        """Train up to step ``until`` (default ``settings.steps``).
+
+        Records metrics at each eval step reached (including the current one if not yet
+        recorded, e.g. step 0) and calls ``callback(step)`` after each, so the caller can show
+        progress or checkpoint; traces are recorded every ``trace_every`` steps.
+        """
+        until = self.settings.steps if until is None else int(until)
+        if not self.step <= until <= self.settings.steps:
+            raise UserError(
+                f"until must lie in [step={self.step}, steps={self.settings.steps}], got {until}"
+            )
+        self._record(callback)
+        while self.step < until:
+            self._train_step()
+            self.step += 1
+            self._record(callback)
+
+    def _draw_chunk(self, chunk: int) -> None:
+        """Draw ``rng_chunk`` steps of tasks and inputs for every instance."""
+        self._chunk_states = [g.get_state() for g in self._gen_train]
+        jobs = [(gr, j, i) for gr in self._groups for j, i in enumerate(gr.idx)]
+
+        def draw(job: tuple[_Group, int, int]) -> None:
+            gr, j, i = job
+            gr.u_buf[j].uniform_(generator=self._gen_train[i])
+            gr.z_buf[j].normal_(generator=self._gen_train[i])
+
+        if self._pool is not None:  # CPU: torch's generators are serial, so draw in parallel
+            list(self._pool.map(draw, jobs))
+        else:
+            for job in jobs:
+                draw(job)
+        for gr in self._groups:
+            i_n, r, bsz = gr.u_buf.shape
+            tasks = torch.searchsorted(gr.cdf_train, gr.u_buf.view(i_n, r * bsz), right=True)
+            tasks = tasks.clamp_(max=gr.k - 1).view(i_n, r, bsz, 1)
+            onehot = tasks == torch.arange(gr.k, device=self.device)  # [I, R, B, K]
+            torch.sum(onehot, dim=2, out=gr.count_buf)
+            gr.coef_buf.copy_(onehot).mul_(2.0 / bsz)
+        self._chunk = chunk
+
+    def _train_step(self) -> None:
+        s = self.settings
+        r = s.rng_chunk
+        if self._chunk != self.step // r:
+            self._draw_chunk(self.step // r)
+        row, t = self.step % r, self.step + 1  # t: 1-based number of this update
+        b1, b2 = s.betas
+        bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+        for gr in self._groups:
+            gr.seen += gr.count_buf[:, row]
+            batch_gradients(gr.params[0], gr.params[1], gr.z_buf[:, row], gr.coef_buf[:, row],
+                            gr.sqrt_lam, gr.basis, gr.rotate, out=(gr.grad[0], gr.grad[1]))
+            inject = tuple(j for j in range(len(gr.idx)) if gr.sizes[j] and t % gr.gaps[j] == 0)
+            if inject:
+                self._add_injection(gr, inject)
+            gr.exp_avg.lerp_(gr.grad, 1.0 - b1)
+            gr.exp_avg_sq.mul_(b2).addcmul_(gr.grad, gr.grad, value=1.0 - b2)
+            denom = (gr.exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(s.eps)
+            gr.params.addcdiv_(gr.exp_avg, denom, value=-s.lr / bc1)
+            gr.params[0].copy_(self._retract(gr.params[0]))
+
+    def _add_injection(self, gr: _Group, inject: tuple[int, ...]) -> None:
+        """Add the gradient of this step's injected rare samples to ``gr.grad``.
+
+        Computed apart from the ordinary batch, for the injecting instances only, batched over
+        those with the same injection size m (one [n, m, d] batch each). Appending the rows to
+        the group's batch instead would pad every instance to the largest injection, and BLAS
+        rounds a sum with extra zero rows differently: an instance's numbers would then depend
+        on its group-mates' schedules.
+        """
+        plan = gr.plans.get(inject)
+        if plan is None:
+            plan = gr.plans[inject] = self._injection_plan(gr, inject)
+        parts, seen_add = plan
+        dim, k = gr.dim, gr.k
+        for m, js, sel in parts:
+            zx = torch.empty(len(js), m, dim, dtype=self.settings.dtype, device=self.device)
+            for a, j in enumerate(js):
+                zx[a].normal_(generator=self._gen_inject[gr.idx[j]])
+            coef = _take(gr.rare_coef, sel).unsqueeze(1).expand(len(js), m, k)
+            basis = None if gr.basis is None else _take(gr.basis, sel)
+            gu, gd = batch_gradients(_take(gr.params[0], sel), _take(gr.params[1], sel), zx, coef,
+                                     _take(gr.sqrt_lam, sel), basis, gr.rotate)
+            _add_at(gr.grad[0], sel, gu)
+            _add_at(gr.grad[1], sel, gd)
+        gr.seen += seen_add
+
+    def _injection_plan(self, gr: _Group, inject: tuple[int, ...]) -> tuple[list, Tensor]:
+        """Sub-batches (m, instances, selector) and the [I, K] rare-count increment."""
+        by_size: dict[int, list[int]] = {}
+        for j in inject:
+            by_size.setdefault(gr.sizes[j], []).append(j)
+        parts = []
+        for m, js in by_size.items():
+            if js == list(range(js[0], js[-1] + 1)):
+                sel: slice | Tensor = slice(js[0], js[-1] + 1)
+            else:
+                sel = torch.tensor(js, dtype=torch.int64, device=self.device)
+            parts.append((m, js, sel))
+        seen_add = torch.zeros(len(gr.idx), gr.k, dtype=torch.int64)
+        for j in inject:
+            seen_add[j, self.instances[gr.idx[j]].rare_task] = gr.sizes[j]
+        return parts, seen_add.to(self.device)
+
+    # -- recording ------------------------------------------------------------------------------
+    def _record(self, callback: Callable[[int], None] | None) -> None:
+        te = self.settings.trace_every
+        if te and self.step % te == 0 and self.step // te == self._n_traced:
+            for gr in self._groups:
+                gr.trace_buf[self._n_traced] = rare_signal_norm(
+                    gr.params[0], gr.rare_basis, gr.rare_lam, gr.dim
+                )
+            self._n_traced += 1
+        if self.step in self._eval_set and (
+            not self._eval_steps or self._eval_steps[-1] < self.step
+        ):
+            for gr in self._groups:
+                gr.evals.append(self._evaluate(gr))
+            self._eval_steps.append(self.step)
+            if callback is not None:
+                callback(self.step)
+
+    def _evaluate(self, gr: _Group) -> Tensor:
+        """[I, len(TASK_COLUMNS) * K + len(MODEL_COLUMNS)] float64 metrics of one group."""
+        f64 = torch.float64
+        u, d = gr.params[0].to(f64), gr.params[1].to(f64)
+        basis = None if gr.basis is None else gr.basis.to(f64)
+        ex = exact_metrics(u, d, basis, gr.lam64, gr.priors64, gr.frequent)
+        g_freq, g_rare = self._measure_gradients(gr, u, d, basis)
+        nf, nr = g_freq.norm(dim=1), g_rare.norm(dim=1)
+        cosine = (g_freq * g_rare).sum(1) / (nf * nr)
+        task = [ex[name] for name in TASK_METRICS] + [gr.seen.to(f64)]
+        model = [ex[name] for name in MODEL_METRICS] + [nf, nr, cosine]
+        return torch.cat([torch.stack(task, 1).flatten(1), torch.stack(model, 1)], 1)
+
+    def _measure_gradients(
+        self, gr: _Group, u: Tensor, d: Tensor, basis: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Flattened dL/dU [I, d*N] of a fresh frequent-only batch and a rare-only batch.
+
+        Drawn (float64) from a generator seeded by (instance seed, step): the training streams
+        are untouched. Frequent tasks are drawn from pi restricted to F and renormalised.
+        """
+        bsz, dim, i_n = self.settings.batch_size, gr.dim, len(gr.idx)
+        uni = torch.empty(i_n, bsz, dtype=torch.float64, device=self.device)
+        z_f = torch.empty(i_n, bsz, dim, dtype=torch.float64, device=self.device)
+        z_r = torch.empty_like(z_f)
+        for j, i in enumerate(gr.idx):
+            gen = _generator(self.device, stream_seed(self.instances[i].seed, _MEASURE, self.step))
+            uni[j].uniform_(generator=gen)
+            z_f[j].normal_(generator=gen)
+            z_r[j].normal_(generator=gen)
+        tasks = torch.searchsorted(gr.cdf_freq, uni, right=True).clamp_(max=gr.k - 1)
+        onehot = tasks.unsqueeze(-1) == torch.arange(gr.k, device=self.device)
+        coef_f = onehot.to(torch.float64) * (2.0 / bsz)
+        coef_r = gr.rare_coef.to(torch.float64).unsqueeze(1).expand(i_n, bsz, gr.k)
+        sqrt_lam = gr.lam64.sqrt().reshape(i_n, 1, dim)
+        g_f, _ = batch_gradients(u, d, z_f, coef_f, sqrt_lam, basis, gr.rotate)
+        g_r, _ = batch_gradients(u, d, z_r, coef_r, sqrt_lam, basis, gr.rotate)
+        return g_f.flatten(1), g_r.flatten(1)
+
+    # -- results --------------------------------------------------------------------------------
+    def eval_steps(self) -> list[int]:
+        """Steps whose metrics have been recorded so far."""
+        return list(self._eval_steps)
+
+    def metrics(self) -> list[dict]:
+        """Recorded metrics in long format, ordered by step, then instance.
+
+        Each row is ``{"instance": i, "step": s, "task": k, "metric": name, "value": float}``;
+        ``task`` is -1 for instance-level metrics. Per task: signal, signal_norm, loss_norm,
+        features, seen (samples of the task drawn so far, injections included). Per instance:
+        loss (sum_k pi_k * loss_k, unnormalised), residual_F, ortho_error (max |U^T U - I|),
+        grad_norm_frequent, grad_norm_rare, grad_cosine (Euclidean dL/dU of fresh batch_size
+        batches of frequent-only / rare-only samples; NaN cosine when a gradient is 0).
+        """
+        per_instance: dict[int, np.ndarray] = {}  # instance -> [E, C]
+        for gr in self._groups:
+            if gr.evals:
+                arr = torch.stack(gr.evals).cpu().numpy()  # [E, I, C]
+                for j, i in enumerate(gr.idx):
+                    per_instance[i] = arr[:, j]
+        rows = []
+        for e, step in enumerate(self._eval_steps):
+            for i in range(len(self.instances)):
+                vals, k = per_instance[i][e], self.instances[i].tasks
+                for a, name in enumerate(TASK_COLUMNS):
+                    for task in range(k):
+                        rows.append(dict(instance=i, step=step, task=task, metric=name,
+                                         value=float(vals[a * k + task])))
+                base = len(TASK_COLUMNS) * k
+                for a, name in enumerate(MODEL_COLUMNS):
+                    rows.append(dict(instance=i, step=step, task=-1, metric=name,
+                                     value=float(vals[base + a])))
+        return rows
+
+    def trace_steps(self) -> np.ndarray:
+        """[n] steps of the trace points recorded so far."""
+        return self.settings.trace_steps[: self._n_traced].copy()
+
+    def traces(self) -> np.ndarray:
+        """[n, n_instances] rare task's normalised signal s~_r at :meth:`trace_steps`."""
+        out = np.full((self._n_traced, len(self.instances)), np.nan)
+        for gr in self._groups:
+            out[:, gr.idx] = gr.trace_buf[: self._n_traced].cpu().numpy()
+        return out
+
+    def model(self, i: int) -> dict[str, np.ndarray]:
+        """Current parameters of instance ``i`` as float64 arrays.
+
+        ``U`` [d, N], ``D`` [K, M, N], ``basis`` [d, d] (columns k*M.. of block k).
+        """
+        gr, j = self._locate(i)
+        u = gr.params[0, j].double().cpu().numpy()
+        d = gr.params[1, j].double().cpu().numpy().reshape(gr.k, gr.m, gr.n)
+        basis = np.eye(gr.dim) if gr.basis is None else gr.basis[j].double().cpu().numpy()
+        return {"U": u, "D": d, "basis": basis}
+
+    def _locate(self, i: int) -> tuple[_Group, int]:
+        for gr in self._groups:
+            if i in gr.idx:
+                return gr, gr.idx.index(i)
+        raise IndexError(f"instance {i} out of range [0, {len(self.instances)})")
+
+    # -- checkpointing --------------------------------------------------------------------------
+    _PER_INSTANCE = ("U", "D", "adam_avg_U", "adam_avg_D", "adam_sq_U", "adam_sq_D")
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Everything needed to resume bit-exactly, as a flat dict of contiguous CPU tensors.
+
+        Keys: ``step`` (int64 scalar); ``meta.seeds``, ``meta.widths`` ([I] int64, checked on
+        load); per instance ``instance.{i}.{U,D,adam_avg_U,adam_avg_D,adam_sq_U,adam_sq_D}``
+        (training dtype; D as [K, M, N]), ``instance.{i}.rng_train`` / ``.rng_inject`` (uint8
+        generator states; the train state is the one before the chunk holding the next step, which
+        is redrawn on resume), ``instance.{i}.seen`` [K] int64, ``instance.{i}.metrics``
+        [E, C_i] float64; ``metrics.steps`` [E]; ``traces.values`` [n, I] and ``traces.steps``.
+        The basis is not stored (rebuilt from the seed). Safe for ``safetensors.torch.save_file``.
+        """
+        out: dict[str, Tensor] = {
+            "step": torch.tensor(self.step, dtype=torch.int64),
+            "meta.seeds": torch.tensor([x.seed for x in self.instances], dtype=torch.int64),
+            "meta.widths": torch.tensor([x.width for x in self.instances], dtype=torch.int64),
+            "metrics.steps": torch.tensor(self._eval_steps, dtype=torch.int64),
+            "traces.values": torch.from_numpy(self.traces()),
+            "traces.steps": torch.from_numpy(self.trace_steps()),
+        }
+        chunk_now = self._chunk == self.step // self.settings.rng_chunk
+        for gr in self._groups:
+            evals = torch.stack(gr.evals).cpu() if gr.evals else None
+            tensors = (gr.params, gr.exp_avg, gr.exp_avg_sq)
+            for j, i in enumerate(gr.idx):
+                p = f"instance.{i}."
+                for (name, t) in zip(self._PER_INSTANCE, (x[a] for x in tensors for a in (0, 1)),
+                                     strict=True):
+                    v = t[j].detach().cpu().clone()
+                    out[p + name] = v.reshape(gr.k, gr.m, gr.n) if name == "D" else v
+                rng = self._chunk_states[i] if chunk_now else self._gen_train[i].get_state()
+                out[p + "rng_train"] = rng.cpu().clone()
+                out[p + "rng_inject"] = self._gen_inject[i].get_state().cpu().clone()
+                out[p + "seen"] = gr.seen[j].cpu().clone()
+                n_cols = len(TASK_COLUMNS) * gr.k + len(MODEL_COLUMNS)
+                out[p + "metrics"] = (
+                    evals[:, j].clone() if evals is not None
+                    else torch.zeros(0, n_cols, dtype=torch.float64)
+                )
+        return {k: v.contiguous() for k, v in out.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore a :meth:`state_dict` taken from a trainer with the same instances/settings."""
+        seeds = [x.seed for x in self.instances]
+        widths = [x.width for x in self.instances]
+        for key, want in (("meta.seeds", seeds), ("meta.widths", widths)):
+            if key not in state or state[key].tolist() != want:
+                got = state[key].tolist() if key in state else None
+                raise UserError(f"state_dict: {key} {got} does not match the instances {want}")
+        step = int(state["step"])
+        if not 0 <= step <= self.settings.steps:
+            raise UserError(f"state_dict: step {step} outside [0, {self.settings.steps}]")
+        dev = self.device
+        for gr in self._groups:
+            tensors = (gr.params, gr.exp_avg, gr.exp_avg_sq)
+            for j, i in enumerate(gr.idx):
+                p = f"instance.{i}."
+                for (name, t) in zip(self._PER_INSTANCE, (x[a] for x in tensors for a in (0, 1)),
+                                     strict=True):
+                    v = state[p + name]
+                    if v.dtype != t.dtype or v.numel() != t[j].numel():
+                        raise UserError(
+                            f"state_dict: {p + name} has {v.dtype} {tuple(v.shape)}, expected "
+                            f"{t.dtype} with {t[j].numel()} elements"
+                        )
+                    t[j].copy_(v.reshape(t[j].shape))
+                self._gen_train[i].set_state(state[p + "rng_train"])
+                self._gen_inject[i].set_state(state[p + "rng_inject"])
+                gr.seen[j].copy_(state[p + "seen"])
+            gr.evals = [
+                torch.stack([state[f"instance.{i}.metrics"][e] for i in gr.idx]).to(dev)
+                for e in range(len(state["metrics.steps"]))
+            ]
+            n = len(state["traces.steps"])
+            gr.trace_buf.fill_(math.nan)
+            gr.trace_buf[:n] = state["traces.values"][:, gr.idx].to(dev)
+        self.step = step
+        self._eval_steps = state["metrics.steps"].tolist()
+        self._n_traced = len(state["traces.steps"])
+        self._chunk = None
+        self._chunk_states = []
