@@ -318,13 +318,16 @@ def _digest_table(rows: list[dict], title: str) -> Table:
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("runs/demo"),
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a field of both demo configs.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
-    """The main job: the theory on the paper's setting (K=32, M=32, alpha=2, beta=1.5)."""
-    console.rule("raretask demo: the paper's setting, K = 32 tasks, 32 features, alpha 2, beta 1.5")
-    for width in (32, 64, 128):
-        predict(width=width, tasks=32, features=32, alpha=2.0, beta=1.5, task_file=None,
-                frequent_mass=None, as_json=False)
+    """The main job: theory, a phase grid vs Theorem 3, and narrow-vs-wide injection, on CPU."""
+    from raretask.demo import run_demo
+
+    run_demo(out, console, lambda: _GridProgress(quiet), overrides or [])
 
 
 # -- entry point -------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 
+from raretask.report.analysis import load_traces  # noqa: E402
 from raretask.theory import TaskSet, Theory  # noqa: E402
 
 
@@ -66,43 +66,44 @@ def phase_diagram(rows: list[dict], path: Path, title: str = "") -> Path | None:
 
 
 def injection_traces(run_dir: Path, rows: list[dict], path: Path) -> Path | None:
-    """Write the rare-signal traces PNG for cells with an injection schedule; None if none."""
-    files = sorted(Path(run_dir).glob("groups/g*/traces.parquet"))
-    if not files:
+    """Write the rare-signal traces PNG: one panel per (gap, width), seeds overlaid.
+
+    Panels are scaled one by one: a narrow model's rise at an injection is small next to a wide
+    model's accumulation, and a shared axis would hide it. The dotted line is the floor
+    s~ = -N/(d - N): an encoder holding none of the rare block.
+    """
+    series = load_traces(run_dir)
+    cells = {r["cell"]: r for r in rows if r["rare"] and r["cell"] in series}
+    if not cells:
         return None
-    cells = {r["cell"]: r for r in rows if r["rare"]}
-    series: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for f in files:
-        t = pq.read_table(f).to_pydict()
-        by: dict[int, list[tuple[int, float]]] = defaultdict(list)
-        for c, s, v in zip(t["cell"], t["step"], t["rare_signal"], strict=True):
-            by[c].append((s, v))
-        for c, pts in by.items():
-            pts.sort()
-            series[c] = (np.array([p[0] for p in pts]), np.array([p[1] for p in pts]))
-    shown = [c for c in sorted(series) if c in cells]
-    if not shown:
-        return None
-    gaps = sorted({cells[c]["gap"] for c in shown})
-    fig, axes = plt.subplots(len(gaps), 1, figsize=(8, 2.8 * len(gaps)), squeeze=False)
-    for ax, gap in zip(axes[:, 0], gaps, strict=True):
-        for c in shown:
-            r = cells[c]
-            if r["gap"] != gap:
+    gaps = sorted({r["gap"] for r in cells.values()})
+    widths = sorted({r["width"] for r in cells.values()})
+    fig, axes = plt.subplots(len(gaps), len(widths), figsize=(4.4 * len(widths), 2.6 * len(gaps)),
+                             squeeze=False)
+    for gi, gap in enumerate(gaps):
+        for wi, width in enumerate(widths):
+            ax = axes[gi, wi]
+            mine = [c for c, r in cells.items() if r["gap"] == gap and r["width"] == width]
+            if not mine:
+                ax.set_visible(False)
                 continue
-            steps, sig = series[c]
-            ax.plot(steps, sig, lw=1.0, label=f"width {r['width']}, seed {r['seed']}")
-        if gap > 0:
-            last = max(series[c][0].max() for c in shown)
-            for s in range(gap, int(last) + 1, gap):
-                ax.axvline(s, color="grey", lw=0.5, alpha=0.4)
-        ax.axhline(0, color="black", lw=0.5)
-        sched = cells[next(c for c in shown if cells[c]["gap"] == gap)]["schedule"]
-        ax.set_title(f"rare task, schedule {sched}, gap G = {gap} (grey: injections)",
-                     fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylabel("rare signal s~")
-        ax.legend(fontsize=7, ncol=2)
+            r0 = cells[mine[0]]
+            for c in mine:
+                steps, sig = series[c]
+                ax.plot(steps, sig, lw=0.9, label=f"seed {cells[c]['seed']}")
+            last = max(series[c][0].max() for c in mine)
+            if r0["schedule"] != "iid" and gap > 0 and last / gap <= 200:
+                for s in range(gap, int(last) + 1, gap):
+                    ax.axvline(s, color="grey", lw=0.5, alpha=0.35)
+            d = r0["tasks"] * r0["features_per_task"]
+            ax.axhline(-width / (d - width), color="black", lw=0.7, ls=":",
+                       label="floor: none of the rare block")
+            ax.set_title(f"width {width}, {r0['schedule']} G = {gap}", fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.set_ylabel("rare signal s~", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=6, loc="upper left")
+    fig.suptitle("Rare task's signal step by step (grey lines: injections)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

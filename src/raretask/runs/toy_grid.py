@@ -9,6 +9,7 @@ Layout of a run directory::
     DIR/groups/gNNNN/metrics.parquet          long format: cell, step, task, metric, value
     DIR/groups/gNNNN/traces.parquet           cell, step, rare_signal (when trace_every > 0)
     DIR/groups/gNNNN/summary.json             final per-cell, per-task rows; written last = done
+    DIR/metrics.parquet, DIR/summary.json     all groups merged, once the grid is complete
 
 Cells that share the shape of their training (task count, features, steps, batch, lr, eval
 schedule, basis) are packed into groups of at most ``group_size`` models, one optimizer step
@@ -163,7 +164,18 @@ class ToyGridRun:
                 if progress:
                     progress({"event": "group_done", "group": group.name,
                               "cells_done": done_cells, "cells_total": len(self.cells)})
+            self._merge()
             self._log("grid complete")
+
+    def _merge(self) -> None:
+        """One metrics table and one summary for the whole grid, next to the per-group files."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        parts = [pq.read_table(p) for p in sorted(self.out.glob("groups/g*/metrics.parquet"))]
+        if parts:
+            store.write_parquet(self.out / "metrics.parquet", pa.concat_tables(parts))
+        store.write_json(self.out / "summary.json", load_summary(self.out))
 
     def _instances(self, group: Group):
         from raretask.toy.spec import Schedule, ToyInstance
