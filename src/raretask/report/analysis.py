@@ -99,6 +99,7 @@ def injection_contrast(run_dir: Path, rows: list[dict]) -> list[InjectionContras
         out.append(InjectionContrast(
             cell=c, width=r["width"], seed=r["seed"], gap=gap, injections=int(before_a.size),
             rise=float(np.mean(peaks_a - before_a)), trough=float(np.mean(before_a[1:])),
-            first_trough=float(np.mean(before_a[1:1 + q])), last_trough=float(np.mean(before_a[-q:])),
+            first_trough=float(np.mean(before_a[1:1 + q])),
+            last_trough=float(np.mean(before_a[-q:])),
             final=float(sig[-1])))
     return out
