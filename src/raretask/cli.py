@@ -207,9 +207,8 @@ class _GridProgress:
         elif ev["event"] == "step":
             if self.steps is None:
                 self.steps = p.add_task("steps", total=ev["steps"], rate="")
-            task = p.tasks[self.steps]
+            rate = next(t for t in p.tasks if t.id == self.steps).speed
             desc = f"{ev['group']} ({ev['cells']} models)"
-            rate = task.speed
             p.update(self.steps, completed=ev["step"], total=ev["steps"], description=desc,
                      rate=f"{rate:,.0f} steps/s" if rate else "")
         elif ev["event"] == "group_done":

@@ -240,7 +240,8 @@ class ToyGridRun:
     def _write_group(self, group: Group, trainer) -> None:
         gdir = self._group_dir(group)
         ids = group.cell_ids
-        rows = [{**r, "cell": ids[r.pop("instance")]} for r in trainer.metrics()]
+        rows = [{"cell": ids[r["instance"]], "step": r["step"], "task": r["task"],
+                 "metric": r["metric"], "value": r["value"]} for r in trainer.metrics()]
         store.write_parquet(gdir / "metrics.parquet", rows)
         traces = trainer.traces()
         if traces.size:

@@ -1,0 +1,159 @@
+"""`raretask run` / `show` / resume / demo: the toy study end to end on CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from raretask.config import load_experiment
+from raretask.runs.toy_grid import ToyGridRun, load_summary
+
+TINY = ["tasks=4", "features=4", "width=[2,4,8]", "seed=[0,1]", "beta=1.5", "steps=1500",
+        "batch_size=64", "lr=0.01", "eval_points=12", "group_size=2", "device=cpu"]
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "raretask", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text("\n".join(s.replace("=", ": ", 1) for s in TINY) + "\nname: tiny\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    ToyGridRun(load_experiment(tiny_config), out).run()
+    return out
+
+
+def test_run_writes_the_documented_files(reference):
+    for name in ("config.yaml", "cells.json", "log.txt", "metrics.parquet", "summary.json"):
+        assert (reference / name).exists(), name
+    groups = sorted(p.name for p in (reference / "groups").iterdir())
+    assert groups == ["g0000", "g0001", "g0002"]  # 6 cells, group_size 2
+    assert not list(reference.glob("groups/*/checkpoint.safetensors"))  # removed when done
+    import pyarrow.parquet as pq
+
+    m = pq.read_table(reference / "metrics.parquet")
+    assert set(m.column_names) == {"cell", "step", "task", "metric", "value"}
+    assert set(m.column("cell").to_pylist()) == set(range(6))
+
+
+def test_show_json_rows_and_theory_agreement(reference):
+    res = cli("show", str(reference), "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert len(rows) == 6 * 4
+    need = {"width", "beta", "alpha", "seed", "task", "frequency", "signal", "loss", "learned",
+            "predicted_learned"}
+    assert need <= set(rows[0])
+    for r in rows:
+        assert r["learned"] == (r["signal"] >= 0.3)
+        assert 0.0 <= r["loss"] <= 1.2
+    # K = 4 tasks with 4 features: theory is clear away from the boundary
+    assert sum(r["agree"] for r in rows) / len(rows) >= 0.9
+    table = cli("show", str(reference))
+    assert table.returncode == 0 and "agreement over all" in table.stdout
+
+
+def test_kill_and_resume_gives_identical_results(tiny_config, reference, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "raretask", "run", str(tiny_config), "--out", str(out),
+            "--checkpoint-seconds", "0", "--quiet"]
+    kills = 0
+    for target in ("g0000", "g0001"):  # kill inside two different groups
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ckpt = out / "groups" / target / "checkpoint.safetensors"
+        deadline = time.time() + 120
+        while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1
+    res = cli("run", str(tiny_config), "--out", str(out), "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert load_summary(out) == load_summary(reference)
+    log = (out / "log.txt").read_text()
+    assert "resumed from step" in log
+    # a finished group is never trained again
+    for g in ("g0000", "g0001", "g0002"):
+        assert log.count(f"{g}: 2 cells, steps") == 1, log
+    assert cli("show", str(out), "--json").stdout == cli("show", str(reference), "--json").stdout
+
+
+def test_rerun_of_a_finished_grid_does_nothing(reference):
+    before = (reference / "summary.json").read_bytes()
+    ToyGridRun(load_experiment(reference / "config.yaml"), reference).run()
+    assert (reference / "summary.json").read_bytes() == before
+    assert (reference / "log.txt").read_text().count("g0000: 2 cells") == 1
+
+
+def test_another_experiment_in_the_same_directory_is_refused(tiny_config, reference):
+    res = cli("run", str(tiny_config), "--out", str(reference), "--set", "lr=0.02")
+    assert res.returncode == 2 and res.stdout == ""
+    assert "holds another experiment (lr: 0.01 there, 0.02 now)" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("wdth=3", "wdth: unknown key"), ("width=-1", "width: Input should be greater than or "
+     "equal to 1"), ("beta=[]", "beta: list is empty")],
+)
+def test_bad_config_exits_2_with_one_line(tiny_config, tmp_path, override, message):
+    res = cli("run", str(tiny_config), "--out", str(tmp_path / "x"), "--set", override)
+    assert res.returncode == 2 and res.stdout == ""
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+    assert not (tmp_path / "x").exists()  # nothing written
+
+
+def test_dry_run_prints_the_resolved_config(tiny_config):
+    res = cli("run", str(tiny_config), "--out", "unused", "--dry-run", "--set", "lr=1e-2")
+    assert res.returncode == 0
+    import yaml
+
+    cfg = yaml.safe_load(res.stdout)
+    assert cfg["lr"] == 0.01 and cfg["width"] == [2, 4, 8] and cfg["learned_threshold"] == 0.3
+
+
+def test_show_on_a_non_run_directory(tmp_path):
+    res = cli("show", str(tmp_path))
+    assert res.returncode == 2 and "not a raretask run directory" in res.stderr
+
+
+def test_demo_meets_the_issue_checks(tmp_path):
+    from raretask.cli import _GridProgress
+    from raretask.demo import run_demo
+
+    console = Console(file=open(os.devnull, "w"))  # noqa: SIM115
+    t0 = time.time()
+    res = run_demo(tmp_path / "demo", console, lambda: _GridProgress(True))
+    assert time.time() - t0 < 180
+    assert res["agreement"] >= 0.9
+    narrow = [c for c in res["injection"] if c.width == 16]
+    wide = [c for c in res["injection"] if c.width == 128]
+    assert narrow and wide
+    d = 16 * 16
+    for c in narrow:  # rises at each injection, back at the floor (nothing kept) before the next
+        assert c.rise > 0.01
+        assert c.trough == pytest.approx(-16 / (d - 16), abs=0.01)
+        assert abs(c.last_trough - c.first_trough) < 0.01
+    for c in wide:  # what an injection leaves accumulates
+        assert c.last_trough > c.first_trough + 0.3
+        assert c.final > 0.1
+    for f in res["figures"]:
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(res["figures"]) == 2
