@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -289,11 +290,12 @@ def _fmt(v) -> str:
 
 
 def _digest_table(rows: list[dict], title: str) -> Table:
-    """One line per cell: tasks learned vs predicted, agreement, the rare task's signal."""
-    table = Table(title=f"{title}: learned (signal >= threshold) vs Theorem 3")
-    for c in ("cell", "width", "beta", "alpha", "seed", "schedule", "learned", "predicted",
-              "agree", "rare signal", "rare pred."):
-        table.add_column(c, justify="right")
+    """One line per cell: tasks learned / predicted, agreement, the rare task's signal."""
+    table = Table(title=f"{title}: tasks learned (s~ >= threshold) vs Theorem 3",
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    for c in ("cell", "N", "beta", "alpha", "seed", "schedule", "learned", "agree", "rare s~",
+              "thm"):
+        table.add_column(c, justify="right", no_wrap=True, min_width=len(c))
     by_cell: dict[int, list[dict]] = {}
     for r in rows:
         by_cell.setdefault(r["cell"], []).append(r)
@@ -301,14 +303,16 @@ def _digest_table(rows: list[dict], title: str) -> Table:
         r0 = rs[0]
         rare = next(r for r in rs if r["rare"])
         agree = sum(r["agree"] for r in rs) / len(rs)
-        sched = r0["schedule"] + (f" G={r0['gap']}" if r0["schedule"] != "iid" else "")
+        sched = r0["schedule"] + (f" {r0['gap']}" if r0["schedule"] != "iid" else "")
         table.add_row(
             str(cell), str(r0["width"]), _fmt(r0["beta"]), _fmt(r0["alpha"]), str(r0["seed"]),
-            sched, str(sum(r["learned"] for r in rs)), str(sum(r["predicted_learned"] for r in rs)),
-            f"{100 * agree:.0f}%", f"{rare['signal']:.3f}", _fmt(rare["predicted_learned"]),
+            sched, f"{sum(r['learned'] for r in rs)}/{sum(r['predicted_learned'] for r in rs)}",
+            f"{100 * agree:.0f}%", f"{rare['signal']:+.3f}", _fmt(rare["predicted_learned"]),
         )
     total = sum(r["agree"] for r in rows) / len(rows)
-    table.caption = f"agreement over all (cell, task) pairs: {100 * total:.1f}%"
+    table.caption = (f"learned: tasks learned / predicted; thm: rare task predicted learned. "
+                     f"Agreement over all (cell, task) "
+                     f"pairs: {100 * total:.1f}%. --all: every task; --json: rows")
     return table
 
 
