@@ -64,7 +64,7 @@ def test_show_json_rows_and_theory_agreement(reference):
     # K = 4 tasks with 4 features: theory is clear away from the boundary
     assert sum(r["agree"] for r in rows) / len(rows) >= 0.9
     table = cli("show", str(reference))
-    assert table.returncode == 0 and "agreement over all" in table.stdout
+    assert table.returncode == 0 and "Agreement over all" in table.stdout
 
 
 def test_kill_and_resume_gives_identical_results(tiny_config, reference, tmp_path):
