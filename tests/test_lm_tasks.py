@@ -20,13 +20,7 @@ from raretask.lm.tasks import (
 V, EOD = 50304, 50279
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (OpenMP spinning on a busy 2-core box: 10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def task(kind="cmp", seed=0, **kw) -> RareTask:
