@@ -17,7 +17,6 @@ from raretask.lm.model import (
     rope_tables,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
