@@ -56,7 +56,7 @@ def test_paper_configs_have_the_paper_grids():
         (["schedule=matched"], "config: gap: schedule 'matched' needs gap >= 1"),
         (["schedule=every", "gap=5"], "config: count: schedule 'every' needs count >= 1"),
         (["lr=0"], "config: lr: Input should be greater than 0"),
-        (["kind=lm"], "config: kind: unknown experiment kind 'lm'"),
+        (["kind=vision"], "config: kind: unknown experiment kind 'vision'"),
         (["group_size=0"], "config: group_size: Input should be greater than or equal to 1"),
         (["steps"], "--set 'steps': expected key=value"),
     ],

@@ -9,11 +9,12 @@ the field path (``tasks.3.frequency``) or the CSV line.
 from __future__ import annotations
 
 import csv
+import importlib
 import itertools
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -265,30 +266,32 @@ class ToyCell(StrictModel):
 GridValue = Any
 
 
-class ToyGrid(StrictModel):
-    """A toy experiment: :class:`ToyCell` fields where any field may be a list (a grid axis).
+class Grid(StrictModel):
+    """An experiment: the fields of a cell model where any field may be a list (a grid axis).
 
     ``cells()`` expands the Cartesian product in field order (last field fastest), each cell
-    validated as a :class:`ToyCell`.
+    validated as a ``cell_model`` (so errors name the field). Subclasses fix ``kind`` and
+    ``cell_model``.
     """
 
-    kind: Literal["toy"] = "toy"
-    name: str = Field("toy", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+    cell_model: ClassVar[type[StrictModel]]
+
+    kind: str
+    name: str = Field("experiment", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
                       description="Experiment name (letters, digits, '_', '.', '-').")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda[:i]'.")
-    group_size: int = Field(64, ge=1, le=100_000,
-                            description="Most models trained together in one optimizer step.")
     axes: dict[str, list[GridValue]] = Field(default_factory=dict, exclude=True)
     fixed: dict[str, GridValue] = Field(default_factory=dict, exclude=True)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str) -> ToyGrid:
+    def from_dict(cls, data: Any, source: str) -> Grid:
         """Split plain YAML data into experiment settings, fixed values and list axes."""
         if not isinstance(data, dict):
             raise UserError(f"{source}: expected a mapping of config keys at the top")
-        top = {k: data[k] for k in ("kind", "name", "device", "group_size") if k in data}
+        own = [k for k in cls.model_fields if k not in ("axes", "fixed")]
+        top = {k: data[k] for k in own if k in data}
         grid = validate(cls, top, source)
-        fields = ToyCell.model_fields
+        fields = cls.cell_model.model_fields
         for key, value in data.items():
             if key in top:
                 continue
@@ -303,11 +306,11 @@ class ToyGrid(StrictModel):
         list(grid.cells(source))  # validate every cell now: fail before any work
         return grid
 
-    def cells(self, source: str = "config") -> Iterator[ToyCell]:
+    def cells(self, source: str = "config") -> Iterator[Any]:
         names = list(self.axes)
         for combo in itertools.product(*(self.axes[n] for n in names)):
             values = {**self.fixed, **dict(zip(names, combo, strict=True))}
-            yield validate(ToyCell, values, source)
+            yield validate(self.cell_model, values, source)
 
     def resolved(self) -> dict[str, Any]:
         """The full config with defaults filled and values validated: what a run records."""
@@ -315,8 +318,25 @@ class ToyGrid(StrictModel):
         body: dict[str, Any] = dict(cells[0])
         for key in self.axes:  # each axis as its validated values, in config order
             body[key] = list(dict.fromkeys(c[key] for c in cells))
-        return {"kind": self.kind, "name": self.name, "device": self.device,
-                "group_size": self.group_size, **body}
+        top = self.model_dump(exclude={"axes", "fixed"})
+        return {**top, **body}
+
+
+class ToyGrid(Grid):
+    """A toy experiment: :class:`ToyCell` fields, any of them a list."""
+
+    cell_model: ClassVar[type[StrictModel]] = ToyCell
+
+    kind: Literal["toy"] = "toy"
+    name: str = Field("toy", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="Experiment name (letters, digits, '_', '.', '-').")
+    group_size: int = Field(64, ge=1, le=100_000,
+                            description="Most models trained together in one optimizer step.")
+
+
+EXPERIMENT_KINDS: dict[str, str] = {"toy": "raretask.config:ToyGrid",
+                                    "lm": "raretask.lm.config:LMGrid"}
+"""Experiment kinds and their grid classes (imported on use: the toy never imports LM code)."""
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -335,7 +355,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_experiment(path: str | Path | None, overrides: Sequence[str] = (),
-                    base: dict[str, Any] | None = None) -> ToyGrid:
+                    base: dict[str, Any] | None = None) -> Grid:
     """Read an experiment YAML (or start from ``base``), apply ``--set`` overrides, validate."""
     if path is not None:
         data = load_yaml(path)
@@ -351,6 +371,9 @@ def load_experiment(path: str | Path | None, overrides: Sequence[str] = (),
         key, value = parse_override(text)
         data[key] = value
     kind = data.get("kind", "toy")
-    if kind != "toy":
-        raise UserError(f"{source}: kind: unknown experiment kind {kind!r} (known: toy)")
-    return ToyGrid.from_dict(data, source)
+    if kind not in EXPERIMENT_KINDS:
+        raise UserError(f"{source}: kind: unknown experiment kind {kind!r} "
+                        f"(known: {', '.join(EXPERIMENT_KINDS)})")
+    module, _, cls_name = EXPERIMENT_KINDS[kind].partition(":")
+    grid_cls = getattr(importlib.import_module(module), cls_name)
+    return grid_cls.from_dict(data, source)

@@ -1,0 +1,88 @@
+"""Language-model experiment configs: one :class:`LMCell` per training run, grids of them.
+
+Like the toy, any field may be a list in the YAML (a grid axis); unknown keys are errors.
+Defaults are ours (the paper trains on Dolma for ~210B tokens; a laptop cannot) and stated where
+each field is declared.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from raretask.config import Grid, StrictModel
+from raretask.lm.model import PRESETS
+
+
+class LMCell(StrictModel):
+    """One language-model run: a model size, a rare task at a frequency, background text."""
+
+    size: str = Field("tiny", description="Model preset: " + ", ".join(PRESETS) + ".")
+    task: Literal["cmp", "add", "none"] = Field(
+        "cmp", description="Injected task: T_CMP, T_ADD (PAPER.md Sec. 3) or none.")
+    frequency: float | None = Field(
+        None, gt=0, le=0.25, allow_inf_nan=False,
+        description="Instances per training token, spread evenly over steps. Give this or "
+        "`instances`.")
+    instances: int | None = Field(
+        None, ge=1, description="Instances per `every` steps (the paper's 'N every N batches').")
+    every: int = Field(1, ge=1, description="Steps between injections of `instances`.")
+    mode: Literal["spread", "burst"] = Field(
+        "burst", description="For `instances`: all at once every `every` steps (burst, as the "
+        "paper) or spread evenly.")
+    steps: int = Field(2000, ge=1, le=10**8, description="Optimizer steps (ours: 2000).")
+    batch_size: int = Field(32, ge=1, le=1 << 16, description="Global batch in sequences.")
+    seq_len: int = Field(128, ge=8, le=1 << 16, description="Tokens per sequence.")
+    lr: float = Field(3e-3, gt=0, le=1, allow_inf_nan=False, description="Peak AdamW rate.")
+    warmup: int = Field(100, ge=0, description="Linear warm-up steps, then cosine to 10%.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Init and data order.")
+    task_seed: int = Field(0, ge=0, le=2**31 - 1,
+                           description="Which 100 symbols, the hidden order/map and the split.")
+    vocab_size: int = Field(8192, ge=512, le=65536,
+                            description="BPE vocabulary trained locally on the corpus.")
+    corpus: str = Field("kjv", min_length=1, description="'kjv' (built-in, public domain) or a "
+                        "path: .txt, .jsonl, .parquet or a directory of .bin shards.")
+    text_field: str = Field("text", min_length=1, description="JSONL/Parquet text field.")
+    source: Literal["corpus", "ngram"] = Field(
+        "corpus", description="Background stream: windows of the real corpus (recycled when "
+        "exhausted; the summary reports epochs), or text sampled from an n-gram model of it "
+        "(never repeats).")
+    eval_points: int = Field(12, ge=2, le=1000, description="Log-spaced evaluations.")
+    compile: bool = Field(False, description="torch.compile the model (CUDA).")
+
+    @model_validator(mode="after")
+    def _frequency_or_instances(self) -> LMCell:
+        if self.size not in PRESETS:
+            raise ValueError(f"size: unknown preset {self.size!r} (known: {', '.join(PRESETS)})")
+        if self.task == "none":
+            return self
+        if (self.frequency is None) == (self.instances is None):
+            raise ValueError("frequency: give exactly one of 'frequency' (per token) or "
+                             "'instances' (with 'every')")
+        if self.instances is not None and self.instances > self.batch_size * self.every and \
+                self.mode == "spread":
+            raise ValueError("instances: more than one per row of every batch")
+        if self.instances is not None and self.mode == "burst" and \
+                self.instances > self.batch_size:
+            raise ValueError(f"instances: a burst of {self.instances} does not fit in a batch "
+                             f"of {self.batch_size} sequences (one instance per row)")
+        return self
+
+    @property
+    def schedule_label(self) -> str:
+        if self.task == "none":
+            return "none"
+        if self.frequency is not None:
+            return "spread"
+        return f"{self.instances}/{self.every} {self.mode}"
+
+
+class LMGrid(Grid):
+    """A language-model experiment: :class:`LMCell` fields, any of them a list."""
+
+    cell_model: ClassVar[type[StrictModel]] = LMCell
+
+    kind: Literal["lm"] = "lm"
+    name: str = Field("lm", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="Experiment name (letters, digits, '_', '.', '-').")

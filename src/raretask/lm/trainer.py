@@ -1,0 +1,261 @@
+"""Train one language model on background text with a rare task injected (PAPER.md Sec. 3).
+
+:class:`LMTrainer` owns the model, AdamW, the background batch source and the injection
+schedule; :meth:`LMTrainer.run` trains to a step and evaluates on a log-spaced schedule:
+
+* ``train_loss``: the batch's mean next-token loss (background and task tokens alike);
+* ``task_loss``: the loss at the LABEL position of the training instances (all 5K of them, the
+  paper's "task loss"), and ``task_test_loss`` on the 5K held-out instances;
+* ``test_accuracy``: argmax over the whole vocabulary at LABEL given TOK1 TOK2, held-out split;
+* ``val_loss``: background validation loss on held-out text;
+* ``tokens``: training tokens seen; ``instances``: task instances injected so far;
+  ``epochs``: passes over the background corpus.
+
+Distributed data parallel: when ``torch.distributed`` is initialised (``torchrun``), each rank
+takes its slice of the same global batch and the model is wrapped in DDP; injected instances go
+to the global batch's first rows, so the trajectory equals one process with the same global batch
+up to floating-point summation order. Checkpoints hold the unwrapped state, so a run resumes on
+any number of processes.
+
+Choices (ours): AdamW (betas 0.9/0.95, weight decay 0.1 on matrices only, fused on CUDA), linear
+warm-up then cosine decay to 10% of the peak, gradient clipping at 1.0, bf16 autocast on CUDA and
+float32 on CPU, one injected instance per row (the first rows of the global batch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from raretask.lm.model import ModelConfig, Transformer
+from raretask.lm.tasks import InjectionSchedule, RareTask, inject
+
+
+class BatchSource(Protocol):
+    """What the trainer needs from background text: global batches of windows, resumable."""
+
+    def next_batch(self) -> Tensor:  # [B, T + 1] token ids (this rank's rows)
+        ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    @property
+    def epochs(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class LMTrainSettings:
+    """Everything about one training run that is not the model or the data."""
+
+    steps: int
+    batch_size: int  # global batch (sequences per step across all ranks)
+    seq_len: int
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_steps: Sequence[int] = field(default_factory=tuple)
+    eval_batches: int = 4  # background validation batches per evaluation
+    device: str = "cpu"
+    compile: bool = False
+    seed: int = 0
+
+    def lr_at(self, step: int) -> float:
+        """Warm-up then cosine to ``min_lr_ratio * lr`` (step counted from 0)."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        span = max(1, self.steps - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        floor = self.min_lr_ratio
+        return self.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class LMTrainer:
+    """One model, one background stream, at most one injected task.
+
+    Parameters
+    ----------
+    model_config:
+        Architecture (a preset or explicit).
+    data:
+        Background batches (this rank's rows of each global batch).
+    val_batches:
+        A callable returning the validation batches [n, T + 1] (same every evaluation).
+    task, schedule:
+        The injected task and how many instances each step gets (global), or None for none.
+    settings:
+        Optimisation and evaluation settings.
+    """
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        data: BatchSource,
+        val_batches: Callable[[], Iterable[Tensor]],
+        task: RareTask | None,
+        schedule: InjectionSchedule | None,
+        settings: LMTrainSettings,
+    ):
+        self.settings = settings
+        self.rank, self.world = _rank_world()
+        if settings.batch_size % self.world:
+            raise ValueError(f"batch_size {settings.batch_size} is not divisible by the "
+                             f"{self.world} processes")
+        self.local_batch = settings.batch_size // self.world
+        self.device = torch.device(settings.device)
+        torch.manual_seed(settings.seed)
+        gen = torch.Generator().manual_seed(settings.seed)
+        model = Transformer(model_config)
+        model.init_weights(generator=gen)  # CPU draw: the same start on every device
+        self.model = model.to(self.device)
+        self.data = data
+        self.val_batches = val_batches
+        self.task = task
+        self.schedule = schedule
+        self.train_instances = task.instances("train") if task is not None else None
+        self.step = 0
+        self.injected = 0
+        self.tokens = 0
+        self.records: list[dict] = []
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": settings.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=settings.lr, betas=settings.betas,
+            fused=self.device.type == "cuda",
+        )
+        self.train_model = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        if settings.compile:
+            self.train_model = torch.compile(self.train_model)
+        self._autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                          if self.device.type == "cuda" else torch.autocast("cpu", enabled=False))
+
+    # -- training -----------------------------------------------------------------------------
+    def _next_instances(self, count: int) -> Tensor:
+        """The next ``count`` training instances, cycling through the 5K train split in order."""
+        n = self.train_instances.shape[0]
+        idx = (torch.arange(count) + self.injected) % n
+        self.injected += count
+        return self.train_instances[idx]
+
+    def _train_step(self) -> float:
+        s = self.settings
+        batch = self.data.next_batch()  # [local B, T + 1]
+        count = self.schedule.per_step(self.step) if self.schedule is not None else 0
+        if count > s.batch_size:
+            raise ValueError(f"{count} instances at step {self.step} exceed the batch of "
+                             f"{s.batch_size}")
+        if count:
+            inst = self._next_instances(count)
+            # instances go to the first rows of the global batch: this rank's share of them
+            lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
+            mine = inst[max(0, lo):max(0, min(hi, count))] if lo < count else inst[:0]
+            batch, _ = inject(batch, mine)
+        batch = batch.to(self.device, non_blocking=True)
+        idx, targets = batch[:, :-1], batch[:, 1:]
+        for group in self.optimizer.param_groups:
+            group["lr"] = s.lr_at(self.step)
+        with self._autocast:
+            _, loss = self.train_model(idx, targets=targets)
+        loss.backward()
+        if s.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += s.batch_size * s.seq_len
+        return loss.detach()
+
+    def run(self, until: int | None = None, callback: Callable[[int], None] | None = None) -> None:
+        """Train to step ``until`` (default: all steps), evaluating at the eval steps."""
+        end = self.settings.steps if until is None else min(until, self.settings.steps)
+        evals = set(self.settings.eval_steps)
+        if self.step == 0 and 0 in evals and not self.records:
+            self._evaluate(None)
+            if callback:
+                callback(0)
+        while self.step < end:
+            loss = self._train_step()
+            if self.step in evals:
+                self._evaluate(loss)
+                if callback:
+                    callback(self.step)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _evaluate(self, train_loss: Tensor | None) -> None:
+        was_training = self.model.training
+        self.model.eval()
+        row = {"tokens": float(self.tokens), "instances": float(self.injected),
+               "epochs": float(self.data.epochs), "lr": self.settings.lr_at(max(0, self.step - 1))}
+        if train_loss is not None:
+            row["train_loss"] = float(train_loss)
+        with self._autocast:
+            losses = [float(self.model(b[:, :-1].to(self.device), targets=b[:, 1:]
+                                       .to(self.device))[1]) for b in self.val_batches()]
+            if losses:
+                row["val_loss"] = sum(losses) / len(losses)
+            if self.task is not None:
+                logits = lambda x: self.model.logits(x)  # noqa: E731
+                dev = self.device
+                row["task_loss"] = self.task.loss(logits, "train", device=dev)
+                row["task_test_loss"] = self.task.loss(logits, "test", device=dev)
+                row["test_accuracy"] = self.task.accuracy(logits, "test", device=dev)
+                row["train_accuracy"] = self.task.accuracy(logits, "train", device=dev)
+        self.model.train(was_training)
+        self.records.extend({"step": self.step, "metric": k, "value": float(v)}
+                            for k, v in row.items())
+
+    def metrics(self) -> list[dict]:
+        """Long-format rows: step, metric, value."""
+        return list(self.records)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Model, optimizer, data position, counters and metrics so far (CPU tensors/plain data)."""
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "data": self.data.state_dict(),
+            "step": self.step, "injected": self.injected, "tokens": self.tokens,
+            "records": list(self.records),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.data.load_state_dict(state["data"])
+        self.step, self.injected, self.tokens = state["step"], state["injected"], state["tokens"]
+        self.records = list(state["records"])
+
+
+def _to_cpu(obj):
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
