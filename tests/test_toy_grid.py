@@ -11,7 +11,8 @@ import pytest
 from rich.console import Console
 
 from raretask.config import load_experiment
-from raretask.runs.toy_grid import ToyGridRun, load_summary
+from raretask.runs.grid import load_summary
+from raretask.runs.toy_grid import ToyGridRun
 
 TINY = ["tasks=4", "features=4", "width=[2,4,8]", "seed=[0,1]", "beta=1.5", "steps=1500",
         "batch_size=64", "lr=0.01", "eval_points=12", "group_size=2", "device=cpu"]

@@ -6,7 +6,8 @@ Slow (about 30 s each on 2 cores): run with ``make test-slow``.
 import pytest
 
 from raretask.config import load_experiment
-from raretask.runs.toy_grid import ToyGridRun, load_summary
+from raretask.runs.grid import load_summary
+from raretask.runs.toy_grid import ToyGridRun
 
 COMMON = ["lr=0.003", "steps=6000", "batch_size=256", "device=cpu"]
 

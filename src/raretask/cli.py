@@ -237,13 +237,13 @@ def run(
     import yaml
 
     from raretask.config import load_experiment
-    from raretask.runs.toy_grid import ToyGridRun
+    from raretask.runs.grid import runner_for
 
     grid = load_experiment(config, overrides or [])
     if dry_run:
         sys.stdout.write(yaml.safe_dump(grid.resolved(), sort_keys=False))
         return
-    runner = ToyGridRun(grid, out, checkpoint_seconds=checkpoint_seconds)
+    runner = runner_for(grid, out, checkpoint_seconds=checkpoint_seconds)
     with _GridProgress(quiet) as progress:
         runner.run(progress=progress)
     if not quiet:
@@ -259,7 +259,7 @@ def show(
     = False,
 ) -> None:
     """Final per-cell, per-task metrics of a run, compared with Theorem 3."""
-    from raretask.runs.toy_grid import load_summary
+    from raretask.runs.grid import load_summary
 
     rows = load_summary(out)
     if as_json:

@@ -22,7 +22,8 @@ from raretask.config import load_experiment
 from raretask.predict import predict
 from raretask.report.analysis import agreement_by_width, injection_contrast
 from raretask.report.figures import injection_traces, phase_diagram
-from raretask.runs.toy_grid import ToyGridRun, load_summary
+from raretask.runs.grid import load_summary
+from raretask.runs.toy_grid import ToyGridRun
 from raretask.theory import TaskSet
 
 DEMO_CONFIGS = ("demo_phase.yaml", "demo_injection.yaml")

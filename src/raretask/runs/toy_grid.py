@@ -20,34 +20,18 @@ from its checkpoint and ends with the numbers an uninterrupted run gives (CPU).
 
 from __future__ import annotations
 
-import platform
-import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
-import yaml
 
-from raretask import __version__
-from raretask.config import ToyCell, ToyGrid
-from raretask.errors import UserError
+from raretask.config import ToyCell
 from raretask.runs import store
+from raretask.runs.grid import GridRun, Group, load_summary  # noqa: F401 (re-exported)
 from raretask.theory import TaskSet, Theory
 
 SHAPE_FIELDS = ("tasks", "features", "steps", "batch_size", "lr", "eval_points",
                 "trace_every", "basis")
 """Cells must agree on these to train in one optimizer step."""
-
-
-@dataclass(frozen=True)
-class Group:
-    """Cells trained together."""
-
-    name: str
-    cell_ids: tuple[int, ...]
 
 
 def plan_groups(cells: list[ToyCell], group_size: int) -> list[Group]:
@@ -72,110 +56,15 @@ def task_set(cell: ToyCell) -> TaskSet:
     return TaskSet.power_law(cell.tasks, cell.features, alpha=cell.alpha, beta=cell.beta)
 
 
-def code_version() -> str:
-    """raretask version plus the git commit when run from a checkout (logged with every run)."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=5, cwd=Path(__file__).parent)
-        rev = out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
-    return f"raretask {__version__}" + (f" ({rev})" if rev else "")
+class ToyGridRun(GridRun):
+    """A toy grid in one directory: groups of cells trained in one optimizer step each."""
 
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device: {name!r} requested but CUDA is not available")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"device: expected 'auto', 'cpu' or 'cuda[:i]', got {name!r}")
-    return name
-
-
-class ToyGridRun:
-    """One grid in one directory.
-
-    Parameters
-    ----------
-    grid:
-        The validated experiment.
-    out:
-        Run directory (created).
-    checkpoint_seconds:
-        Save the running group's trainer state at most this often (wall clock).
-    """
-
-    def __init__(self, grid: ToyGrid, out: Path, checkpoint_seconds: float = 60.0):
-        self.grid = grid
-        self.out = Path(out)
-        self.checkpoint_seconds = float(checkpoint_seconds)
-        self.cells = list(grid.cells())
-        self.groups = plan_groups(self.cells, grid.group_size)
-
-    # -- bookkeeping ----------------------------------------------------------------------------
-    def _group_dir(self, group: Group) -> Path:
-        return self.out / "groups" / group.name
-
-    def is_done(self, group: Group) -> bool:
-        return (self._group_dir(group) / "summary.json").exists()
-
-    def _log(self, message: str) -> None:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        with open(self.out / "log.txt", "a", encoding="utf-8") as fh:
-            fh.write(f"{stamp} {message}\n")
-
-    def _check_or_write_config(self) -> None:
-        resolved = self.grid.resolved()
-        path = self.out / "config.yaml"
-        if path.exists():
-            old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            for key in sorted(set(old) | set(resolved)):
-                if old.get(key) != resolved.get(key) and key != "device":
-                    raise UserError(
-                        f"{path}: this directory holds another experiment ({key}: "
-                        f"{old.get(key)!r} there, {resolved.get(key)!r} now); use a new --out")
-        store.write_text(path, yaml.safe_dump(resolved, sort_keys=False))
-        cell_table = [
-            {"cell": i, "group": g.name, **self.cells[i].model_dump()}
-            for g in self.groups for i in g.cell_ids
-        ]
-        store.write_json(self.out / "cells.json", sorted(cell_table, key=lambda r: r["cell"]))
-
-    # -- running --------------------------------------------------------------------------------
-    def run(self, progress: Callable[[dict[str, Any]], None] | None = None) -> None:
-        """Train every unfinished group; ``progress`` gets dicts of counters as work advances."""
-        device = resolve_device(self.grid.device)
-        with store.run_lock(self.out):
-            self._check_or_write_config()
-            todo = [g for g in self.groups if not self.is_done(g)]
-            done_cells = sum(len(g.cell_ids) for g in self.groups if self.is_done(g))
-            self._log(f"start: {code_version()}, python {platform.python_version()}, device "
-                      f"{device}, {len(self.cells)} cells in {len(self.groups)} groups, "
-                      f"{len(todo)} groups to run")
-            if progress:
-                progress({"event": "start", "cells_total": len(self.cells),
-                          "cells_done": done_cells, "groups_todo": len(todo)})
-            for group in todo:
-                self._run_group(group, device, progress)
-                done_cells += len(group.cell_ids)
-                if progress:
-                    progress({"event": "group_done", "group": group.name,
-                              "cells_done": done_cells, "cells_total": len(self.cells)})
-            self._merge()
-            self._log("grid complete")
+    def _plan(self) -> list[Group]:
+        return plan_groups(self.cells, self.grid.group_size)
 
     def _merge(self) -> None:
         """One metrics table and one summary for the whole grid, next to the per-group files."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        parts = [pq.read_table(p) for p in sorted(self.out.glob("groups/g*/metrics.parquet"))]
-        if parts:
-            store.write_parquet(self.out / "metrics.parquet", pa.concat_tables(parts))
-        store.write_json(self.out / "summary.json", load_summary(self.out))
+        self._merge_tables(load_summary(self.out))
 
     def _instances(self, group: Group):
         from raretask.toy.spec import Schedule, ToyInstance
@@ -286,15 +175,3 @@ class ToyGridRun:
                     "step": final_step[i], **model,
                 })
         return out
-
-
-def load_summary(out: Path) -> list[dict]:
-    """All finished rows of a run directory, by cell then task."""
-    out = Path(out)
-    if not (out / "config.yaml").exists():
-        raise UserError(f"{out}: not a raretask run directory (no config.yaml)")
-    rows: list[dict] = []
-    for path in sorted((out / "groups").glob("g*/summary.json")):
-        rows.extend(store.read_json(path))
-    rows.sort(key=lambda r: (r["cell"], r["task"]))
-    return rows

@@ -1,0 +1,176 @@
+"""What every experiment grid shares on disk: groups of cells, the lock, the resolved config, the
+log, resume by group, and the merged tables.
+
+A grid's cells are packed into groups (the unit of training and of resume); a group is done when
+its ``summary.json`` exists (written last, atomically). Subclasses say how to plan groups, train
+one group (:meth:`GridRun._run_group`) and summarise it. Group membership is a pure function of the
+config, so a killed grid resumes into the same groups.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raretask import __version__
+from raretask.config import Grid
+from raretask.errors import UserError
+from raretask.runs import store
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Cells trained together (a toy group shares one optimizer step; an LM group is one run)."""
+
+    name: str
+    cell_ids: tuple[int, ...]
+
+
+def code_version() -> str:
+    """raretask version plus the git commit when run from a checkout (logged with every run)."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).parent)
+        rev = out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"raretask {__version__}" + (f" ({rev})" if rev else "")
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> 'cuda' when present, else 'cpu'; refuses CUDA that is not there."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device: {name!r} requested but CUDA is not available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"device: expected 'auto', 'cpu' or 'cuda[:i]', got {name!r}")
+    return name
+
+
+def load_summary(out: Path) -> list[dict]:
+    """All finished rows of a run directory (any kind), by cell then task."""
+    out = Path(out)
+    if not (out / "config.yaml").exists():
+        raise UserError(f"{out}: not a raretask run directory (no config.yaml)")
+    rows: list[dict] = []
+    for path in sorted((out / "groups").glob("g*/summary.json")):
+        rows.extend(store.read_json(path))
+    rows.sort(key=lambda r: (r["cell"], r.get("task", 0)))
+    return rows
+
+
+class GridRun:
+    """One grid in one directory.
+
+    Parameters
+    ----------
+    grid:
+        The validated experiment.
+    out:
+        Run directory (created).
+    checkpoint_seconds:
+        Save the running group's trainer state at most this often (wall clock).
+    """
+
+    def __init__(self, grid: Grid, out: Path, checkpoint_seconds: float = 60.0):
+        self.grid = grid
+        self.out = Path(out)
+        self.checkpoint_seconds = float(checkpoint_seconds)
+        self.cells = list(grid.cells())
+        self.groups = self._plan()
+
+    # -- what subclasses provide ----------------------------------------------------------------
+    def _plan(self) -> list[Group]:
+        """Groups in config order (default: one cell each)."""
+        return [Group(f"g{i:04d}", (i,)) for i in range(len(self.cells))]
+
+    def _run_group(self, group: Group, device: str, progress: Progress | None) -> None:
+        raise NotImplementedError
+
+    def _merge(self) -> None:
+        self._merge_tables(load_summary(self.out))
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _group_dir(self, group: Group) -> Path:
+        return self.out / "groups" / group.name
+
+    def is_done(self, group: Group) -> bool:
+        return (self._group_dir(group) / "summary.json").exists()
+
+    def _log(self, message: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.out / "log.txt", "a", encoding="utf-8") as fh:
+            fh.write(f"{stamp} {message}\n")
+
+    def _check_or_write_config(self) -> None:
+        resolved = self.grid.resolved()
+        path = self.out / "config.yaml"
+        if path.exists():
+            old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            for key in sorted(set(old) | set(resolved)):
+                if old.get(key) != resolved.get(key) and key != "device":
+                    raise UserError(
+                        f"{path}: this directory holds another experiment ({key}: "
+                        f"{old.get(key)!r} there, {resolved.get(key)!r} now); use a new --out")
+        store.write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+        cell_table = [
+            {"cell": i, "group": g.name, **self.cells[i].model_dump()}
+            for g in self.groups for i in g.cell_ids
+        ]
+        store.write_json(self.out / "cells.json", sorted(cell_table, key=lambda r: r["cell"]))
+
+    def _merge_tables(self, summary: list[dict]) -> None:
+        """One metrics table and one summary for the whole grid, next to the per-group files."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        parts = [pq.read_table(p) for p in sorted(self.out.glob("groups/g*/metrics.parquet"))]
+        if parts:
+            store.write_parquet(self.out / "metrics.parquet", pa.concat_tables(parts))
+        store.write_json(self.out / "summary.json", summary)
+
+    # -- running --------------------------------------------------------------------------------
+    def run(self, progress: Progress | None = None) -> None:
+        """Train every unfinished group; ``progress`` gets dicts of counters as work advances."""
+        device = resolve_device(self.grid.device)
+        with store.run_lock(self.out):
+            self._check_or_write_config()
+            todo = [g for g in self.groups if not self.is_done(g)]
+            done_cells = sum(len(g.cell_ids) for g in self.groups if self.is_done(g))
+            self._log(f"start: {code_version()}, python {platform.python_version()}, device "
+                      f"{device}, {len(self.cells)} cells in {len(self.groups)} groups, "
+                      f"{len(todo)} groups to run")
+            if progress:
+                progress({"event": "start", "cells_total": len(self.cells),
+                          "cells_done": done_cells, "groups_todo": len(todo)})
+            for group in todo:
+                self._run_group(group, device, progress)
+                done_cells += len(group.cell_ids)
+                if progress:
+                    progress({"event": "group_done", "group": group.name,
+                              "cells_done": done_cells, "cells_total": len(self.cells)})
+            self._merge()
+            self._log("grid complete")
+
+
+def runner_for(grid: Grid, out: Path, checkpoint_seconds: float = 60.0) -> GridRun:
+    """The runner class of the grid's kind."""
+    if grid.kind == "lm":
+        from raretask.runs.lm_grid import LMGridRun
+
+        return LMGridRun(grid, out, checkpoint_seconds)
+    from raretask.runs.toy_grid import ToyGridRun
+
+    return ToyGridRun(grid, out, checkpoint_seconds)
