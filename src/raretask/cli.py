@@ -268,6 +268,9 @@ def show(
     if not rows:
         console.print(f"{out}: no finished cells yet")
         return
+    if rows[0].get("kind") == "lm":
+        console.print(_lm_table(rows, str(out)))
+        return
     if all_tasks:
         table = Table(title=f"{out}: final metrics per cell and task")
         cols = ("cell", "width", "beta", "alpha", "seed", "task", "frequency", "signal", "loss",
@@ -287,6 +290,27 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def _lm_table(rows: list[dict], title: str) -> Table:
+    """One line per language-model run."""
+    table = Table(title=f"{title}: language models with an injected task", box=box.SIMPLE_HEAD,
+                  pad_edge=False, padding=(0, 1))
+    cols = ("cell", "size", "params", "task", "freq/tok", "schedule", "acc", "task L",
+            "val L", "epochs")
+    for c in cols:
+        table.add_column(c, justify="right", no_wrap=True, min_width=len(c))
+    for r in rows:
+        acc = r.get("test_accuracy")
+        table.add_row(
+            str(r["cell"]), r["size"], f"{r['params'] / 1e6:.2f}M", r["task"],
+            f"{r['frequency']:.2e}", r["schedule"], "-" if acc is None else f"{acc:.3f}",
+            _fmt(r.get("task_loss")), _fmt(r.get("val_loss")), f"{r.get('epochs', 0):.2f}",
+        )
+    table.caption = ("acc: test accuracy, argmax over the vocabulary at LABEL, held-out 5K "
+                     "instances; task L: loss at LABEL on the training instances; val L: "
+                     "background validation loss")
+    return table
 
 
 def _digest_table(rows: list[dict], title: str) -> Table:

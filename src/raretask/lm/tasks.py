@@ -189,6 +189,18 @@ class RareTask:
         logits, labels = self._label_logits(logits_fn, split, batch_size, device)
         return F.cross_entropy(logits, labels).item()
 
+    def evaluate(
+        self,
+        logits_fn: Callable[[Tensor], Tensor],
+        split: Split = "test",
+        batch_size: int = 1000,
+        device: torch.device | str | None = None,
+    ) -> tuple[float, float]:
+        """(loss, accuracy) of ``split`` from one pass over its instances."""
+        logits, labels = self._label_logits(logits_fn, split, batch_size, device)
+        loss = F.cross_entropy(logits, labels).item()
+        return loss, (logits.argmax(-1) == labels).float().mean().item()
+
     @torch.no_grad()
     def _label_logits(self, logits_fn, split, batch_size, device) -> tuple[Tensor, Tensor]:
         inst = self.instances(split)

@@ -220,10 +220,10 @@ class LMTrainer:
             if self.task is not None:
                 logits = lambda x: self.model.logits(x)  # noqa: E731
                 dev = self.device
-                row["task_loss"] = self.task.loss(logits, "train", device=dev)
-                row["task_test_loss"] = self.task.loss(logits, "test", device=dev)
-                row["test_accuracy"] = self.task.accuracy(logits, "test", device=dev)
-                row["train_accuracy"] = self.task.accuracy(logits, "train", device=dev)
+                row["task_loss"], row["train_accuracy"] = self.task.evaluate(logits, "train",
+                                                                             device=dev)
+                row["task_test_loss"], row["test_accuracy"] = self.task.evaluate(logits, "test",
+                                                                                  device=dev)
         self.model.train(was_training)
         self.records.extend({"step": self.step, "metric": k, "value": float(v)}
                             for k, v in row.items())

@@ -42,6 +42,14 @@ def write_text(path: Path, text: str) -> None:
         os.fsync(fh.fileno())
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    with _atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
 def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 

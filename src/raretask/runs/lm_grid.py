@@ -1,0 +1,160 @@
+"""Run a language-model grid into a directory: one group per cell, checkpointed, resumable.
+
+Layout (as the toy grid, :mod:`raretask.runs.grid`)::
+
+    DIR/groups/gNNNN/model.safetensors        weights while the cell runs (removed after)
+    DIR/groups/gNNNN/state.pt                 optimizer, data position, counters (weights_only)
+    DIR/groups/gNNNN/metrics.parquet          long format: cell, step, task, metric, value
+    DIR/groups/gNNNN/summary.json             the cell's final row; written last = done
+
+Under ``torchrun`` every rank runs the same cells in the same order; rank 0 alone writes files,
+and all ranks resume from the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from raretask.lm.config import LMCell
+from raretask.runs import store
+from raretask.runs.grid import Group, GridRun, Progress
+from raretask.runs.toy_grid import eval_steps
+
+TASK_ROW_METRICS = ("test_accuracy", "train_accuracy", "task_loss", "task_test_loss",
+                    "val_loss", "train_loss", "tokens", "instances", "epochs")
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_trainer(cell: LMCell, device: str, stream_world: tuple[int, int] | None = None):
+    """The background, task, schedule and :class:`~raretask.lm.trainer.LMTrainer` of a cell."""
+    from raretask.lm.data import BackgroundConfig
+    from raretask.lm.model import ModelConfig
+    from raretask.lm.tasks import Frequency, InjectionSchedule, RareTask
+    from raretask.lm.trainer import LMTrainer, LMTrainSettings
+
+    rank, world = stream_world or _rank_world()
+    corpus = [] if cell.corpus == "kjv" else [cell.corpus]
+    bg = BackgroundConfig(corpus=corpus, vocab_size=cell.vocab_size, text_field=cell.text_field,
+                          source=cell.source).build()
+    model_cfg = ModelConfig.preset(cell.size, vocab_size=bg.vocab_size,
+                                   max_seq_len=max(cell.seq_len, 8))
+    task = schedule = None
+    if cell.task != "none":
+        task = RareTask(cell.task, vocab_size=bg.vocab_size, eod_id=bg.eod_id, seed=cell.task_seed)
+        if cell.frequency is not None:
+            schedule = Frequency(cell.frequency).schedule(cell.batch_size, cell.seq_len)
+        else:
+            schedule = InjectionSchedule(cell.instances, cell.every, cell.mode)
+    if cell.batch_size % world:
+        from raretask.errors import UserError
+
+        raise UserError(f"batch_size: {cell.batch_size} is not divisible by the {world} "
+                        "processes")
+    stream = bg.stream(cell.batch_size // world, cell.seq_len, seed=cell.seed, rank=rank,
+                       world_size=world)
+    val_tokens = 4 * cell.batch_size * cell.seq_len
+
+    def val_batches():
+        return bg.validation_batches(cell.seq_len, cell.batch_size, max_tokens=val_tokens)
+
+    settings = LMTrainSettings(
+        steps=cell.steps, batch_size=cell.batch_size, seq_len=cell.seq_len, lr=cell.lr,
+        warmup=min(cell.warmup, max(cell.steps // 10, 1)),
+        eval_steps=(0, *eval_steps(cell.steps, cell.eval_points)),
+        device=device, compile=cell.compile, seed=cell.seed,
+    )
+    trainer = LMTrainer(model_cfg, stream, val_batches, task, schedule, settings)
+    return trainer, bg, model_cfg
+
+
+class LMGridRun(GridRun):
+    """A grid of language-model runs, one cell at a time."""
+
+    def _run_group(self, group: Group, device: str, progress: Progress | None) -> None:
+        from safetensors.torch import load_file
+
+        (cell_id,) = group.cell_ids
+        cell: LMCell = self.cells[cell_id]
+        rank, _ = _rank_world()
+        if device == "cuda" and dist.is_initialized():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        trainer, bg, model_cfg = build_trainer(cell, device)
+        gdir = self._group_dir(group)
+        weights, state_path = gdir / "model.safetensors", gdir / "state.pt"
+        if weights.exists() and state_path.exists():
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            state["model"] = load_file(str(weights))
+            trainer.load_state_dict(state)
+            if rank == 0:
+                self._log(f"{group.name}: resumed from step {trainer.step}")
+        started = time.perf_counter()
+        last_save = started
+        start_step = trainer.step
+
+        def on_eval(step: int) -> None:
+            nonlocal last_save
+            now = time.perf_counter()
+            if now - last_save >= self.checkpoint_seconds and 0 < step < cell.steps:
+                if rank == 0:
+                    state = trainer.state_dict()
+                    store.write_safetensors(weights, state.pop("model"))
+                    _save_state(state_path, state)
+                last_save = now
+            if progress and rank == 0:
+                progress({"event": "step", "group": group.name, "step": step,
+                          "steps": cell.steps, "cells": 1})
+
+        trainer.run(callback=on_eval)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        if rank == 0:
+            self._write_cell(group, cell, trainer, bg, model_cfg, seconds)
+            weights.unlink(missing_ok=True)
+            state_path.unlink(missing_ok=True)
+            tps = (trainer.step - start_step) * cell.batch_size * cell.seq_len / max(seconds, 1e-9)
+            self._log(f"{group.name}: {cell.size} {cell.task} steps {start_step}->{trainer.step}"
+                      f" in {seconds:.1f}s ({tps:,.0f} tokens/s)")
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _write_cell(self, group, cell: LMCell, trainer, bg, model_cfg, seconds: float) -> None:
+        gdir = self._group_dir(group)
+        rows = [{"cell": group.cell_ids[0], "step": r["step"], "task": 0, "metric": r["metric"],
+                 "value": r["value"]} for r in trainer.metrics()]
+        store.write_parquet(gdir / "metrics.parquet", rows)
+        last = {}
+        for r in trainer.metrics():
+            if r["step"] == trainer.step:
+                last[r["metric"]] = r["value"]
+        tokens = trainer.step * cell.batch_size * cell.seq_len
+        summary = {
+            "cell": group.cell_ids[0], "group": group.name, "kind": "lm",
+            "size": cell.size, "params": model_cfg.num_params(include_embedding=False),
+            "params_total": model_cfg.num_params(include_embedding=True),
+            "task": cell.task, "schedule": cell.schedule_label,
+            "frequency": trainer.injected / tokens if tokens else 0.0,
+            "requested_frequency": cell.frequency, "instances": trainer.injected,
+            "seed": cell.seed, "steps": trainer.step, "seconds": seconds,
+            **{m: last.get(m) for m in TASK_ROW_METRICS},
+            **trainer.data.summary(), "corpus": bg.corpus_name,
+        }
+        store.write_json(gdir / "summary.json", [summary])
+
+
+def _save_state(path, state: dict) -> None:
+    """Non-weight state through torch.save, read back with ``weights_only=True``."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    store.write_bytes(path, buf.getvalue())
