@@ -232,20 +232,35 @@ def run(
     checkpoint_seconds: Annotated[
         float, typer.Option(help="Checkpoint the running group at most this often.")
     ] = 60.0,
+    parallel: Annotated[
+        str, typer.Option(help="Under torchrun: 'cells' (each process takes its share of the "
+                          "cells), 'model' (all train each cell together: DDP, FSDP2 for 1b+ "
+                          "on CUDA), 'ddp', 'fsdp', or 'auto': cells for toy grids and LM grids "
+                          "with at least as many cells as processes and no 1b+ preset, model "
+                          "otherwise.")
+    ] = "auto",
 ) -> None:
-    """Run an experiment grid into a directory; re-running resumes where it stopped."""
+    """Run an experiment grid into a directory; re-running resumes where it stopped.
+
+    Several processes: ``torchrun --nproc_per_node=P -m raretask run CONFIG --out DIR``.
+    """
     import yaml
 
     from raretask.config import load_experiment
+    from raretask.runs.distributed import PARALLEL_CHOICES, env_ranks
     from raretask.runs.grid import runner_for
 
+    if parallel not in PARALLEL_CHOICES:
+        raise UserError(f"--parallel: expected one of {', '.join(PARALLEL_CHOICES)}, "
+                        f"got {parallel!r}")
     grid = load_experiment(config, overrides or [])
     if dry_run:
         sys.stdout.write(yaml.safe_dump(grid.resolved(), sort_keys=False))
         return
+    quiet = quiet or env_ranks()[0] != 0  # one display per torchrun job: rank 0's
     runner = runner_for(grid, out, checkpoint_seconds=checkpoint_seconds)
     with _GridProgress(quiet) as progress:
-        runner.run(progress=progress)
+        runner.run(progress=progress, parallel=parallel)
     if not quiet:
         console.print(f"[bold]done[/]: {len(runner.cells)} cells in {out}  "
                       f"(raretask show {out})")

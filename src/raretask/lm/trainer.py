@@ -12,10 +12,11 @@ schedule; :meth:`LMTrainer.run` trains to a step and evaluates on a log-spaced s
   ``epochs``: passes over the background corpus.
 
 Distributed data parallel: when ``torch.distributed`` is initialised (``torchrun``), each rank
-takes its slice of the same global batch and the model is wrapped in DDP; injected instances go
-to the global batch's first rows, so the trajectory equals one process with the same global batch
-up to floating-point summation order. Checkpoints hold the unwrapped state, so a run resumes on
-any number of processes.
+takes its slice of the same global batch and the model is wrapped in DDP (or sharded with FSDP2,
+``settings.fsdp``; :mod:`raretask.lm.parallel`); injected instances go to the global batch's first
+rows and ``train_loss`` is averaged over the ranks, so the trajectory equals one process with the
+same global batch up to floating-point summation order. Checkpoints hold whole, named state, so a
+run resumes on any number of processes.
 
 Choices (ours): AdamW (betas 0.9/0.95, weight decay 0.1 on matrices only, fused on CUDA), linear
 warm-up then cosine decay to 10% of the peak, gradient clipping at 1.0, bf16 autocast on CUDA and
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from raretask.lm import parallel
 from raretask.lm.model import ModelConfig, Transformer
 from raretask.lm.tasks import InjectionSchedule, RareTask, inject
 
@@ -69,6 +71,7 @@ class LMTrainSettings:
     device: str = "cpu"
     compile: bool = False
     seed: int = 0
+    fsdp: bool = False  # several processes: shard with FSDP2 instead of DDP (lm/parallel.py)
 
     def lr_at(self, step: int) -> float:
         """Warm-up then cosine to ``min_lr_ratio * lr`` (step counted from 0)."""
@@ -101,6 +104,9 @@ class LMTrainer:
         The injected task and how many instances each step gets (global), or None for none.
     settings:
         Optimisation and evaluation settings.
+    world:
+        (rank, processes) training this model together; default: the torch.distributed group
+        if one is initialised. ``(0, 1)`` trains alone inside a torchrun job (grid cells mode).
     """
 
     def __init__(
@@ -111,9 +117,10 @@ class LMTrainer:
         task: RareTask | None,
         schedule: InjectionSchedule | None,
         settings: LMTrainSettings,
+        world: tuple[int, int] | None = None,
     ):
         self.settings = settings
-        self.rank, self.world = _rank_world()
+        self.rank, self.world = world or _rank_world()
         if settings.batch_size % self.world:
             raise ValueError(f"batch_size {settings.batch_size} is not divisible by the "
                              f"{self.world} processes")
@@ -133,6 +140,9 @@ class LMTrainer:
         self.injected = 0
         self.tokens = 0
         self.records: list[dict] = []
+        self.train_model = self.model
+        if self.world > 1:  # before the optimizer: FSDP2 swaps the parameters for shards
+                self.train_model = parallel.wrap(self.model, self.device, settings.fsdp)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -141,12 +151,6 @@ class LMTrainer:
             lr=settings.lr, betas=settings.betas,
             fused=self.device.type == "cuda",
         )
-        self.train_model = self.model
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
         if settings.compile:
             self.train_model = torch.compile(self.train_model)
         self._autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
@@ -193,13 +197,17 @@ class LMTrainer:
         end = self.settings.steps if until is None else min(until, self.settings.steps)
         evals = set(self.settings.eval_steps)
         if self.step == 0 and 0 in evals and not self.records:
-            self._evaluate(None)
+            with parallel.gathered(self.model):
+                self._evaluate(None)
             if callback:
                 callback(0)
         while self.step < end:
             loss = self._train_step()
             if self.step in evals:
-                self._evaluate(loss)
+                if self.world > 1:  # the global batch's loss, not this rank's slice of it
+                    loss = parallel.mean(loss)
+                with parallel.gathered(self.model):
+                    self._evaluate(loss)
                 if callback:
                     callback(self.step)
 
@@ -234,28 +242,22 @@ class LMTrainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Model, optimizer, data position, counters and metrics so far (CPU tensors/plain data)."""
+        """Model, optimizer, data position, counters and metrics so far (CPU tensors/plain data).
+
+        Whole tensors keyed by name, whatever the process count (lm/parallel.py); with FSDP2
+        every rank must call it and only rank 0 gets the tensors.
+        """
+        weights, optim = parallel.state_dicts(self.model, self.optimizer)
         return {
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "model": weights,
+            "optimizer": optim,
             "data": self.data.state_dict(),
             "step": self.step, "injected": self.injected, "tokens": self.tokens,
             "records": list(self.records),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        parallel.load_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
         self.data.load_state_dict(state["data"])
         self.step, self.injected, self.tokens = state["step"], state["injected"], state["tokens"]
         self.records = list(state["records"])
-
-
-def _to_cpu(obj):
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    return obj

@@ -9,7 +9,9 @@ config, so a killed grid resumes into the same groups.
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -22,7 +24,8 @@ import yaml
 from raretask import __version__
 from raretask.config import Grid
 from raretask.errors import UserError
-from raretask.runs import store
+from raretask.runs import distributed, store
+from raretask.runs.distributed import Ranks
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -90,6 +93,7 @@ class GridRun:
         self.checkpoint_seconds = float(checkpoint_seconds)
         self.cells = list(grid.cells())
         self.groups = self._plan()
+        self.ranks = Ranks()  # this process's part of a torchrun job; set by :meth:`run`
 
     # -- what subclasses provide ----------------------------------------------------------------
     def _plan(self) -> list[Group]:
@@ -111,8 +115,10 @@ class GridRun:
 
     def _log(self, message: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        who = f" [rank {self.ranks.rank}]" if self.ranks.world > 1 else ""
+        # one short append per line: lines from several ranks interleave but stay whole
         with open(self.out / "log.txt", "a", encoding="utf-8") as fh:
-            fh.write(f"{stamp} {message}\n")
+            fh.write(f"{stamp}{who} {message}\n")
 
     def _check_or_write_config(self) -> None:
         resolved = self.grid.resolved()
@@ -142,27 +148,77 @@ class GridRun:
         store.write_json(self.out / "summary.json", summary)
 
     # -- running --------------------------------------------------------------------------------
-    def run(self, progress: Progress | None = None) -> None:
-        """Train every unfinished group; ``progress`` gets dicts of counters as work advances."""
+    def _check_parallel(self, ranks: Ranks) -> None:
+        """Refuse (UserError) what this grid cannot do in ``ranks.mode``; subclasses add checks."""
+
+    def run(self, progress: Progress | None = None, parallel: str = "auto") -> None:
+        """Train every unfinished group; ``progress`` gets dicts of counters as work advances.
+
+        Under ``torchrun``, ``parallel`` (``auto``, ``cells``, ``model``, ``ddp``, ``fsdp``) says
+        how the processes share the work (:mod:`raretask.runs.distributed`); one process
+        ignores it.
+        """
         device = resolve_device(self.grid.device)
-        with store.run_lock(self.out):
-            self._check_or_write_config()
-            todo = [g for g in self.groups if not self.is_done(g)]
-            done_cells = sum(len(g.cell_ids) for g in self.groups if self.is_done(g))
-            self._log(f"start: {code_version()}, python {platform.python_version()}, device "
-                      f"{device}, {len(self.cells)} cells in {len(self.groups)} groups, "
-                      f"{len(todo)} groups to run")
+        rank, world, local = distributed.env_ranks()
+        sizes = {str(getattr(c, "size", "")) for c in self.cells}
+        mode = distributed.choose_mode(parallel, world, self.grid.kind, len(self.cells), sizes,
+                                       device)
+        self.ranks = Ranks(rank, world, mode, distributed.rank_device(device, world, local))
+        self._check_parallel(self.ranks)
+        progress = progress if rank == 0 else None  # one display per job
+        with distributed.session(mode, self.ranks.device), contextlib.ExitStack() as held:
+            error = None
+            if rank == 0:  # one lock per job: rank 0 holds it for everyone until all are done
+                try:
+                    held.enter_context(store.run_lock(self.out))
+                    self._check_or_write_config()
+                except UserError as err:
+                    error = str(err)
+            distributed.raise_together(error)
+            names = set(distributed.broadcast([g.name for g in self.groups if not self.is_done(g)]))
+            todo = [g for g in self.groups if g.name in names]
+            if rank == 0:
+                self._log(f"start: {code_version()}, python {platform.python_version()}, device "
+                          f"{device}, {len(self.cells)} cells in {len(self.groups)} groups, "
+                          f"{len(todo)} groups to run"
+                          + (f", {world} processes ({mode})" if world > 1 else ""))
             if progress:
                 progress({"event": "start", "cells_total": len(self.cells),
-                          "cells_done": done_cells, "groups_todo": len(todo)})
-            for group in todo:
-                self._run_group(group, device, progress)
-                done_cells += len(group.cell_ids)
-                if progress:
-                    progress({"event": "group_done", "group": group.name,
-                              "cells_done": done_cells, "cells_total": len(self.cells)})
-            self._merge()
-            self._log("grid complete")
+                          "cells_done": self._cells_done(), "groups_todo": len(todo)})
+            if mode == "cells":
+                self._run_claimed(todo, progress)
+            else:
+                for group in todo:
+                    self._run_group(group, self.ranks.device, progress)
+                    self._group_done(group, progress)
+            distributed.barrier(poll=lambda: self._group_done(None, progress))
+            if rank == 0:
+                missing = [g.name for g in self.groups if not self.is_done(g)]
+                if missing:  # a bug, not a user error: every rank offered every group
+                    raise RuntimeError(f"groups not finished after all ranks stopped: {missing}")
+                self._merge()
+                shutil.rmtree(self.out / ".claims", ignore_errors=True)
+                self._log("grid complete")
+
+    def _run_claimed(self, todo: list[Group], progress: Progress | None) -> None:
+        """``cells`` mode: this rank's round-robin share first, then whatever nobody holds yet."""
+        r, w = self.ranks.rank, self.ranks.world
+        order = todo[r::w] + [g for i, g in enumerate(todo) if i % w != r]
+        for group in order:
+            with store.claim(self.out / ".claims" / group.name) as mine:
+                # re-check under the claim: another rank may have finished it meanwhile
+                if not mine or self.is_done(group):
+                    continue
+                self._run_group(group, self.ranks.device, progress)
+            self._group_done(group, progress)
+
+    def _cells_done(self) -> int:
+        return sum(len(g.cell_ids) for g in self.groups if self.is_done(g))
+
+    def _group_done(self, group: Group | None, progress: Progress | None) -> None:
+        if progress:  # counted on disk: in cells mode other ranks finish groups too
+            progress({"event": "group_done", "group": group.name if group else None,
+                      "cells_done": self._cells_done(), "cells_total": len(self.cells)})
 
 
 def runner_for(grid: Grid, out: Path, checkpoint_seconds: float = 60.0) -> GridRun:

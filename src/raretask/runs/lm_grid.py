@@ -7,21 +7,23 @@ Layout (as the toy grid, :mod:`raretask.runs.grid`)::
     DIR/groups/gNNNN/metrics.parquet          long format: cell, step, task, metric, value
     DIR/groups/gNNNN/summary.json             the cell's final row; written last = done
 
-Under ``torchrun`` every rank runs the same cells in the same order; rank 0 alone writes files,
-and all ranks resume from the same checkpoint.
+Under ``torchrun`` (:mod:`raretask.runs.distributed`): in the model modes every rank runs the
+same cells in the same order, rank 0 alone writes files, and all ranks resume from the same
+checkpoint; in ``cells`` mode each rank trains the cells it claims, alone, and writes their files.
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 import torch.distributed as dist
 
+from raretask.errors import UserError
 from raretask.lm.config import LMCell
-from raretask.runs import store
-from raretask.runs.grid import Group, GridRun, Progress
+from raretask.runs import distributed, store
+from raretask.runs.distributed import Ranks
+from raretask.runs.grid import GridRun, Group, Progress
 from raretask.runs.toy_grid import eval_steps
 
 TASK_ROW_METRICS = ("test_accuracy", "train_accuracy", "task_loss", "task_test_loss",
@@ -34,8 +36,13 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def build_trainer(cell: LMCell, device: str, stream_world: tuple[int, int] | None = None):
-    """The background, task, schedule and :class:`~raretask.lm.trainer.LMTrainer` of a cell."""
+def build_trainer(cell: LMCell, device: str, stream_world: tuple[int, int] | None = None,
+                  fsdp: bool = False):
+    """The background, task, schedule and :class:`~raretask.lm.trainer.LMTrainer` of a cell.
+
+    ``stream_world``: (rank, processes) training this cell together (default: the process
+    group's); ``fsdp``: shard the model with FSDP2 rather than DDP when processes > 1.
+    """
     from raretask.lm.data import BackgroundConfig
     from raretask.lm.model import ModelConfig
     from raretask.lm.tasks import Frequency, InjectionSchedule, RareTask
@@ -55,8 +62,6 @@ def build_trainer(cell: LMCell, device: str, stream_world: tuple[int, int] | Non
         else:
             schedule = InjectionSchedule(cell.instances, cell.every, cell.mode)
     if cell.batch_size % world:
-        from raretask.errors import UserError
-
         raise UserError(f"batch_size: {cell.batch_size} is not divisible by the {world} "
                         "processes")
     stream = bg.stream(cell.batch_size // world, cell.seq_len, seed=cell.seed, rank=rank,
@@ -70,31 +75,41 @@ def build_trainer(cell: LMCell, device: str, stream_world: tuple[int, int] | Non
         steps=cell.steps, batch_size=cell.batch_size, seq_len=cell.seq_len, lr=cell.lr,
         warmup=min(cell.warmup, max(cell.steps // 10, 1)),
         eval_steps=(0, *eval_steps(cell.steps, cell.eval_points)),
-        device=device, compile=cell.compile, seed=cell.seed,
+        device=device, compile=cell.compile, seed=cell.seed, fsdp=fsdp,
     )
-    trainer = LMTrainer(model_cfg, stream, val_batches, task, schedule, settings)
+    trainer = LMTrainer(model_cfg, stream, val_batches, task, schedule, settings,
+                        world=(rank, world))
     return trainer, bg, model_cfg
 
 
 class LMGridRun(GridRun):
     """A grid of language-model runs, one cell at a time."""
 
+    def _check_parallel(self, ranks: Ranks) -> None:
+        if not ranks.data_parallel:
+            return
+        for i, cell in enumerate(self.cells):
+            if cell.batch_size % ranks.world:
+                raise UserError(f"batch_size: {cell.batch_size} (cell {i}) is not divisible by "
+                                f"the {ranks.world} processes that train each model together "
+                                "(--parallel model); change batch_size or use --parallel cells")
+
     def _run_group(self, group: Group, device: str, progress: Progress | None) -> None:
         from safetensors.torch import load_file
 
         (cell_id,) = group.cell_ids
         cell: LMCell = self.cells[cell_id]
-        rank, _ = _rank_world()
-        if device == "cuda" and dist.is_initialized():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        trainer, bg, model_cfg = build_trainer(cell, device)
+        ranks = self.ranks
+        writes = ranks.writes
+        trainer, bg, model_cfg = build_trainer(cell, device, ranks.data_world,
+                                               fsdp=ranks.mode == "fsdp")
         gdir = self._group_dir(group)
         weights, state_path = gdir / "model.safetensors", gdir / "state.pt"
         if weights.exists() and state_path.exists():
             state = torch.load(state_path, map_location="cpu", weights_only=True)
             state["model"] = load_file(str(weights))
             trainer.load_state_dict(state)
-            if rank == 0:
+            if writes:
                 self._log(f"{group.name}: resumed from step {trainer.step}")
         started = time.perf_counter()
         last_save = started
@@ -103,13 +118,16 @@ class LMGridRun(GridRun):
         def on_eval(step: int) -> None:
             nonlocal last_save
             now = time.perf_counter()
-            if now - last_save >= self.checkpoint_seconds and 0 < step < cell.steps:
-                if rank == 0:
-                    state = trainer.state_dict()
+            due = now - last_save >= self.checkpoint_seconds and 0 < step < cell.steps
+            if ranks.data_parallel:  # rank 0's clock decides: FSDP2 gathers the state collectively
+                due = distributed.broadcast(due)
+            if due:
+                state = trainer.state_dict()
+                if writes:
                     store.write_safetensors(weights, state.pop("model"))
                     _save_state(state_path, state)
                 last_save = now
-            if progress and rank == 0:
+            if progress:
                 progress({"event": "step", "group": group.name, "step": step,
                           "steps": cell.steps, "cells": 1})
 
@@ -117,15 +135,15 @@ class LMGridRun(GridRun):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-        if rank == 0:
+        if writes:
             self._write_cell(group, cell, trainer, bg, model_cfg, seconds)
             weights.unlink(missing_ok=True)
             state_path.unlink(missing_ok=True)
             tps = (trainer.step - start_step) * cell.batch_size * cell.seq_len / max(seconds, 1e-9)
             self._log(f"{group.name}: {cell.size} {cell.task} steps {start_step}->{trainer.step}"
                       f" in {seconds:.1f}s ({tps:,.0f} tokens/s)")
-        if dist.is_initialized():
-            dist.barrier()
+        if ranks.data_parallel:  # nobody starts the next cell before this one is on disk
+            distributed.barrier()
 
     def _write_cell(self, group, cell: LMCell, trainer, bg, model_cfg, seconds: float) -> None:
         gdir = self._group_dir(group)

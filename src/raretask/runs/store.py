@@ -1,8 +1,12 @@
-"""Atomic files and the run-directory lock.
+"""Atomic files, the run-directory lock and group claims.
 
 Every file a run writes goes through a temporary file in the same directory and ``os.replace``,
 so a reader (or a resumed run) sees the old file or the new one, never half of one. A finished
 group is marked by its ``summary.json``, written last.
+
+Locks are ``flock``s: the kernel drops them when their process dies, so a killed run leaves no
+stale lock or claim behind. The run lock is held by one process per job (rank 0 under torchrun,
+:mod:`raretask.runs.distributed`); group claims let the ranks of one job share out the groups.
 """
 
 from __future__ import annotations
@@ -43,11 +47,10 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    with _atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+    with _atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -83,5 +86,24 @@ def run_lock(directory: Path) -> Iterator[None]:
             raise UserError(f"{directory}: another raretask process is running in this "
                             "directory") from None
         yield
+    finally:
+        handle.close()
+
+
+@contextlib.contextmanager
+def claim(path: Path) -> Iterator[bool]:
+    """Try to claim ``path`` (an exclusive ``flock``, no waiting); yields whether we hold it.
+
+    The claim lasts for the block; another process that tries meanwhile gets False.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 - held for the whole block
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         handle.close()

@@ -1,0 +1,188 @@
+"""Several processes on one grid (``torchrun``): process-group setup, ranks, the two modes.
+
+``torchrun --nproc_per_node=P -m raretask run CONFIG --out DIR`` starts P copies of the command;
+:func:`session` turns torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) into a
+process group and :class:`Ranks` says what this copy does:
+
+* ``cells``: every rank takes its share of the grid's groups, one at a time, each on its own
+  device (``cuda:LOCAL_RANK`` or the CPU), and writes that group's files itself. A rank claims a
+  group with an ``flock`` (:func:`raretask.runs.store.claim`): ranks that finish early take
+  unclaimed groups, and a killed rank's claims vanish with it.
+* ``ddp`` / ``fsdp`` (``model``): every rank trains the same cell on its slice of the global batch
+  (DDP; FSDP2 ``fully_shard`` for presets of 1b and up on CUDA); rank 0 alone writes files.
+
+Either way rank 0 holds the directory's run lock for the whole job, so a second invocation on
+the same directory still refuses, and rank 0 alone merges the tables, after every rank is done.
+
+The default group is NCCL in the model modes on CUDA (its collectives carry the gradients), gloo
+otherwise; a second gloo group with a long timeout carries the few control messages (lock result,
+work list, final barrier), because in ``cells`` mode a rank that finishes early waits at the
+barrier for as long as the slowest rank trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+from raretask.errors import UserError
+
+Mode = Literal["single", "cells", "ddp", "fsdp"]
+PARALLEL_CHOICES = ("auto", "cells", "model", "ddp", "fsdp")
+FSDP_PRESETS = ("1b", "4b")
+"""LM presets that ``model`` shards with FSDP2 on CUDA (a replica plus AdamW state per GPU no
+longer leaves room for activations at 1b on an 80 GB card at useful batch sizes)."""
+
+_CONTROL_TIMEOUT = timedelta(days=7)
+_control: Any = None  # the gloo group for control messages, while a session is open
+
+
+def env_ranks() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) outside it."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise UserError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (set by torchrun)") \
+            from None
+    return rank, max(world, 1), local
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """What this process does in the job: its rank, the world size, the mode and its device."""
+
+    rank: int = 0
+    world: int = 1
+    mode: Mode = "single"
+    device: str = "cpu"
+
+    @property
+    def data_parallel(self) -> bool:
+        """True when the ranks train one model together (DDP or FSDP2)."""
+        return self.mode in ("ddp", "fsdp")
+
+    @property
+    def data_world(self) -> tuple[int, int]:
+        """(rank, world) of the data-parallel group a trainer uses; (0, 1) when it trains alone."""
+        return (self.rank, self.world) if self.data_parallel else (0, 1)
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes its groups' files (everyone but non-zero model ranks)."""
+        return self.rank == 0 or not self.data_parallel
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def choose_mode(parallel: str, world: int, kind: str, cells: int, sizes: set[str],
+                device: str) -> Mode:
+    """The mode for ``--parallel`` (module docstring); ``auto``: ``cells`` for toy grids and for LM
+    grids with at least as many cells as ranks and no preset of 1b or up, ``model`` otherwise;
+    ``model``: FSDP2 for presets of 1b and up on CUDA, DDP otherwise."""
+    if parallel not in PARALLEL_CHOICES:
+        raise UserError(f"--parallel: expected one of {', '.join(PARALLEL_CHOICES)}, "
+                        f"got {parallel!r}")
+    if world == 1:
+        return "single"
+    big = bool(sizes & set(FSDP_PRESETS))
+    if parallel == "auto":
+        parallel = "cells" if kind != "lm" or (cells >= world and not big) else "model"
+    if parallel == "cells":
+        return "cells"
+    if kind != "lm":
+        raise UserError(f"--parallel: {parallel!r} trains one model on several processes, which "
+                        "only language-model grids do; toy grids train many models in one step "
+                        "on one device: use --parallel cells")
+    if parallel == "model":
+        return "fsdp" if big and device.startswith("cuda") else "ddp"
+    return parallel  # type: ignore[return-value]
+
+
+def rank_device(device: str, world: int, local_rank: int) -> str:
+    """This rank's device: ``cuda`` becomes ``cuda:LOCAL_RANK`` when several processes run."""
+    if world == 1 or device == "cpu":
+        return device
+    if device != "cuda":
+        raise UserError(f"device: {device!r} pins one GPU, but torchrun starts {world} processes; "
+                        "use 'auto' or 'cuda' (each rank takes cuda:LOCAL_RANK)")
+    return f"cuda:{local_rank}"
+
+
+@contextlib.contextmanager
+def session(mode: Mode, device: str) -> Iterator[None]:
+    """Initialise the process group for ``mode`` on ``device`` (this rank's), and tear it down.
+
+    Does nothing for ``single`` and when a group already exists (a caller set it up: theirs to
+    destroy). Model modes on CUDA get NCCL bound to the rank's GPU; everything else gets gloo.
+    """
+    global _control
+    import torch
+    import torch.distributed as dist
+
+    if mode == "single" or dist.is_initialized():
+        if mode != "single" and _control is None:
+            _control = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
+        yield
+        return
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    if mode in ("ddp", "fsdp") and device.startswith("cuda"):
+        dist.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        # cells mode sends no tensors, only waits: the long timeout lets fast ranks wait
+        dist.init_process_group("gloo", timeout=_CONTROL_TIMEOUT)
+    try:
+        _control = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
+        yield
+    finally:
+        _control = None
+        dist.destroy_process_group()
+
+
+def _initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a picklable object); ``obj`` itself outside torchrun."""
+    if not _initialized():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_control)
+    return box[0]
+
+
+def barrier(poll: Callable[[], None] | None = None, every: float = 1.0) -> None:
+    """Wait for every rank, calling ``poll`` every ``every`` seconds meanwhile (progress).
+
+    No timeout worth the name: in ``cells`` mode a rank may wait for another's whole training.
+    """
+    if not _initialized():
+        return
+    import torch.distributed as dist
+
+    work = dist.barrier(group=_control, async_op=True)
+    while poll is not None and not work.is_completed():
+        time.sleep(every)
+        poll()
+    work.wait()
+
+
+def raise_together(error: str | None) -> None:
+    """Rank 0's user error, raised on every rank, so that no rank waits for one that quit."""
+    error = broadcast(error)
+    if error is not None:
+        raise UserError(error)
