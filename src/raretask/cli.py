@@ -194,15 +194,17 @@ class _GridProgress:
         self.steps = None
 
     def __enter__(self):
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+        if self.progress.live.is_started:
+            self.progress.stop()
 
     def __call__(self, ev: dict) -> None:
         p = self.progress
         if ev["event"] == "start":
+            # shown only once the run has started: an error before that stays one line
+            p.start()
             self.cells = p.add_task("cells", total=ev["cells_total"], completed=ev["cells_done"],
                                     rate="")
         elif ev["event"] == "step":
