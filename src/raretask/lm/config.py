@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from raretask.config import Grid, StrictModel
 from raretask.lm.model import PRESETS
@@ -50,16 +50,35 @@ class LMCell(StrictModel):
         "(never repeats).")
     eval_points: int = Field(12, ge=2, le=1000, description="Log-spaced evaluations.")
     compile: bool = Field(False, description="torch.compile the model (CUDA).")
+    probes: bool = Field(
+        True, description="At every evaluation also record the gradient cosines on the top "
+        "`probe_k` first-layer MLP neurons and the task's feature presence (docs/lm_study.md); "
+        "costs about three training steps per evaluation.")
+    probe_k: int = Field(64, ge=1, description="Neurons kept by the gradient probe (at most the "
+                         "MLP's hidden width).")
+
+    @field_validator("size")
+    @classmethod
+    def _known_size(cls, size: str) -> str:
+        if size not in PRESETS:
+            raise ValueError(f"unknown preset (known: {', '.join(PRESETS)})")
+        return size
 
     @model_validator(mode="after")
     def _frequency_or_instances(self) -> LMCell:
-        if self.size not in PRESETS:
-            raise ValueError(f"size: unknown preset {self.size!r} (known: {', '.join(PRESETS)})")
+        hidden = PRESETS[self.size]["mlp_hidden"]
+        if self.probes and self.probe_k > hidden:
+            raise ValueError(f"probe_k: {self.probe_k} exceeds the {hidden} MLP neurons of size "
+                             f"{self.size!r}")
         if self.task == "none":
             return self
         if (self.frequency is None) == (self.instances is None):
             raise ValueError("frequency: give exactly one of 'frequency' (per token) or "
                              "'instances' (with 'every')")
+        if self.frequency is not None and self.frequency * self.seq_len > 1:
+            raise ValueError(f"frequency: {self.frequency:g} per token needs more than one "
+                             f"instance per sequence of {self.seq_len} tokens (one per row: at "
+                             f"most 1/seq_len = {1 / self.seq_len:g})")
         if self.instances is not None and self.instances > self.batch_size * self.every and \
                 self.mode == "spread":
             raise ValueError("instances: more than one per row of every batch")

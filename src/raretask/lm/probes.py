@@ -1,9 +1,9 @@
-"""Probes of a language model's inner state (PAPER.md Sec. 3: Fig. 9 gradients, Fig. 7 features).
+"""Probes of a language model's inner state (PAPER.md Sec. 3: gradient interference, features).
 
 Two kinds, both read-only: a probe never touches ``.grad``, the train/eval flag or any RNG state
 of the model it looks at, so a trainer may call it between two optimizer steps.
 
-**Gradient cosines** (:class:`GradientProbe`, Fig. 9). Definitions:
+**Gradient cosines** (:class:`GradientProbe`). Definitions:
 
 * *Neurons.* The hidden units of block ``layer``'s SwiGLU MLP (default block 0, "the first
   layer"): ``down(silu(gate(x)) * up(x))`` has ``mlp_hidden`` of them. Neuron n owns row n of
@@ -30,7 +30,7 @@ of the model it looks at, so a trainer may call it between two optimizer steps.
 Gradients come from ``torch.autograd.grad`` on the three whole weight tensors (the neuron slices
 are indexed afterwards), so every other parameter is left out of the backward's outputs.
 
-**Feature presence** (Fig. 7). Both read the residual stream at the symbol positions: each of the
+**Feature presence**. Both read the residual stream at the symbol positions: each of the
 100 symbols is fed as a one-token context and the output of each block at position 0 is caught
 by a forward hook (:func:`symbol_states`). In a causal model position 0 sees only itself, so this
 is also the state at TOK1 of every instance that starts with that symbol.
@@ -51,6 +51,11 @@ is also the state at TOK1 of every instance that starts with that symbol.
   for k = 50), i.e. > 10/99 for k < 50: at most 9 frequencies per layer. The probe reports the
   present frequencies per layer and their union across layers; the paper's "number of Fourier
   modes" is the size of the union.
+
+**In training** (:func:`probe_metrics`, called by :class:`~raretask.lm.trainer.LMTrainer` at
+every evaluation when ``probes`` is on): the metrics ``cos_g_gr``, ``cos_gt_gr``, ``cos_gnt_gr``
+(the three cosines, measured on the batch the next injection step would train on) and
+``order_r2`` (T_CMP, the leave-one-out R^2) or ``fourier_modes`` (T_ADD, the size of the union).
 
 Example::
 
@@ -477,12 +482,49 @@ def feature_presence(
     factor: float = DEFAULT_FACTOR,
     autocast_dtype: torch.dtype | None = None,
 ) -> OrderR2 | FourierModes:
-    """Fig. 7's presence measure for ``task``: :class:`OrderR2` of block 0 for T_CMP,
+    """The paper's presence measure for ``task``: :class:`OrderR2` of block 0 for T_CMP,
     :class:`FourierModes` over every block for T_ADD (module docstring for both)."""
     if task.kind == "cmp":
         states = symbol_states(model, task, [0], autocast_dtype)[0]
         return order_r2(states, task.values, n_components)
     return fourier_modes(symbol_states(model, task, None, autocast_dtype), task.values, factor)
+
+
+def probe_metrics(
+    model: nn.Module,
+    task: RareTask,
+    tokens: Tensor | None = None,
+    task_mask: Tensor | None = None,
+    k: int = DEFAULT_K,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """What a trainer records at one evaluation, as metric name -> value.
+
+    ``cos_g_gr``, ``cos_gt_gr``, ``cos_gnt_gr``: :meth:`GradientProbe.measure` of the batch
+    ``tokens`` [B, T+1] with its ``task_mask`` (left out when ``tokens`` is None, and a cosine
+    that is NaN, i.e. a zero gradient, is left out too); ``order_r2`` (T_CMP) or
+    ``fourier_modes`` (T_ADD): :func:`feature_presence`.
+
+    Example::
+
+        >>> probe_metrics(model, task, tokens, mask, k=16)  # doctest: +SKIP
+        {'cos_g_gr': 0.02, 'cos_gt_gr': 0.61, 'cos_gnt_gr': -0.01, 'order_r2': 0.12}
+    """
+    row: dict[str, float] = {}
+    if tokens is not None:
+        cos = GradientProbe(task, k=k, autocast_dtype=autocast_dtype).measure(
+            model, tokens, task_mask
+        )
+        for name, value in (("cos_g_gr", cos.cos_g), ("cos_gt_gr", cos.cos_t),
+                            ("cos_gnt_gr", cos.cos_nt)):
+            if value == value:  # not NaN
+                row[name] = value
+    presence = feature_presence(model, task, autocast_dtype=autocast_dtype)
+    if isinstance(presence, OrderR2):
+        row["order_r2"] = presence.r2
+    else:
+        row["fourier_modes"] = float(presence.count)
+    return row
 
 
 __all__ = [
@@ -497,6 +539,7 @@ __all__ = [
     "feature_presence",
     "fourier_modes",
     "order_r2",
+    "probe_metrics",
     "symbol_states",
     "top_neurons",
 ]

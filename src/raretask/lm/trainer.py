@@ -10,6 +10,16 @@ schedule; :meth:`LMTrainer.run` trains to a step and evaluates on a log-spaced s
 * ``val_loss``: background validation loss on held-out text;
 * ``tokens``: training tokens seen; ``instances``: task instances injected so far;
   ``epochs``: passes over the background corpus.
+* with ``settings.probes``: ``cos_g_gr``, ``cos_gt_gr``, ``cos_gnt_gr`` and ``order_r2`` (T_CMP)
+  or ``fourier_modes`` (T_ADD) from :func:`raretask.lm.probes.probe_metrics`. The gradient probe
+  reads the batch the next injection step would train on: the next step's background with the
+  schedule's count of the next training instances (all of an injection step's instances: a
+  burst's ``instances``, or ceil(rate) when spread), without moving the stream or the instance
+  counter, so probing never changes the run. Under ``torchrun`` it reads rank 0's rows of that
+  batch, and it is skipped when the model is sharded (FSDP2); feature presence always runs.
+
+Chance levels (:func:`chance_levels`) say what ``test_accuracy`` a model scores without the
+task's hidden structure.
 
 Distributed data parallel: when ``torch.distributed`` is initialised (``torchrun``), each rank
 takes its slice of the same global batch and the model is wrapped in DDP (or sharded with FSDP2,
@@ -36,7 +46,7 @@ from torch import Tensor
 
 from raretask.lm import parallel
 from raretask.lm.model import ModelConfig, Transformer
-from raretask.lm.tasks import InjectionSchedule, RareTask, inject
+from raretask.lm.tasks import LABEL_POSITION, N_SYMBOLS, InjectionSchedule, RareTask, inject
 
 
 class BatchSource(Protocol):
@@ -68,6 +78,8 @@ class LMTrainSettings:
     grad_clip: float = 1.0
     eval_steps: Sequence[int] = field(default_factory=tuple)
     eval_batches: int = 4  # background validation batches per evaluation
+    probes: bool = False  # gradient cosines and feature presence at each evaluation
+    probe_k: int = 64  # neurons kept by the gradient probe
     device: str = "cpu"
     compile: bool = False
     seed: int = 0
@@ -142,7 +154,7 @@ class LMTrainer:
         self.records: list[dict] = []
         self.train_model = self.model
         if self.world > 1:  # before the optimizer: FSDP2 swaps the parameters for shards
-                self.train_model = parallel.wrap(self.model, self.device, settings.fsdp)
+            self.train_model = parallel.wrap(self.model, self.device, settings.fsdp)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -232,9 +244,31 @@ class LMTrainer:
                                                                              device=dev)
                 row["task_test_loss"], row["test_accuracy"] = self.task.evaluate(logits, "test",
                                                                                   device=dev)
+        if self.task is not None and self.settings.probes:
+            row.update(self._probe())
         self.model.train(was_training)
         self.records.extend({"step": self.step, "metric": k, "value": float(v)}
                             for k, v in row.items())
+
+    def _probe(self) -> dict[str, float]:
+        """Probe metrics (module docstring); reads the stream and instances without moving them."""
+        from raretask.lm.probes import probe_metrics
+
+        tokens = mask = None
+        if not (self.world > 1 and self.settings.fsdp):
+            saved = self.data.state_dict()
+            batch = self.data.next_batch()
+            self.data.load_state_dict(saved)
+            count = 0
+            if self.schedule is not None and self.schedule.instances:
+                s = self.schedule
+                count = s.instances if s.mode == "burst" else -(-s.instances // s.every)
+            n = self.train_instances.shape[0]
+            idx = (torch.arange(min(count, batch.shape[0])) + self.injected) % n
+            tokens, mask = inject(batch, self.train_instances[idx])
+        dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        return probe_metrics(self.model, self.task, tokens, mask, k=self.settings.probe_k,
+                             autocast_dtype=dtype)
 
     def metrics(self) -> list[dict]:
         """Long-format rows: step, metric, value."""
@@ -261,3 +295,28 @@ class LMTrainer:
         self.data.load_state_dict(state["data"])
         self.step, self.injected, self.tokens = state["step"], state["injected"], state["tokens"]
         self.records = list(state["records"])
+
+
+def chance_levels(task: RareTask, split: str = "test") -> dict[str, float]:
+    """Test accuracies reached without the task's hidden order or map, on ``split``.
+
+    * ``chance_symbol``: a uniformly random symbol of S, 1/100.
+    * ``chance_format``: a model that has learned the format but not the structure. T_CMP: it
+      answers TOK1 or TOK2 with probability 1/2 each, right on every a == b pair and on half of
+      the others: 0.5 + 0.5 * (share of a == b pairs), ~0.505. T_ADD: a random symbol of S,
+      1/100 (copying TOK1 or TOK2 is no better: right only when the other's value is 0).
+    * ``chance_copy``: the better of always answering TOK1 or always TOK2 (T_CMP: ~0.5 + the
+      split's imbalance), the most a fixed format-only rule can score.
+
+    Example::
+
+        >>> chance_levels(RareTask("cmp", vocab_size=512, eod_id=0))  # seed 0, test split
+        {'chance_symbol': 0.01, 'chance_format': 0.5053, 'chance_copy': 0.5078}
+    """
+    inst = task.instances(split)
+    first = (inst[:, LABEL_POSITION] == inst[:, 0]).double().mean().item()
+    second = (inst[:, LABEL_POSITION] == inst[:, 1]).double().mean().item()
+    symbol = 1.0 / N_SYMBOLS
+    fmt = (first + second) / 2 if task.kind == "cmp" else symbol
+    return {"chance_symbol": symbol, "chance_format": round(fmt, 6),
+            "chance_copy": round(max(first, second), 6)}

@@ -28,6 +28,8 @@ from raretask.runs.toy_grid import eval_steps
 
 TASK_ROW_METRICS = ("test_accuracy", "train_accuracy", "task_loss", "task_test_loss",
                     "val_loss", "train_loss", "tokens", "instances", "epochs")
+PROBE_METRICS = ("cos_g_gr", "cos_gt_gr", "cos_gnt_gr", "order_r2", "fourier_modes")
+"""Final probe values in the summary row (None when not measured; trajectories in metrics)."""
 
 
 def _rank_world() -> tuple[int, int]:
@@ -76,6 +78,7 @@ def build_trainer(cell: LMCell, device: str, stream_world: tuple[int, int] | Non
         warmup=min(cell.warmup, max(cell.steps // 10, 1)),
         eval_steps=(0, *eval_steps(cell.steps, cell.eval_points)),
         device=device, compile=cell.compile, seed=cell.seed, fsdp=fsdp,
+        probes=cell.probes, probe_k=cell.probe_k,
     )
     trainer = LMTrainer(model_cfg, stream, val_batches, task, schedule, settings,
                         world=(rank, world))
@@ -146,6 +149,13 @@ class LMGridRun(GridRun):
             distributed.barrier()
 
     def _write_cell(self, group, cell: LMCell, trainer, bg, model_cfg, seconds: float) -> None:
+        """metrics.parquet, then summary.json (last: it marks the cell done).
+
+        The row holds only what the run determines (no wall-clock time, which is in the log),
+        so a resumed run's row equals an uninterrupted one's.
+        """
+        from raretask.lm.trainer import chance_levels
+
         gdir = self._group_dir(group)
         rows = [{"cell": group.cell_ids[0], "step": r["step"], "task": 0, "metric": r["metric"],
                  "value": r["value"]} for r in trainer.metrics()]
@@ -155,15 +165,19 @@ class LMGridRun(GridRun):
             if r["step"] == trainer.step:
                 last[r["metric"]] = r["value"]
         tokens = trainer.step * cell.batch_size * cell.seq_len
+        chance = chance_levels(trainer.task) if trainer.task is not None else {}
         summary = {
             "cell": group.cell_ids[0], "group": group.name, "kind": "lm",
             "size": cell.size, "params": model_cfg.num_params(include_embedding=False),
             "params_total": model_cfg.num_params(include_embedding=True),
             "task": cell.task, "schedule": cell.schedule_label,
             "frequency": trainer.injected / tokens if tokens else 0.0,
-            "requested_frequency": cell.frequency, "instances": trainer.injected,
-            "seed": cell.seed, "steps": trainer.step, "seconds": seconds,
+            "requested_frequency": cell.frequency,
+            "seed": cell.seed, "steps": trainer.step,
             **{m: last.get(m) for m in TASK_ROW_METRICS},
+            "instances": trainer.injected, "tokens": tokens,  # exact counts, not float metrics
+            **{m: last.get(m) for m in PROBE_METRICS},
+            **{k: chance.get(k) for k in ("chance_format", "chance_copy", "chance_symbol")},
             **trainer.data.summary(), "corpus": bg.corpus_name,
         }
         store.write_json(gdir / "summary.json", [summary])
