@@ -243,6 +243,12 @@ class ToyCell(StrictModel):
     basis: Literal["random", "identity"] = Field(
         "random", description="Feature blocks: a random orthogonal basis (ours) or the "
         "standard basis.")
+    retraction: Literal["auto", "qr", "cholesky_qr", "series_qr"] = Field(
+        "auto", description="Re-orthonormalisation after each step; all give the Q of the QR "
+        "(auto: Householder 'qr' on CPU, GEMM-only 'series_qr' on CUDA).")
+    tf32: bool = Field(True, description="CUDA: TF32 tensor cores for the training matmuls "
+                       "(metrics and the retraction's final Gram stay float32/float64).")
+    cuda_graph: bool = Field(True, description="CUDA: replay each step as a CUDA graph.")
 
     @model_validator(mode="after")
     def _consistent(self) -> ToyCell:

@@ -30,7 +30,7 @@ from raretask.runs.grid import GridRun, Group, load_summary  # noqa: F401 (re-ex
 from raretask.theory import TaskSet, Theory
 
 SHAPE_FIELDS = ("tasks", "features", "steps", "batch_size", "lr", "eval_points",
-                "trace_every", "basis")
+                "trace_every", "basis", "retraction", "tf32", "cuda_graph")
 """Cells must agree on these to train in one optimizer step."""
 
 
@@ -50,6 +50,13 @@ def eval_steps(steps: int, points: int) -> tuple[int, ...]:
     """About ``points`` log-spaced steps in [1, steps], always including the last."""
     grid = np.unique(np.round(np.geomspace(1, steps, points)).astype(int))
     return tuple(int(s) for s in np.union1d(grid, [steps]))
+
+
+def resolve_retraction(name: str, device: str) -> str:
+    """'auto' -> Householder QR on CPU (exact, fast enough), GEMM-only series QR on CUDA."""
+    if name != "auto":
+        return name
+    return "series_qr" if device.startswith("cuda") else "qr"
 
 
 def task_set(cell: ToyCell) -> TaskSet:
@@ -95,6 +102,8 @@ class ToyGridRun(GridRun):
             steps=first.steps, batch_size=first.batch_size, lr=first.lr,
             eval_steps=eval_steps(first.steps, first.eval_points),
             trace_every=first.trace_every, basis=first.basis, device=device,
+            retraction=resolve_retraction(first.retraction, device),
+            tf32=first.tf32 and device.startswith("cuda"), cuda_graph=first.cuda_graph,
         )
         trainer = ToyTrainer(self._instances(group), settings)
         gdir = self._group_dir(group)

@@ -228,7 +228,13 @@ class TrainSettings:
         launches). Part of the random stream: changing it changes the numbers.
     retraction:
         Name in :data:`raretask.toy.model.RETRACTIONS` mapping the encoder back to orthonormal
-        columns after each Adam step (``"qr"``: sign-corrected QR).
+        columns after each Adam step (``"qr"``: sign-corrected QR; ``"series_qr"``: the same Q
+        from GEMMs only, the fast choice on GPUs).
+    tf32:
+        CUDA only: TF32 tensor cores for the float32 training matmuls (the retraction's final
+        Gram matrix and all metrics stay in full precision).
+    cuda_graph:
+        CUDA only: replay each step as a CUDA graph (steps with injections run eagerly).
     """
 
     steps: int
@@ -243,6 +249,8 @@ class TrainSettings:
     dtype: torch.dtype = torch.float32
     rng_chunk: int = 8
     retraction: str = "qr"
+    tf32: bool = False
+    cuda_graph: bool = True
 
     def __post_init__(self) -> None:
         from raretask.toy.model import RETRACTIONS  # local: model imports nothing from here

@@ -81,6 +81,7 @@ from raretask.toy.model import (
     exact_metrics,
     random_orthonormal,
     rare_signal_norm,
+    tf32,
 )
 from raretask.toy.spec import ToyInstance, TrainSettings
 
@@ -132,6 +133,30 @@ def _add_at(t: Tensor, sel: slice | Tensor, x: Tensor) -> None:
 
 
 @dataclass
+class _Streams:
+    """Training data of the instances with the same (seed, K, M): drawn once, shared.
+
+    An instance's training draws depend only on its seed and shape, so instances that differ in
+    width, priors or schedule but share a seed read the same inputs (as they always did); drawing
+    and rotating them once per seed instead of once per instance saves B d^2 per instance-step.
+    """
+
+    k: int
+    m: int
+    seeds: list[int]
+    gens: list[torch.Generator]
+    basis: Tensor | None  # [S, d, d]
+    u_buf: Tensor  # [S, R, B] float64 uniforms (task draws)
+    z_buf: Tensor  # [S, R, B, d] inputs in feature coordinates
+    states: list[Tensor] = field(default_factory=list)  # generator states before this chunk
+    x_used: bool = False  # some group reads x = z basis^T
+
+    @property
+    def dim(self) -> int:
+        return self.k * self.m
+
+
+@dataclass
 class _Group:
     """Tensors of the instances that share (K, M, N); leading axis = instance within the group."""
 
@@ -139,8 +164,11 @@ class _Group:
     k: int
     m: int
     n: int
-    rotate: bool  # use V = B^T U (2 d^2 N) instead of x = B z (B d^2)
-    basis: Tensor | None  # [I, d, d] or None (identity)
+    rotate: bool  # use V = B^T U (2 d^2 N) instead of the seed's shared x = B z
+    basis: Tensor | None  # [I, d, d] when rotate, else None (read the streams' basis by sid)
+    streams: _Streams
+    sid: Tensor  # [I] int64: each instance's row in ``streams``
+    sid_is_all: bool  # sid == arange(S): read the streams' tensors without copying
     sqrt_lam: Tensor  # [I, 1, d]            training dtype
     lam64: Tensor  # [I, K, M]               float64
     priors64: Tensor  # [I, K]
@@ -157,8 +185,6 @@ class _Group:
     exp_avg: Tensor  # [2, I, d, N]
     exp_avg_sq: Tensor  # [2, I, d, N]
     grad: Tensor  # [2, I, d, N]
-    u_buf: Tensor  # [I, R, B] float64 uniforms (task draws)
-    z_buf: Tensor  # [I, R, B, d] inputs in feature coordinates
     coef_buf: Tensor  # [I, R, B, K] 2/B on each sample's task
     count_buf: Tensor  # [I, R, K] int64 samples per task per step
     seen: Tensor  # [I, K] int64 samples seen so far
@@ -169,6 +195,19 @@ class _Group:
     @property
     def dim(self) -> int:
         return self.k * self.m
+
+    def take(self, t: Tensor) -> Tensor:
+        """Per-instance rows [I, ...] of a per-stream tensor [S, ...]."""
+        return t if self.sid_is_all else t.index_select(0, self.sid)
+
+    def basis_of(self, sel: slice | Tensor | None = None) -> Tensor | None:
+        """[I', d, d] bases of the selected instances (None: identity)."""
+        if self.streams.basis is None:
+            return None
+        if self.basis is not None:
+            return self.basis if sel is None else _take(self.basis, sel)
+        sid = self.sid if sel is None else _take(self.sid, sel)
+        return self.streams.basis.index_select(0, sid)
 
 
 class ToyTrainer:
@@ -207,9 +246,6 @@ class ToyTrainer:
                 raise UserError(f"instances: expected ToyInstance, got {type(inst).__name__}")
             sizes.append(inst.schedule.injection_size(bsz, inst.frequencies[inst.rare_task]))
         self._sizes = sizes
-        self._gen_train = [
-            _generator(self.device, stream_seed(i.seed, _TRAIN)) for i in self.instances
-        ]
         self._gen_inject = [
             _generator(self.device, stream_seed(i.seed, _INJECT)) for i in self.instances
         ]
@@ -220,16 +256,56 @@ class ToyTrainer:
             else None
         )
         self._chunk: int | None = None  # index of the chunk of training samples in the buffers
-        self._chunk_states: list[Tensor] = []  # train-generator states before drawing it
         self._eval_steps: list[int] = []
         self._eval_set = set(settings.eval_steps)
         self._n_traced = 0
+        self._streams: dict[tuple[int, int], _Streams] = {}
+        self._stream_of: list[tuple[tuple[int, int], int]] = []  # instance -> (shape, row)
+        for inst in self.instances:
+            self._stream_of.append(self._stream_row(inst))
         keys: dict[tuple[int, int, int], list[int]] = {}
         for i, inst in enumerate(self.instances):
             keys.setdefault((inst.tasks, inst.features, inst.width), []).append(i)
         self._groups = [self._build_group(idx) for idx in keys.values()]
+        # CUDA: torch's fused Adam (one kernel for all of a group's U and D) and CUDA graphs of
+        # the whole step; CPU: the written-out Adam below (bit-exact, tested).
+        self._opt = None
+        if self.device.type == "cuda":
+            self._opt = torch.optim.Adam(
+                [gr.params for gr in self._groups], lr=settings.lr, betas=settings.betas,
+                eps=settings.eps, fused=True, capturable=True)
+            for gr in self._groups:
+                gr.params.grad = gr.grad
+                self._opt.state[gr.params] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=self.device),
+                    "exp_avg": gr.exp_avg, "exp_avg_sq": gr.exp_avg_sq}
+        self._use_graphs = (self.device.type == "cuda" and settings.cuda_graph
+                            and settings.retraction != "qr")  # cuSOLVER QR syncs the host
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graph_pool = None
+        self._eager_warmup = 2  # eager steps on a side stream before the first capture
 
     # -- construction ---------------------------------------------------------------------------
+    def _stream_row(self, inst: ToyInstance) -> tuple[tuple[int, int], int]:
+        """(shape key, row) of the instance's data stream, creating the stream if new."""
+        s, dev, dt = self.settings, self.device, self.settings.dtype
+        key = (inst.tasks, inst.features)
+        st = self._streams.get(key)
+        if st is None:
+            st = self._streams[key] = _Streams(k=key[0], m=key[1], seeds=[], gens=[], basis=None,
+                                               u_buf=torch.empty(0), z_buf=torch.empty(0))
+        if inst.seed not in st.seeds:
+            st.seeds.append(inst.seed)
+            st.gens.append(_generator(dev, stream_seed(inst.seed, _TRAIN)))
+            n, dim = len(st.seeds), st.dim
+            st.u_buf = torch.empty(n, s.rng_chunk, s.batch_size, dtype=torch.float64, device=dev)
+            st.z_buf = torch.empty(n, s.rng_chunk, s.batch_size, dim, dtype=dt, device=dev)
+            if s.basis == "random":
+                b = random_orthonormal(dim, dim, _generator("cpu", stream_seed(inst.seed, _BASIS)))
+                b = b.to(device=dev, dtype=dt).unsqueeze(0)
+                st.basis = b if st.basis is None else torch.cat([st.basis, b])
+        return key, st.seeds.index(inst.seed)
+
     def _build_group(self, idx: list[int]) -> _Group:
         s, dev, dt = self.settings, self.device, self.settings.dtype
         insts = [self.instances[i] for i in idx]
@@ -239,13 +315,14 @@ class ToyTrainer:
         def stack(arrs, dtype=torch.float64):
             return torch.as_tensor(np.stack(arrs), dtype=dtype, device=dev)
 
-        if s.basis == "random":
-            basis = torch.stack(
-                [random_orthonormal(dim, dim, _generator("cpu", stream_seed(x.seed, _BASIS)))
-                 for x in insts]
-            ).to(device=dev, dtype=dt)
-        else:
-            basis = None
+        streams = self._streams[(k, m)]
+        rows = [self._stream_of[i][1] for i in idx]
+        sid = torch.tensor(rows, dtype=torch.int64, device=dev)
+        # CPU keeps the per-instance cost rule (numbers independent of group-mates, bit-exact);
+        # on CUDA the seed's x = z B^T is computed once per step for all its instances.
+        rotate = s.basis == "random" and 2 * n < bsz and dev.type == "cpu"
+        basis = streams.basis.index_select(0, sid) if rotate else None
+        streams.x_used |= s.basis == "random" and not rotate
         u0 = torch.stack(
             [random_orthonormal(dim, n, _generator("cpu", stream_seed(x.seed, _INIT)))
              for x in insts]
@@ -254,20 +331,24 @@ class ToyTrainer:
         params[0] = u0
         lam64 = stack([x.eigenvalues for x in insts])
         rare = torch.tensor([x.rare_task for x in insts], dtype=torch.int64, device=dev)
-        rows = (rare[:, None] * m + torch.arange(m, device=dev)).to(torch.int64)  # [I, M]
-        if basis is None:
-            eye = torch.eye(dim, dtype=dt, device=dev).expand(i_n, dim, dim)
-            rare_basis = torch.gather(eye, 2, rows[:, None, :].expand(i_n, dim, m))
+        cols = (rare[:, None] * m + torch.arange(m, device=dev)).to(torch.int64)  # [I, M]
+        if streams.basis is None:
+            full = torch.eye(dim, dtype=dt, device=dev).expand(i_n, dim, dim)
         else:
-            rare_basis = torch.gather(basis, 2, rows[:, None, :].expand(i_n, dim, m))
+            full = streams.basis.index_select(0, sid)
+        rare_basis = torch.gather(full, 2, cols[:, None, :].expand(i_n, dim, m))
+        del full
         onehot_rare = torch.nn.functional.one_hot(rare, k).to(dt)
         gaps = [x.schedule.gap if x.schedule.kind != "iid" else 1 for x in insts]
         sizes = [self._sizes[i] for i in idx]
         n_trace = len(s.trace_steps)
         return _Group(
             idx=idx, k=k, m=m, n=n,
-            rotate=basis is not None and 2 * n < bsz,
+            rotate=rotate,
             basis=basis,
+            streams=streams,
+            sid=sid,
+            sid_is_all=rows == list(range(len(streams.seeds))),
             sqrt_lam=lam64.sqrt().reshape(i_n, 1, dim).to(dt),
             lam64=lam64,
             priors64=stack([x.frequencies for x in insts]),
@@ -283,8 +364,6 @@ class ToyTrainer:
             exp_avg=torch.zeros_like(params),
             exp_avg_sq=torch.zeros_like(params),
             grad=torch.zeros_like(params),
-            u_buf=torch.empty(i_n, r, bsz, dtype=torch.float64, device=dev),
-            z_buf=torch.empty(i_n, r, bsz, dim, dtype=dt, device=dev),
             coef_buf=torch.empty(i_n, r, bsz, k, dtype=dt, device=dev),
             count_buf=torch.empty(i_n, r, k, dtype=torch.int64, device=dev),
             seen=torch.zeros(i_n, k, dtype=torch.int64, device=dev),
@@ -313,13 +392,14 @@ class ToyTrainer:
 
     def _draw_chunk(self, chunk: int) -> None:
         """Draw ``rng_chunk`` steps of tasks and inputs for every instance."""
-        self._chunk_states = [g.get_state() for g in self._gen_train]
-        jobs = [(gr, j, i) for gr in self._groups for j, i in enumerate(gr.idx)]
+        jobs = [(st, j) for st in self._streams.values() for j in range(len(st.seeds))]
+        for st in self._streams.values():
+            st.states = [g.get_state() for g in st.gens]
 
-        def draw(job: tuple[_Group, int, int]) -> None:
-            gr, j, i = job
-            gr.u_buf[j].uniform_(generator=self._gen_train[i])
-            gr.z_buf[j].normal_(generator=self._gen_train[i])
+        def draw(job: tuple[_Streams, int]) -> None:
+            st, j = job
+            st.u_buf[j].uniform_(generator=st.gens[j])
+            st.z_buf[j].normal_(generator=st.gens[j])
 
         if self._pool is not None:  # CPU: torch's generators are serial, so draw in parallel
             list(self._pool.map(draw, jobs))
@@ -327,8 +407,10 @@ class ToyTrainer:
             for job in jobs:
                 draw(job)
         for gr in self._groups:
-            i_n, r, bsz = gr.u_buf.shape
-            tasks = torch.searchsorted(gr.cdf_train, gr.u_buf.view(i_n, r * bsz), right=True)
+            _, r, bsz = gr.streams.u_buf.shape
+            i_n = len(gr.idx)
+            uni = gr.take(gr.streams.u_buf).view(i_n, r * bsz)
+            tasks = torch.searchsorted(gr.cdf_train, uni, right=True)
             tasks = tasks.clamp_(max=gr.k - 1).view(i_n, r, bsz, 1)
             onehot = tasks == torch.arange(gr.k, device=self.device)  # [I, R, B, K]
             torch.sum(onehot, dim=2, out=gr.count_buf)
@@ -336,24 +418,63 @@ class ToyTrainer:
         self._chunk = chunk
 
     def _train_step(self) -> None:
-        s = self.settings
-        r = s.rng_chunk
+        r = self.settings.rng_chunk
         if self._chunk != self.step // r:
             self._draw_chunk(self.step // r)
         row, t = self.step % r, self.step + 1  # t: 1-based number of this update
-        b1, b2 = s.betas
-        bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
-        for gr in self._groups:
+        injects = [tuple(j for j in range(len(gr.idx)) if gr.sizes[j] and t % gr.gaps[j] == 0)
+                   for gr in self._groups]
+        with tf32(self.settings.tf32):
+            if not self._use_graphs or any(injects):
+                self._step_body(row, t, injects)
+            elif self._eager_warmup > 0:  # warm cuBLAS/cuSOLVER up off the capture stream
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    self._step_body(row, t, injects)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                self._eager_warmup -= 1
+            else:
+                graph = self._graphs.get(row)
+                if graph is None:  # one graph per row of the drawn chunk (static addresses)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._graph_pool):
+                        self._step_body(row, t, injects)
+                    self._graph_pool = graph.pool()
+                    self._graphs[row] = graph
+                graph.replay()
+
+    def _step_body(self, row: int, t: int, injects: list[tuple[int, ...]]) -> None:
+        """One update of every group: gradients, injections, Adam, retraction.
+
+        Reads only device tensors at fixed addresses (the drawn chunk's row ``row``) when no
+        group injects, so the same kernels can be replayed as a CUDA graph; ``t`` (the 1-based
+        update number) is used by the CPU Adam only.
+        """
+        s = self.settings
+        xs = {}
+        for key, st in self._streams.items():
+            if st.x_used:  # x = z B^T once per seed, shared by every group reading it
+                xs[key] = torch.bmm(st.z_buf[:, row], st.basis.transpose(1, 2))
+        for gr, inject in zip(self._groups, injects, strict=True):
             gr.seen += gr.count_buf[:, row]
-            batch_gradients(gr.params[0], gr.params[1], gr.z_buf[:, row], gr.coef_buf[:, row],
-                            gr.sqrt_lam, gr.basis, gr.rotate, out=(gr.grad[0], gr.grad[1]))
-            inject = tuple(j for j in range(len(gr.idx)) if gr.sizes[j] and t % gr.gaps[j] == 0)
+            x = xs.get((gr.k, gr.m)) if not gr.rotate else None
+            batch_gradients(gr.params[0], gr.params[1], gr.take(gr.streams.z_buf[:, row]),
+                            gr.coef_buf[:, row], gr.sqrt_lam, gr.basis, gr.rotate,
+                            out=(gr.grad[0], gr.grad[1]), x=None if x is None else gr.take(x))
             if inject:
                 self._add_injection(gr, inject)
-            gr.exp_avg.lerp_(gr.grad, 1.0 - b1)
-            gr.exp_avg_sq.mul_(b2).addcmul_(gr.grad, gr.grad, value=1.0 - b2)
-            denom = (gr.exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(s.eps)
-            gr.params.addcdiv_(gr.exp_avg, denom, value=-s.lr / bc1)
+        if self._opt is not None:
+            self._opt.step()
+        else:
+            b1, b2 = s.betas
+            bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+            for gr in self._groups:
+                gr.exp_avg.lerp_(gr.grad, 1.0 - b1)
+                gr.exp_avg_sq.mul_(b2).addcmul_(gr.grad, gr.grad, value=1.0 - b2)
+                denom = (gr.exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(s.eps)
+                gr.params.addcdiv_(gr.exp_avg, denom, value=-s.lr / bc1)
+        for gr in self._groups:
             gr.params[0].copy_(self._retract(gr.params[0]))
 
     def _add_injection(self, gr: _Group, inject: tuple[int, ...]) -> None:
@@ -375,7 +496,7 @@ class ToyTrainer:
             for a, j in enumerate(js):
                 zx[a].normal_(generator=self._gen_inject[gr.idx[j]])
             coef = _take(gr.rare_coef, sel).unsqueeze(1).expand(len(js), m, k)
-            basis = None if gr.basis is None else _take(gr.basis, sel)
+            basis = gr.basis_of(sel)
             gu, gd = batch_gradients(_take(gr.params[0], sel), _take(gr.params[1], sel), zx, coef,
                                      _take(gr.sqrt_lam, sel), basis, gr.rotate)
             _add_at(gr.grad[0], sel, gu)
@@ -421,7 +542,8 @@ class ToyTrainer:
         """[I, len(TASK_COLUMNS) * K + len(MODEL_COLUMNS)] float64 metrics of one group."""
         f64 = torch.float64
         u, d = gr.params[0].to(f64), gr.params[1].to(f64)
-        basis = None if gr.basis is None else gr.basis.to(f64)
+        basis = gr.basis_of()
+        basis = None if basis is None else basis.to(f64)
         ex = exact_metrics(u, d, basis, gr.lam64, gr.priors64, gr.frequent)
         g_freq, g_rare = self._measure_gradients(gr, u, d, basis)
         nf, nr = g_freq.norm(dim=1), g_rare.norm(dim=1)
@@ -510,7 +632,8 @@ class ToyTrainer:
         gr, j = self._locate(i)
         u = gr.params[0, j].double().cpu().numpy()
         d = gr.params[1, j].double().cpu().numpy().reshape(gr.k, gr.m, gr.n)
-        basis = np.eye(gr.dim) if gr.basis is None else gr.basis[j].double().cpu().numpy()
+        b = gr.basis_of(slice(j, j + 1))
+        basis = np.eye(gr.dim) if b is None else b[0].double().cpu().numpy()
         return {"U": u, "D": d, "basis": basis}
 
     def _locate(self, i: int) -> tuple[_Group, int]:
@@ -551,7 +674,9 @@ class ToyTrainer:
                                      strict=True):
                     v = t[j].detach().cpu().clone()
                     out[p + name] = v.reshape(gr.k, gr.m, gr.n) if name == "D" else v
-                rng = self._chunk_states[i] if chunk_now else self._gen_train[i].get_state()
+                key, row = self._stream_of[i]
+                st = self._streams[key]
+                rng = st.states[row] if chunk_now else st.gens[row].get_state()
                 out[p + "rng_train"] = rng.cpu().clone()
                 out[p + "rng_inject"] = self._gen_inject[i].get_state().cpu().clone()
                 out[p + "seen"] = gr.seen[j].cpu().clone()
@@ -587,7 +712,8 @@ class ToyTrainer:
                             f"{t.dtype} with {t[j].numel()} elements"
                         )
                     t[j].copy_(v.reshape(t[j].shape))
-                self._gen_train[i].set_state(state[p + "rng_train"])
+                key, row = self._stream_of[i]
+                self._streams[key].gens[row].set_state(state[p + "rng_train"])
                 self._gen_inject[i].set_state(state[p + "rng_inject"])
                 gr.seen[j].copy_(state[p + "seen"])
             gr.evals = [
@@ -601,4 +727,8 @@ class ToyTrainer:
         self._eval_steps = state["metrics.steps"].tolist()
         self._n_traced = len(state["traces.steps"])
         self._chunk = None
-        self._chunk_states = []
+        for st in self._streams.values():
+            st.states = []
+        if self._opt is not None:
+            for st in self._opt.state.values():
+                st["step"].fill_(step)
