@@ -357,6 +357,32 @@ def _digest_table(rows: list[dict], title: str) -> Table:
     return table
 
 
+# -- report ------------------------------------------------------------------------------------
+
+
+@app.command()
+def report(
+    dirs: Annotated[list[Path], typer.Argument(help="Finished run directories (toy or LM), or "
+                                               "directories holding a fix.json.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path(
+        "report.html"),
+    scaling_csv: Annotated[
+        Path | None, typer.Option("--scaling", help="CSV params,tokens,loss for Fig. 1 "
+                                  "(default: the law the paper quotes).")
+    ] = None,
+    title: Annotated[str, typer.Option(help="Page title.")] = "raretask report",
+) -> None:
+    """One self-contained HTML page with the study's figures for the given runs."""
+    import shlex
+
+    from raretask.report.html import write_report
+
+    command = shlex.join(["raretask", "report", *map(str, dirs), "--out", str(out)]
+                         + (["--scaling", str(scaling_csv)] if scaling_csv else []))
+    path = write_report(dirs, out, scaling_csv, title, command)
+    console.print(f"wrote {path}")
+
+
 # -- demo --------------------------------------------------------------------------------------
 
 

@@ -103,3 +103,101 @@ def injection_contrast(run_dir: Path, rows: list[dict]) -> list[InjectionContras
             last_trough=float(np.mean(before_a[-q:])),
             final=float(sig[-1])))
     return out
+
+
+# -- tables shared by `raretask show` and the report ----------------------------------------------
+def load_metrics(run_dir: Path) -> dict[str, np.ndarray]:
+    """The run's long-format metrics as columns (cell, step, task, metric, value).
+
+    Reads the merged ``metrics.parquet`` of a finished grid; empty columns when it is missing.
+    """
+    path = Path(run_dir) / "metrics.parquet"
+    if not path.exists():
+        return {k: np.array([]) for k in ("cell", "step", "task", "metric", "value")}
+    t = pq.read_table(path).to_pydict()
+    return {k: np.asarray(v) for k, v in t.items()}
+
+
+def metric_series(m: dict[str, np.ndarray], cell: int, metric: str,
+                  task: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of one metric of one cell, by step; ``task`` None: any task column."""
+    sel = (m["cell"] == cell) & (m["metric"] == metric)
+    if task is not None:
+        sel &= m["task"] == task
+    order = np.argsort(m["step"][sel], kind="stable")
+    return m["step"][sel][order].astype(int), m["value"][sel][order].astype(float)
+
+
+@dataclass(frozen=True)
+class CellDigest:
+    """One line of ``raretask show``'s toy digest: a cell's tasks learned vs Theorem 3."""
+
+    cell: int
+    width: int
+    beta: float
+    alpha: float
+    seed: int
+    schedule: str  # "iid" or "<schedule> <gap>"
+    learned: int  # tasks with s~ >= threshold
+    predicted: int  # tasks Theorem 3 says are learned
+    agreement: float  # fraction of the cell's tasks where the two agree
+    rare_signal: float  # the rare task's final normalised signal
+    rare_predicted: bool
+
+
+def cell_digest(rows: list[dict]) -> list[CellDigest]:
+    """Per cell, from :func:`raretask.runs.grid.load_summary` rows of a toy run."""
+    by_cell: dict[int, list[dict]] = {}
+    for r in rows:
+        by_cell.setdefault(r["cell"], []).append(r)
+    out = []
+    for cell, rs in by_cell.items():
+        r0 = rs[0]
+        rare = next(r for r in rs if r["rare"])
+        out.append(CellDigest(
+            cell=cell, width=r0["width"], beta=r0["beta"], alpha=r0["alpha"], seed=r0["seed"],
+            schedule=r0["schedule"] + (f" {r0['gap']}" if r0["schedule"] != "iid" else ""),
+            learned=sum(r["learned"] for r in rs), predicted=sum(r["predicted_learned"] for r in rs),
+            agreement=sum(r["agree"] for r in rs) / len(rs), rare_signal=rare["signal"],
+            rare_predicted=rare["predicted_learned"]))
+    return out
+
+
+def overall_agreement(rows: list[dict]) -> float:
+    """Fraction of (cell, task) pairs of a toy run where learned == predicted."""
+    return sum(r["agree"] for r in rows) / len(rows)
+
+
+@dataclass(frozen=True)
+class CosineStats:
+    """A language-model cell's gradient cosines over its evaluations after step 0 (mean, sd).
+
+    ``g``: whole batch; ``gt``: the task tokens' part; ``gnt``: the other tokens' part; each
+    against the reference task gradient g_r (PAPER.md Sec. 3). NaN when not measured.
+    """
+
+    cell: int
+    evaluations: int
+    g_mean: float
+    g_sd: float
+    gt_mean: float
+    gt_sd: float
+    gnt_mean: float
+    gnt_sd: float
+
+
+def lm_cosine_stats(m: dict[str, np.ndarray], cells: list[int]) -> list[CosineStats]:
+    """:class:`CosineStats` for each cell that recorded ``cos_g_gr``."""
+    out = []
+    for c in cells:
+        vals = {}
+        n = 0
+        for key, metric in (("g", "cos_g_gr"), ("gt", "cos_gt_gr"), ("gnt", "cos_gnt_gr")):
+            steps, v = metric_series(m, c, metric)
+            v = v[(steps > 0) & np.isfinite(v)]
+            n = max(n, v.size)
+            vals[f"{key}_mean"] = float(np.mean(v)) if v.size else float("nan")
+            vals[f"{key}_sd"] = float(np.std(v)) if v.size else float("nan")
+        if n:
+            out.append(CosineStats(cell=c, evaluations=n, **vals))
+    return out

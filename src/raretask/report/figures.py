@@ -3,10 +3,15 @@
 * :func:`phase_diagram`: per beta, mean normalised signal over seeds for each (width, task), with
   Theorem 3's staircase (the width at which each task's first feature enters) drawn on top.
 * :func:`injection_traces`: the rare task's normalised signal step by step, injections marked.
+
+The report (:mod:`raretask.report.build`) draws every figure in memory: the ``*_figure``
+functions return a matplotlib Figure (or None when the data cannot make one) and
+:func:`png_bytes` encodes it.
 """
 
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,8 +25,29 @@ from raretask.report.analysis import load_traces  # noqa: E402
 from raretask.theory import TaskSet, Theory  # noqa: E402
 
 
+def png_bytes(fig, dpi: int = 96) -> bytes:
+    """The figure as PNG bytes (closed afterwards)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def phase_diagram(rows: list[dict], path: Path, title: str = "") -> Path | None:
     """Write the phase diagram PNG; returns its path, or None when the grid has < 2 widths."""
+    fig = phase_diagram_figure(rows, title)
+    return None if fig is None else _save(fig, path)
+
+
+def phase_diagram_figure(rows: list[dict], title: str = ""):
+    """The phase diagram (one panel per (beta, alpha)); None when no panel has 2 widths."""
     iid = [r for r in rows if r["schedule"] == "iid"]
     by_beta: dict[tuple, list[dict]] = defaultdict(list)
     for r in iid:
@@ -59,14 +85,17 @@ def phase_diagram(rows: list[dict], path: Path, title: str = "") -> Path | None:
         fig.colorbar(im, ax=ax, fraction=0.046, label="normalised signal s~ (mean over seeds)")
     fig.suptitle(title or "Phase diagram: learned signal vs Theorem 3", fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def injection_traces(run_dir: Path, rows: list[dict], path: Path) -> Path | None:
-    """Write the rare-signal traces PNG: one panel per (gap, width), seeds overlaid.
+    """Write :func:`injection_traces_figure` as a PNG; returns its path or None (no traces)."""
+    fig = injection_traces_figure(run_dir, rows)
+    return None if fig is None else _save(fig, path)
+
+
+def injection_traces_figure(run_dir: Path, rows: list[dict]):
+    """The rare-signal traces: one panel per (gap, width), seeds overlaid; None without traces.
 
     Panels are scaled one by one: a narrow model's rise at an injection is small next to a wide
     model's accumulation, and a shared axis would hide it. The dotted line is the floor
@@ -105,7 +134,387 @@ def injection_traces(run_dir: Path, rows: list[dict], path: Path) -> Path | None
             ax.legend(fontsize=6, loc="upper left")
     fig.suptitle("Rare task's signal step by step (grey lines: injections)", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
+
+
+# -- Fig. 1: the scaling-law argument ------------------------------------------------------------
+def scaling_figure(law, sizes: list[float], pairs: list, title: str):
+    """L_C(N) and L_inf(N) over N with the sizes marked (left); Definition 1 per pair (right).
+
+    ``law``: a :class:`raretask.scaling.ScalingFit`; ``pairs``: :func:`raretask.scaling.classify`.
+    """
+    sizes = sorted(sizes)
+    n = np.geomspace(sizes[0] / 3, sizes[-1] * 3, 200)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4.0), gridspec_kw={"width_ratios": [3, 2]})
+    ax.plot(n, law.loss_compute_optimal(n), color="C0", label="L_C(N): compute-optimal data")
+    ax.plot(n, law.loss_infinite_data(n), color="C1", ls="--", label="L_inf(N): unlimited data")
+    s = np.array(sizes)
+    ax.scatter(s, law.loss_compute_optimal(s), color="C0", zorder=3)
+    ax.scatter(s, law.loss_infinite_data(s), color="C1", zorder=3)
+    big = sizes[-1]
+    target = float(law.loss_compute_optimal(big))
+    ax.axhline(target, color="grey", lw=0.7, ls=":")
+    crit = next((p.critical_small_size for p in pairs if p.large == big), None)
+    if crit is not None and crit > 0:
+        ax.axvspan(n[0], min(crit, n[-1]), color="red", alpha=0.07,
+                   label=f"N < N_s* = {crit:.3g}: needs model scaling to reach L_C({big:.3g})")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=7)
+    ax.set_title("Loss laws (Sec. 2)", fontsize=10)
+    # Definition 1 matrix: rows small, columns large
+    mat = np.full((len(sizes), len(sizes)), np.nan)
+    for p in pairs:
+        mat[sizes.index(p.small), sizes.index(p.large)] = 1.0 if p.verdict == "data" else 0.0
+    bx.imshow(mat, cmap="RdYlGn", vmin=-0.3, vmax=1.3, origin="lower")
+    for p in pairs:
+        i, j = sizes.index(p.small), sizes.index(p.large)
+        bx.text(j, i, "data" if p.verdict == "data" else "model", ha="center", va="center",
+                fontsize=7)
+    labels = [f"{v:.3g}" for v in sizes]
+    bx.set_xticks(range(len(sizes)), labels, fontsize=7, rotation=45)
+    bx.set_yticks(range(len(sizes)), labels, fontsize=7)
+    bx.set_xlabel("large N_l")
+    bx.set_ylabel("small N_s")
+    bx.set_title("Def. 1: reach L_C(N_l) via data or model scaling", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# -- Fig. 3: frequent residual vs rare signal ---------------------------------------------------
+def _by_width_final(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, list]:
+    acc: dict[int, list[float]] = defaultdict(list)
+    for r in rows:
+        if r[key] is not None:
+            acc[r["width"]].append(r[key])
+    widths = sorted(acc)
+    return np.array(widths), np.array([np.mean(acc[w]) for w in widths]), [acc[w] for w in widths]
+
+
+def residual_figure(rows: list[dict], m: dict[str, np.ndarray], title: str):
+    """Fig. 3 analogue for one toy setting (rows of iid cells sharing K, M, alpha, beta).
+
+    (a) final frequent residual delta_F vs width, with Theorem 3's optimum and the best any
+    width-N encoder can do; (b) the rare task's final signal vs width, with its Prop. 6 critical
+    width and Theorem 3 first-feature width; (c) each width's path through (delta_F, rare s~)
+    during training (mean over seeds), showing the rare signal rises only once delta_F is small.
+    """
+    from raretask.report.analysis import metric_series
+
+    rare = [r for r in rows if r["rare"]]
+    if not rare or all(r["residual_F"] is None for r in rare):
+        return None
+    r0 = rare[0]
+    th = Theory(TaskSet.power_law(r0["tasks"], r0["features_per_task"], alpha=r0["alpha"],
+                                  beta=r0["beta"]), r0.get("frequent_mass", 0.8))
+    k = r0["task"] - 1
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.9))
+    ax = axes[0]
+    w, mean, each = _by_width_final(rare, "residual_F")
+    for wi, vals in zip(w, each, strict=True):
+        ax.scatter([wi] * len(vals), vals, color="C0", s=10, alpha=0.5)
+    ax.plot(w, mean, "o-", color="C0", label="measured (mean over seeds)")
+    grid = np.arange(max(1, w.min()), w.max() + 1)
+    ax.plot(grid, [max(th.optimal_residual(int(g)), 1e-12) for g in grid], color="red", lw=1,
+            label="Thm 3 optimum of the mixture")
+    ax.plot(grid, [max(th.best_residual(int(g)), 1e-12) for g in grid], color="black", lw=0.8,
+            ls=":", label="best any width-N encoder (sum mu_i^F, i > N)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("width N")
+    ax.set_ylabel("frequent residual delta_F")
+    ax.legend(fontsize=7)
+    ax.set_title("(a) frequent residual falls with width", fontsize=9)
+    bx = axes[1]
+    w, mean, each = _by_width_final(rare, "signal")
+    for wi, vals in zip(w, each, strict=True):
+        bx.scatter([wi] * len(vals), vals, color="C2", s=10, alpha=0.5)
+    bx.plot(w, mean, "o-", color="C2", label=f"task {r0['task']} (rarest, "
+            f"{100 * r0['frequency']:.3g}%)")
+    crit, first = int(th.critical_width()[k]), int(th.first_feature_width()[k])
+    bx.axvline(crit, color="purple", ls="--", lw=1, label=f"Prop. 6 critical width {crit}")
+    bx.axvline(first, color="red", lw=1, label=f"Thm 3 first feature at {first}")
+    bx.axhline(0, color="grey", lw=0.5)
+    bx.set_xscale("log", base=2)
+    bx.set_xlabel("width N")
+    bx.set_ylabel("rare task's final signal s~")
+    bx.legend(fontsize=7)
+    bx.set_title("(b) the rare task is learned only by wide models", fontsize=9)
+    cx = axes[2]
+    cmap = plt.get_cmap("viridis")
+    widths = sorted({r["width"] for r in rare})
+    for i, width in enumerate(widths):
+        cells = [r["cell"] for r in rare if r["width"] == width]
+        res = [metric_series(m, c, "residual_F", -1) for c in cells]
+        sig = [metric_series(m, c, "signal_norm", k) for c in cells]
+        if not res or not res[0][0].size:
+            continue
+        n = min(len(s[0]) for s in res + sig)
+        x = np.mean([s[1][:n] for s in res], axis=0)
+        y = np.mean([s[1][:n] for s in sig], axis=0)
+        color = cmap(i / max(len(widths) - 1, 1))
+        cx.plot(x, y, "-", color=color, lw=1.2, label=f"N = {width}")
+        cx.scatter(x[-1:], y[-1:], color=color, s=18, zorder=3)
+    cx.set_xscale("log")
+    cx.invert_xaxis()
+    cx.set_xlabel("frequent residual delta_F (axis reversed: training runs left to right)")
+    cx.set_ylabel("rare signal s~")
+    cx.legend(fontsize=7, ncol=2)
+    cx.set_title("(c) rare signal vs frequent residual during training", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# -- Fig. 4: gap x width sweep and gradient cosines ---------------------------------------------
+def injection_sweep_figure(rows: list[dict], m: dict[str, np.ndarray], title: str):
+    """Final rare signal vs gap G per width (left) and the mean frequent/rare gradient cosine over
+    training vs G (right); None unless the run has at least two gaps."""
+    from raretask.report.analysis import metric_series
+
+    rare = [r for r in rows if r["rare"]]
+    gaps = sorted({r["gap"] for r in rare})
+    if len(gaps) < 2:
+        return None
+    widths = sorted({r["width"] for r in rare})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, width in enumerate(widths):
+        mine = [r for r in rare if r["width"] == width]
+        g = sorted({r["gap"] for r in mine})
+        sig = [np.mean([r["signal"] for r in mine if r["gap"] == x]) for x in g]
+        ax.plot(g, sig, "o-", color=f"C{i}", label=f"N = {width}")
+        ax.scatter([r["gap"] for r in mine], [r["signal"] for r in mine], color=f"C{i}", s=8,
+                   alpha=0.4)
+        cos = []
+        for x in g:
+            vals = []
+            for r in mine:
+                if r["gap"] == x:
+                    steps, v = metric_series(m, r["cell"], "grad_cosine", -1)
+                    v = v[(steps > 0) & np.isfinite(v)]
+                    if v.size:
+                        vals.append(float(np.mean(v)))
+            cos.append(np.mean(vals) if vals else np.nan)
+        bx.plot(g, cos, "o-", color=f"C{i}", label=f"N = {width}")
+    for a in (ax, bx):
+        a.set_xscale("symlog", linthresh=1)
+        a.set_xlabel("gap G (steps between injections; same long-run frequency)")
+        a.legend(fontsize=7)
+    ax.set_ylabel("rare task's final signal s~")
+    ax.set_title("final rare signal vs gap", fontsize=9)
+    bx.axhline(0, color="grey", lw=0.5)
+    bx.set_ylabel("cos(rare gradient, frequent gradient), mean")
+    bx.set_title("interference: gradient cosine on U", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def gradient_cosine_figure(rows: list[dict], m: dict[str, np.ndarray], title: str):
+    """Cosine between a rare-only and a frequent-only batch gradient on U, step by step, one
+    line per cell coloured by width; None when the run logged none."""
+    from raretask.report.analysis import metric_series
+
+    cells = {r["cell"]: r for r in rows if r["rare"]}
+    widths = sorted({r["width"] for r in cells.values()})
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    drawn = set()
+    for c, r in sorted(cells.items()):
+        steps, v = metric_series(m, c, "grad_cosine", -1)
+        keep = steps > 0
+        if not keep.any():
+            continue
+        i = widths.index(r["width"])
+        label = None if r["width"] in drawn else f"N = {r['width']}"
+        drawn.add(r["width"])
+        ax.plot(steps[keep], v[keep], color=f"C{i}", lw=0.9, alpha=0.8, label=label)
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cos(g_rare, g_frequent)")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# -- Figs. 5-9: language models -----------------------------------------------------------------
+def lm_label(r: dict) -> str:
+    """Short label of a language-model cell: size, task, frequency per token, schedule."""
+    return f"{r['size']} {r['task']} {r['frequency']:.2e} ({r['schedule']})"
+
+
+def nominal_frequency(r: dict, cells: dict[int, dict]) -> float:
+    """The frequency a cell asked for (instances per token): its config's ``frequency``, or
+    ``instances / (every x batch_size x seq_len)``; the delivered rate when neither is known.
+    Cells of one matched-frequency sweep share it exactly (their delivered rates differ by up to
+    one burst)."""
+    c = cells.get(r["cell"], {})
+    if c.get("frequency") is not None:
+        return float(c["frequency"])
+    if c.get("instances") is not None:
+        return c["instances"] / (c.get("every", 1) * c["batch_size"] * c["seq_len"])
+    return float(r["frequency"])
+
+
+def _lm_key(r: dict, cells: dict[int, dict]) -> tuple[float, str]:
+    return (float(f"{nominal_frequency(r, cells):.4g}"), r["schedule"])
+
+
+def _lm_columns(rows: list[dict], cells: dict[int, dict]) -> list[tuple[float, str]]:
+    """Distinct (nominal frequency, schedule) columns, most frequent first."""
+    return sorted({_lm_key(r, cells) for r in rows}, key=lambda c: (-c[0], c[1]))
+
+
+def lm_heatmap_figure(rows: list[dict], cells: dict[int, dict], title: str):
+    """Fig. 5 analogue: final test accuracy and task loss over size x frequency, one row of two
+    panels per task; values are means over seeds, written in each cell."""
+    rows = [r for r in rows if r["task"] != "none"]
+    tasks = sorted({r["task"] for r in rows})
+    if not tasks:
+        return None
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 1.4 + 1.1 * len(tasks) * max(
+        2, len({r["size"] for r in rows})) / 2 + 1.2), squeeze=False)
+    for ti, task in enumerate(tasks):
+        rs = [r for r in rows if r["task"] == task]
+        sizes = sorted({r["size"] for r in rs}, key=lambda s: min(r["params"] for r in rs
+                                                                  if r["size"] == s))
+        cols = _lm_columns(rs, cells)
+        for pi, (metric, fmt, cmap, vmin, vmax) in enumerate((
+                ("test_accuracy", "{:.3f}", "viridis", 0.0, 1.0),
+                ("task_loss", "{:.4g}", "magma_r", None, None))):
+            ax = axes[ti, pi]
+            mat = np.full((len(sizes), len(cols)), np.nan)
+            for si, s in enumerate(sizes):
+                for ci, col in enumerate(cols):
+                    v = [r[metric] for r in rs if r["size"] == s and r[metric] is not None
+                         and _lm_key(r, cells) == col]
+                    if v:
+                        mat[si, ci] = float(np.mean(v))
+            im = ax.imshow(mat, aspect="auto", origin="lower", cmap=cmap, vmin=vmin, vmax=vmax)
+            for si in range(len(sizes)):
+                for ci in range(len(cols)):
+                    if np.isfinite(mat[si, ci]):
+                        ax.text(ci, si, fmt.format(mat[si, ci]), ha="center", va="center",
+                                fontsize=7, color="white" if pi == 0 and mat[si, ci] < 0.6
+                                else "black")
+            ax.set_xticks(range(len(cols)), [f"{f:.2e}\n{s}" for f, s in cols], fontsize=6)
+            ax.set_yticks(range(len(sizes)), sizes, fontsize=8)
+            ax.set_xlabel("frequency (instances per token) and schedule", fontsize=8)
+            ax.set_ylabel("model size", fontsize=8)
+            ax.set_title(f"T_{task.upper()}: {'test accuracy' if pi == 0 else 'task loss'}",
+                         fontsize=9)
+            fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _lm_trajectory_figure(rows, m, metrics: list[tuple[str, str]], title: str, logy=False):
+    """One panel per (metric, task); a line per cell, coloured by frequency, styled by size."""
+    rows = [r for r in rows if r["task"] != "none"]
+    tasks = sorted({r["task"] for r in rows})
+    panels = [(metric, label, t) for metric, label in metrics for t in tasks]
+    panels = [p for p in panels if any(_has(m, r["cell"], p[0]) for r in rows if r["task"] == p[2])]
+    if not panels:
+        return None
+    from raretask.report.analysis import metric_series
+
+    ncol = min(len(panels), 3)
+    nrow = -(-len(panels) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.3 * nrow), squeeze=False)
+    freqs = sorted({r["frequency"] for r in rows})
+    sizes = sorted({r["size"] for r in rows}, key=lambda s: min(r["params"] for r in rows
+                                                                if r["size"] == s))
+    cmap = plt.get_cmap("plasma")
+    styles = ["-", "--", ":", "-."]
+    for ax, (metric, label, task) in zip(axes.ravel(), panels, strict=False):
+        for r in rows:
+            if r["task"] != task:
+                continue
+            steps, v = metric_series(m, r["cell"], metric)
+            keep = (steps > 0) & np.isfinite(v)
+            if not keep.any():
+                continue
+            fi = freqs.index(r["frequency"])
+            ax.plot(steps[keep], v[keep], styles[sizes.index(r["size"]) % 4], lw=1.1,
+                    color=cmap(0.85 * fi / max(len(freqs) - 1, 1)), label=lm_label(r))
+        ax.set_xscale("log")
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
+        ax.set_title(f"T_{task.upper()}: {label}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=5.5)
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _has(m, cell, metric) -> bool:
+    sel = (m["cell"] == cell) & (m["metric"] == metric)
+    return bool(sel.any() and np.isfinite(m["value"][sel].astype(float)).any())
+
+
+def lm_order_figure(rows, m, title: str):
+    """Fig. 6 analogue (order): test accuracy over training, a line per cell (colour: frequency,
+    line style: size): frequent tasks are learned first."""
+    return _lm_trajectory_figure(rows, m, [("test_accuracy", "test accuracy")], title)
+
+
+def lm_gap_figure(rows: list[dict], cells: dict[int, dict], title: str):
+    """Fig. 6 analogue (gaps): final task loss vs the gap between injections at one frequency,
+    a line per (size, task); None unless some frequency was run with two or more gaps."""
+    groups: dict[tuple, list[tuple[int, float]]] = defaultdict(list)
+    for r in rows:
+        c = cells.get(r["cell"], {})
+        if r["task"] == "none" or r["task_loss"] is None:
+            continue
+        groups[(r["size"], r["task"], _lm_key(r, cells)[0])].append(
+            (c.get("every", 1), r["task_loss"]))
+    groups = {k: v for k, v in groups.items() if len({e for e, _ in v}) >= 2}
+    if not groups:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for i, ((size, task, freq), pts) in enumerate(sorted(groups.items())):
+        gaps = sorted({e for e, _ in pts})
+        loss = [np.mean([v for e, v in pts if e == g]) for g in gaps]
+        ax.plot(gaps, loss, "o-", color=f"C{i}", label=f"{size} T_{task.upper()} at {freq:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("gap: steps between injections (same long-run frequency)")
+    ax.set_ylabel("final task loss")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def lm_presence_figure(rows, m, title: str):
+    """Fig. 7 analogue: feature presence (T_CMP: R^2 of the hidden order from the first layer;
+    T_ADD: Fourier modes across layers) and test accuracy over training."""
+    return _lm_trajectory_figure(rows, m, [("order_r2", "order R^2 (T_CMP feature)"),
+                                           ("fourier_modes", "Fourier modes (T_ADD feature)"),
+                                           ("test_accuracy", "test accuracy")], title)
+
+
+def lm_retention_figure(rows, m, title: str):
+    """Fig. 8 analogue: task loss on the training instances over training (does the model keep
+    what each injection taught it?)."""
+    return _lm_trajectory_figure(rows, m, [("task_loss", "task loss"),
+                                           ("task_test_loss", "held-out task loss")], title)
+
+
+def lm_cosine_figure(rows, m, title: str):
+    """Fig. 9 analogue: cosines of the batch gradient g, its task-token part g_t and its
+    other-token part g_nt with the task's reference gradient g_r, over training."""
+    return _lm_trajectory_figure(rows, m, [("cos_g_gr", "cos(g, g_r)"),
+                                           ("cos_gt_gr", "cos(g_t, g_r)"),
+                                           ("cos_gnt_gr", "cos(g_nt, g_r)")], title)

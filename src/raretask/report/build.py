@@ -1,0 +1,509 @@
+"""The report's content: read finished run directories, draw every figure, make every table.
+
+:func:`build_report` turns directories into a :class:`Report` (sections of figures and tables,
+all numbers computed by :mod:`raretask.report.analysis` from the rows ``raretask show`` prints);
+:mod:`raretask.report.html` writes it as one self-contained page. Inputs are checked first, so a
+bad directory fails with one line naming it before anything is drawn or written.
+
+Sections follow the paper's figures: Fig. 1 (scaling classification), Fig. 2 (phase diagram),
+Fig. 3 (residual vs rare signal), Fig. 4 (injection), Figs. 5-9 (language models), the fix table.
+A section with nothing to show says what input would fill it.
+
+Example
+-------
+>>> report = build_report(["runs/demo/phase", "runs/demo/injection"])  # doctest: +SKIP
+>>> [s.title for s in report.sections]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raretask.errors import UserError
+from raretask.report import analysis, figures
+from raretask.report.fix import FIX_FILE, FixResult, load_fix
+
+KINDS = ("toy", "lm")
+"""Experiment kinds the report reads (the ``kind`` of the resolved ``config.yaml``)."""
+
+PAPER_LAW = {"L0": 1.69, "A": 406.4, "B": 410.7, "a": 0.46, "b": 0.51}
+"""The law drawn when no scaling measurements are given: the exponents the paper quotes
+(a ~ 0.46, b ~ 0.51, PAPER.md Sec. 1) with Chinchilla's published coefficients (L0, A, B)."""
+
+PAPER_SIZES = (4e6, 20e6, 300e6, 1e9, 4e9)
+"""The OLMo sizes of the paper's language-model study, classified under :data:`PAPER_LAW`."""
+
+
+# -- content ------------------------------------------------------------------------------------
+@dataclass
+class Figure:
+    """A PNG with its caption: what it shows, the config and the command that made it."""
+
+    title: str
+    png: bytes
+    caption: str
+    source: list[str] = field(default_factory=list)  # lines "config ... / made by ..."
+
+
+@dataclass
+class Table:
+    """Rows of already formatted cells (strings, as ``raretask show`` prints them)."""
+
+    caption: str
+    columns: list[str]
+    rows: list[list[str]]
+    name: str = ""  # a stable identifier (HTML id), e.g. "digest-0"
+
+
+@dataclass
+class Section:
+    """One section of the page; ``empty`` says why there is nothing when there is nothing."""
+
+    key: str
+    title: str
+    intro: str
+    figures: list[Figure] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    empty: str = ""
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self.figures or self.tables)
+
+
+@dataclass
+class RunInput:
+    """A finished run directory (or a directory holding only a ``fix.json``)."""
+
+    path: Path
+    kind: str  # "toy", "lm" or "fix"
+    name: str
+    config: dict[str, Any]
+    config_text: str
+    version: str
+    rows: list[dict]
+    cells: dict[int, dict]
+    metrics: dict
+    fix: FixResult | None = None
+
+    @property
+    def made_by(self) -> str:
+        """The command that made this run (the resolved config reproduces it exactly)."""
+        if self.name.startswith("demo_"):
+            return f"raretask demo --out {shlex.quote(str(self.path.parent))}"
+        return (f"raretask run {shlex.quote(str(self.path / 'config.yaml'))} "
+                f"--out {shlex.quote(str(self.path))}")
+
+    @property
+    def axes(self) -> str:
+        """The swept config fields and their values, e.g. ``width [8, 16], seed [0, 1]``."""
+        parts = [f"{k} {v}" for k, v in self.config.items() if isinstance(v, list)]
+        return ", ".join(parts) if parts else "a single cell"
+
+    def source(self) -> list[str]:
+        return [f"config: {self.name} ({self.path / 'config.yaml'}; axes: {self.axes})",
+                f"made by: {self.made_by}" + (f"  [{self.version}]" if self.version else "")]
+
+
+@dataclass
+class Report:
+    title: str
+    inputs: list[RunInput]
+    sections: list[Section]
+    command: str
+
+
+# -- inputs -------------------------------------------------------------------------------------
+def load_run(path: str | Path) -> RunInput:
+    """Check and read one directory; every problem is a one-line UserError naming the path."""
+    from raretask.runs.grid import load_summary
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise UserError(f"{path}: not a directory (give a run directory)")
+    fix = load_fix(path / FIX_FILE) if (path / FIX_FILE).exists() else None
+    cfg_path = path / "config.yaml"
+    if not cfg_path.exists():
+        if fix is not None:
+            return RunInput(path, "fix", path.name, {}, "", "", [], {}, {}, fix)
+        raise UserError(f"{path}: not a raretask run directory (no config.yaml)")
+    try:
+        text = cfg_path.read_text(encoding="utf-8")
+        config = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"{cfg_path}: unreadable config ({type(err).__name__})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{cfg_path}: expected a mapping of config fields")
+    kind = config.get("kind", "toy")
+    if kind not in KINDS:
+        raise UserError(f"{cfg_path}: kind: the report reads {', '.join(KINDS)} runs, got "
+                        f"{kind!r}")
+    cells_path = path / "cells.json"
+    try:
+        cells = {c["cell"]: c for c in json.loads(cells_path.read_text(encoding="utf-8"))}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{cells_path}: missing or malformed ({type(err).__name__})") from None
+    try:
+        rows = load_summary(path)
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}/groups: malformed summary.json ({type(err).__name__})") from None
+    done = len({r["cell"] for r in rows})
+    if done < len(cells) or not (path / "summary.json").exists():
+        raise UserError(f"{path}: run not finished ({done} of {len(cells)} cells); finish it with"
+                        f" raretask run {path / 'config.yaml'} --out {path}")
+    try:
+        metrics = analysis.load_metrics(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise UserError(f"{path / 'metrics.parquet'}: unreadable ({type(err).__name__})") from None
+    version = ""
+    log = path / "log.txt"
+    if log.exists():
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            if " start: " in line:
+                version = line.split(" start: ", 1)[1].split(",", 1)[0]
+    return RunInput(path, kind, str(config.get("name", path.name)), config, text, version, rows,
+                    cells, metrics, fix)
+
+
+# -- sections -----------------------------------------------------------------------------------
+def _fmt(v) -> str:
+    """Exactly ``raretask show``'s cell format."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _f(v: float | None, spec: str) -> str:
+    return "-" if v is None or v != v else format(v, spec)
+
+
+def _setting_key(r: dict) -> tuple:
+    return (r["tasks"], r["features_per_task"], r["alpha"], r["beta"], r.get("frequent_mass"))
+
+
+def _setting_title(r: dict) -> str:
+    return (f"K = {r['tasks']} tasks x {r['features_per_task']} features, alpha {r['alpha']:g}, "
+            f"beta {r['beta']:g}")
+
+
+def scaling_section(csv: Path | None) -> Section:
+    """Fig. 1: fitted law (``raretask scaling CSV``) or the paper's quoted law, Definition 1."""
+    from raretask.scaling import ScalingFit, classify, load_scaling_csv, max_data_scalable_ratio
+
+    sec = Section("scaling", "Fig. 1: scaling classification",
+                  "Under L(N, D) = L0 + A/N^a + B/D^b a model of size N reaches L_C(N) with "
+                  "compute-optimal data and L_inf(N) with unlimited data. A smaller model can "
+                  "match a larger one's compute-optimal loss by data scaling only when "
+                  "L_inf(N_s) < L_C(N_l) (Definition 1); otherwise only a bigger model helps.")
+    if csv is not None:
+        data = load_scaling_csv(csv)
+        law = data.fit()
+        sizes = sorted(set(float(p) for p in data.params))
+        source = [f"data: {csv} ({law.n_points} rows)",
+                  f"made by: raretask scaling {shlex.quote(str(csv))} --json"]
+        what = f"fitted to {csv}"
+    else:
+        law = ScalingFit(**PAPER_LAW)
+        sizes = list(PAPER_SIZES)
+        source = ["data: none given (--scaling CSV); the law the paper quotes (a 0.46, b 0.51) "
+                  "with Chinchilla's L0, A, B",
+                  "made by: raretask report ... (no run needed)"]
+        what = "the paper's quoted law (no measurements given: pass --scaling CSV)"
+    pairs = classify(law, sizes, 0.0)
+    ratio = max_data_scalable_ratio(law)
+    png = figures.png_bytes(figures.scaling_figure(law, sizes, pairs, f"Scaling law: {what}"))
+    sec.figures.append(Figure(
+        "Loss laws and Definition 1", png,
+        f"Left: L_C(N) (solid) and L_inf(N) (dashed) for L = {law.L0:.4g} + {law.A:.4g}/N^"
+        f"{law.a:.3f} + {law.B:.4g}/D^{law.b:.3f}; the shaded widths cannot reach the largest "
+        f"size's compute-optimal loss with any amount of data. Right: each pair (N_s, N_l) "
+        f"classified; a pair is data-scalable exactly when N_l / N_s < {ratio:.3g}.", source))
+    sec.tables.append(Table(
+        f"Definitions 1 and 2 (eps = 0), {what}: the numbers `raretask scaling --json` prints",
+        ["small N_s", "large N_l", "L_C(N_s) - L_C(N_l)", "L_inf(N_s) - L_C(N_l)",
+         "learnable via", "N_s*(0)"],
+        [[f"{p.small:.3g}", f"{p.large:.3g}", f"{p.gap_compute_optimal:.4f}",
+          f"{p.gap_infinite_data:.4f}", "data scaling" if p.verdict == "data" else
+          "model scaling", f"{p.critical_small_size:.3g}"] for p in pairs], "scaling"))
+    return sec
+
+
+def phase_section(runs: list[RunInput]) -> Section:
+    sec = Section("phase", "Fig. 2: phase diagram vs Theorem 3",
+                  "Per width and task, the normalised signal s~ the trained encoder holds (1 = "
+                  "the task's whole block, 0 = a random encoder); the red staircase is Theorem "
+                  "3: each task is learned to the right of the width at which its first "
+                  "feature enters the top-N utilities.",
+                  empty="No toy run with i.i.d. sampling and two or more widths: run e.g. "
+                  "`raretask run configs/fig2_phase.yaml --out runs/fig2` and pass the "
+                  "directory.")
+    for i, run in enumerate(runs):
+        iid = [r for r in run.rows if r["schedule"] == "iid"]
+        if not iid:
+            continue
+        fig = figures.phase_diagram_figure(iid, f"{run.name}: learned signal vs Theorem 3")
+        if fig is not None:
+            sec.figures.append(Figure(
+                f"Phase diagram: {run.name}", figures.png_bytes(fig),
+                "Colour: final s~ of task k (rows, 1 = most frequent) at width N (columns), "
+                f"mean over seeds; learned means s~ >= {run.config.get('learned_threshold')}. "
+                "Red: Theorem 3's prediction (learned to the right of the line).", run.source()))
+        per_width = analysis.agreement_by_width(iid)
+        sec.tables.append(Table(
+            f"{run.name}: tasks learned vs Theorem 3 per width (seeds pooled)",
+            ["width", "beta", "alpha", "seeds", "learned (mean)", "predicted", "agreement"],
+            [[str(w.width), f"{w.beta:g}", f"{w.alpha:g}", str(w.seeds), f"{w.learned:.1f}",
+              str(w.predicted), f"{100 * w.agreement:.0f}%"] for w in per_width],
+            f"agreement-{i}"))
+    return sec
+
+
+def digest_table(run: RunInput, i: int) -> Table:
+    """The toy digest exactly as ``raretask show DIR`` prints it (one line per cell)."""
+    rows = [[str(d.cell), str(d.width), _fmt(d.beta), _fmt(d.alpha), str(d.seed), d.schedule,
+             f"{d.learned}/{d.predicted}", f"{100 * d.agreement:.0f}%", f"{d.rare_signal:+.3f}",
+             _fmt(d.rare_predicted)] for d in analysis.cell_digest(run.rows)]
+    total = analysis.overall_agreement(run.rows)
+    return Table(
+        f"{run.path}: tasks learned (s~ >= threshold) vs Theorem 3, as `raretask show "
+        f"{run.path}` prints it. learned: tasks learned / predicted; thm: rare task predicted "
+        f"learned. Agreement over all (cell, task) pairs: {100 * total:.1f}%.",
+        ["cell", "N", "beta", "alpha", "seed", "schedule", "learned", "agree", "rare s~", "thm"],
+        rows, f"digest-{i}")
+
+
+def residual_section(runs: list[RunInput]) -> Section:
+    sec = Section("residual", "Fig. 3: frequent residual vs rare signal",
+                  "Theorem 4 bounds the frequent tasks' gradient by their residual delta_F; "
+                  "Prop. 6 says the rarest task survives only once the width passes its "
+                  "critical width. Wide models drive delta_F down, and only then does the rare "
+                  "signal rise.",
+                  empty="No toy run with i.i.d. sampling: run e.g. `raretask run "
+                  "configs/fig3_residual.yaml --out runs/fig3` and pass the directory.")
+    for run in runs:
+        iid = [r for r in run.rows if r["schedule"] == "iid"]
+        settings: dict[tuple, list[dict]] = {}
+        for r in iid:
+            settings.setdefault(_setting_key(r), []).append(r)
+        for rs in settings.values():
+            fig = figures.residual_figure(rs, run.metrics, f"{run.name}: {_setting_title(rs[0])}")
+            if fig is None:
+                continue
+            sec.figures.append(Figure(
+                f"Residual and rare signal: {run.name}, {_setting_title(rs[0])}",
+                figures.png_bytes(fig),
+                "(a) final frequent residual delta_F = Tr((I - P_U) M_F) per width (dots: seeds) "
+                "against Theorem 3's optimum; (b) the rarest task's final s~ with its Prop. 6 "
+                "critical width and Theorem 3 first-feature width; (c) each width's path "
+                "through (delta_F, rare s~) at the logged steps, mean over seeds, final point "
+                "marked.", run.source()))
+    return sec
+
+
+def injection_section(runs: list[RunInput]) -> Section:
+    sec = Section("injection", "Fig. 4: matched-frequency injection",
+                  "The rare task is withheld for G steps, then G x batch x pi_r samples arrive "
+                  "in one batch: the same long-run frequency at every gap. Narrow models learn "
+                  "at each injection and forget before the next (update-and-forget); wide ones "
+                  "keep what they learned.",
+                  empty="No toy run with an injection schedule: run e.g. `raretask run "
+                  "configs/fig4_injection.yaml --out runs/fig4` and pass the directory.")
+    for i, run in enumerate(runs):
+        inj = [r for r in run.rows if r["schedule"] != "iid"]
+        if not inj:
+            continue
+        fig = figures.injection_traces_figure(run.path, inj)
+        if fig is not None:
+            sec.figures.append(Figure(
+                f"Injection traces: {run.name}", figures.png_bytes(fig),
+                "The rarest task's normalised signal s~ at every traced step, one panel per "
+                "(gap G, width N), seeds overlaid; grey lines mark injections, the dotted line "
+                "is the floor of an encoder holding none of the rare block (panels scaled one "
+                "by one).", run.source()))
+        fig = figures.injection_sweep_figure(inj, run.metrics, f"{run.name}: gap x width")
+        if fig is not None:
+            sec.figures.append(Figure(
+                f"Gap x width sweep: {run.name}", figures.png_bytes(fig),
+                "Left: the rare task's final s~ against the gap G (dots: seeds; line: mean). "
+                "Right: cosine between a rare-only and a frequent-only batch gradient on the "
+                "encoder, mean over the logged steps.", run.source()))
+        fig = figures.gradient_cosine_figure(inj, run.metrics,
+                                             f"{run.name}: rare vs frequent gradient cosine")
+        if fig is not None:
+            sec.figures.append(Figure(
+                f"Gradient cosines: {run.name}", figures.png_bytes(fig),
+                "Cosine between the gradient on U of a rare-only batch and of a frequent-only "
+                "batch at each logged step, one line per cell, coloured by width.",
+                run.source()))
+        contrast = analysis.injection_contrast(run.path, inj)
+        if contrast:
+            sec.tables.append(Table(
+                f"{run.name}: rare task around injections (normalised signal). rise: mean jump "
+                "from just before an injection to the peak after it; left before next: mean "
+                "signal just before each injection; early -> late: the same over the first and "
+                "last quarter of injections.",
+                ["width", "seed", "gap G", "injections", "rise at injection", "left before next",
+                 "early -> late", "final"],
+                [[str(c.width), str(c.seed), str(c.gap), str(c.injections), f"{c.rise:+.3f}",
+                  f"{c.trough:+.3f}", f"{c.first_trough:+.3f} -> {c.last_trough:+.3f}",
+                  f"{c.final:+.3f}"] for c in contrast], f"contrast-{i}"))
+    return sec
+
+
+def lm_table(run: RunInput, i: int) -> Table:
+    """The language-model table exactly as ``raretask show DIR`` prints it."""
+    rows = []
+    for r in run.rows:
+        acc = r.get("test_accuracy")
+        rows.append([str(r["cell"]), r["size"], f"{r['params'] / 1e6:.2f}M", r["task"],
+                     f"{r['frequency']:.2e}", r["schedule"], "-" if acc is None else f"{acc:.3f}",
+                     _fmt(r.get("task_loss")), _fmt(r.get("val_loss")),
+                     f"{r.get('epochs', 0):.2f}"])
+    return Table(
+        f"{run.path}: language models with an injected task, as `raretask show {run.path}` "
+        "prints it. acc: test accuracy, argmax over the vocabulary at LABEL, held-out 5K "
+        "instances; task L: loss at LABEL on the training instances; val L: background "
+        "validation loss",
+        ["cell", "size", "params", "task", "freq/tok", "schedule", "acc", "task L", "val L",
+         "epochs"], rows, f"lm-{i}")
+
+
+_NO_LM = ("No language-model run given: run e.g. `raretask run configs/fig5_lm_heatmap.yaml "
+          "--out runs/fig5` (any config with kind: lm) and pass the directory.")
+
+
+def lm_sections(runs: list[RunInput]) -> list[Section]:
+    heat = Section("lm-heatmap", "Fig. 5: language models, size x frequency",
+                   "Final test accuracy and task loss of the injected task for each model size "
+                   "and frequency: only larger models learn the rare frequencies.", empty=_NO_LM)
+    order = Section("lm-order", "Fig. 6: frequency order and gaps",
+                    "Tasks are learned in frequency order; at one long-run frequency, longer "
+                    "gaps between injections leave a higher task loss.", empty=_NO_LM)
+    presence = Section("lm-presence", "Fig. 7: feature presence",
+                       "T_CMP's hidden order is read off the first layer's residual stream "
+                       "(leave-one-out R^2 on the top principal components); T_ADD's Fourier "
+                       "modes are counted across layers. Presence tracks test accuracy.",
+                       empty=_NO_LM)
+    retention = Section("lm-retention", "Figs. 8-9: retention and gradient cosines",
+                        "Task loss over training (retention), and the cosine of the batch "
+                        "gradient g, its task-token part g_t and its other-token part g_nt with "
+                        "the task's reference gradient g_r on the top-K first-layer MLP "
+                        "neurons: in a big model the other tokens' updates stop colliding with "
+                        "the task (cos(g_nt, g_r) near 0).", empty=_NO_LM)
+    for i, run in enumerate(runs):
+        rows, m, src = run.rows, run.metrics, run.source()
+        heat.tables.append(lm_table(run, i))
+        fig = figures.lm_heatmap_figure(rows, run.cells, f"{run.name}: final test accuracy and task loss")
+        if fig is not None:
+            heat.figures.append(Figure(
+                f"Size x frequency: {run.name}", figures.png_bytes(fig),
+                "Rows: model sizes (by parameters); columns: the task's frequency per training "
+                "token and its schedule ('k/n burst': k instances every n steps; 'spread': "
+                "evenly); cells: mean over seeds of the final value, as in the table below.", src))
+        fig = figures.lm_order_figure(rows, m, f"{run.name}: test accuracy over training")
+        if fig is not None:
+            order.figures.append(Figure(
+                f"Learning order: {run.name}", figures.png_bytes(fig),
+                "Test accuracy at each evaluation, one line per cell; colour: frequency "
+                "(brighter = more frequent), line style: size.", src))
+        fig = figures.lm_gap_figure(rows, run.cells, f"{run.name}: matched-frequency gaps")
+        if fig is not None:
+            order.figures.append(Figure(
+                f"Gap sweep: {run.name}", figures.png_bytes(fig),
+                "Final task loss against the gap N (N instances every N steps, same long-run "
+                "frequency), a line per size and task.", src))
+        fig = figures.lm_presence_figure(rows, m, f"{run.name}: feature presence")
+        if fig is not None:
+            presence.figures.append(Figure(
+                f"Feature presence: {run.name}", figures.png_bytes(fig),
+                "order_r2 (T_CMP) and fourier_modes (T_ADD) at each evaluation next to test "
+                "accuracy; one line per cell.", src))
+        fig = figures.lm_retention_figure(rows, m, f"{run.name}: task loss over training")
+        if fig is not None:
+            retention.figures.append(Figure(
+                f"Retention: {run.name}", figures.png_bytes(fig),
+                "Loss at LABEL on the training instances (left) and held-out instances (right) "
+                "at each evaluation.", src))
+        fig = figures.lm_cosine_figure(rows, m, f"{run.name}: gradient cosines with g_r")
+        if fig is not None:
+            retention.figures.append(Figure(
+                f"Gradient cosines: {run.name}", figures.png_bytes(fig),
+                "cos(g, g_r), cos(g_t, g_r) and cos(g_nt, g_r) at each evaluation, one line per "
+                "cell (the probe's batch at that step).", src))
+        by_cell = {r["cell"]: r for r in rows}
+        stats = analysis.lm_cosine_stats(m, sorted(by_cell))
+        if stats:
+            retention.tables.append(Table(
+                f"{run.name}: gradient cosines, mean +- sd over evaluations after step 0 (the "
+                "paper quotes cos(g, g_r) 0.08 +- 0.02 at 1B and cos(g_nt, g_r) 0.10 +- 0.09 at "
+                "20M)",
+                ["cell", "size", "task", "freq/tok", "schedule", "evals", "cos(g, g_r)",
+                 "cos(g_t, g_r)", "cos(g_nt, g_r)"],
+                [[str(s.cell), by_cell[s.cell]["size"], by_cell[s.cell]["task"],
+                  f"{by_cell[s.cell]['frequency']:.2e}", by_cell[s.cell]["schedule"],
+                  str(s.evaluations), f"{_f(s.g_mean, '+.3f')} +- {_f(s.g_sd, '.3f')}",
+                  f"{_f(s.gt_mean, '+.3f')} +- {_f(s.gt_sd, '.3f')}",
+                  f"{_f(s.gnt_mean, '+.3f')} +- {_f(s.gnt_sd, '.3f')}"] for s in stats],
+                f"cosines-{i}"))
+    if runs:
+        if not order.figures:
+            order.empty = ("The language-model runs logged no test accuracy over training.")
+        if not presence.figures:
+            presence.empty = ("No feature-presence metrics (order_r2, fourier_modes) in the "
+                              "runs: they are recorded when `probes: true`.")
+        if not retention.figures:
+            retention.empty = "No task-loss or gradient-cosine metrics in the runs."
+    return [heat, order, presence, retention]
+
+
+def fix_section(runs: list[RunInput]) -> Section:
+    sec = Section("fix", "The fix: natural mix vs plan vs bigger model",
+                  "Raising the rare task's frequency (spread evenly) can teach the small model "
+                  "what otherwise only a bigger model learns.",
+                  empty=f"No fix result given: pass a directory holding a `{FIX_FILE}` (written "
+                  "by the fix flow; format in raretask.report.fix).")
+    for i, run in enumerate(r for r in runs if r.fix is not None):
+        fix = run.fix
+        sec.tables.append(Table(
+            f"{run.path / FIX_FILE}: task {fix.task}" + (f". {fix.note}" if fix.note else ""),
+            ["row", "size", "params", "freq/tok", "steps", "tokens", "acc", "task L", "learned",
+             "run"],
+            [[r.label, r.size, "-" if r.params is None else f"{r.params / 1e6:.2f}M",
+              f"{r.frequency:.2e}", "-" if r.steps is None else str(r.steps),
+              "-" if r.tokens is None else f"{r.tokens:.3g}",
+              _f(r.test_accuracy, ".3f"), "-" if r.task_loss is None else _fmt(r.task_loss),
+              "-" if r.learned is None else _fmt(r.learned), r.run or "-"] for r in fix.rows],
+            f"fix-{i}"))
+    return sec
+
+
+def build_report(dirs: list[str | Path], scaling_csv: str | Path | None = None,
+                 title: str = "raretask report", command: str = "") -> Report:
+    """Read every directory (all checked before anything is drawn) and make the sections."""
+    if not dirs:
+        raise UserError("DIR: give at least one run directory")
+    runs = [load_run(d) for d in dirs]
+    if scaling_csv is not None:
+        from raretask.scaling import load_scaling_csv
+
+        load_scaling_csv(scaling_csv)  # fail on a bad file before drawing anything
+    toy = [r for r in runs if r.kind == "toy"]
+    lm = [r for r in runs if r.kind == "lm"]
+    sections = [scaling_section(None if scaling_csv is None else Path(scaling_csv)),
+                phase_section(toy), residual_section(toy), injection_section(toy),
+                *lm_sections(lm), fix_section(runs)]
+    # the per-cell toy digests (`raretask show`) close the toy sections they belong to
+    for i, run in enumerate(toy):
+        target = sections[1] if any(r["schedule"] == "iid" for r in run.rows) else sections[3]
+        target.tables.append(digest_table(run, i))
+    return Report(title, runs, sections, command)
