@@ -171,54 +171,8 @@ def scaling(
 # -- run / show --------------------------------------------------------------------------------
 
 
-class _GridProgress:
-    """rich progress for a grid: cells done/total, steps of the running group, rate, ETA."""
-
-    def __init__(self, quiet: bool):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.quiet = quiet
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=Console(stderr=True), disable=quiet, transient=False,
-        )
-        self.cells = None
-        self.steps = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress.live.is_started:
-            self.progress.stop()
-
-    def __call__(self, ev: dict) -> None:
-        p = self.progress
-        if ev["event"] == "start":
-            # shown only once the run has started: an error before that stays one line
-            p.start()
-            self.cells = p.add_task("cells", total=ev["cells_total"], completed=ev["cells_done"],
-                                    rate="")
-        elif ev["event"] == "step":
-            if self.steps is None:
-                self.steps = p.add_task("steps", total=ev["steps"], rate="")
-            rate = next(t for t in p.tasks if t.id == self.steps).speed
-            desc = f"{ev['group']} ({ev['cells']} models)"
-            p.update(self.steps, completed=ev["step"], total=ev["steps"], description=desc,
-                     rate=f"{rate:,.0f} steps/s" if rate else "")
-        elif ev["event"] == "group_done":
-            p.update(self.cells, completed=ev["cells_done"])
-            if self.steps is not None:
-                p.remove_task(self.steps)
-                self.steps = None
+# rich progress for a grid: cells done/total, steps, rate, ETA (raretask.runs.progress)
+from raretask.runs.progress import GridProgress as _GridProgress  # noqa: E402
 
 
 @app.command()

@@ -184,7 +184,9 @@ class GridRun:
                           + (f", {world} processes ({mode})" if world > 1 else ""))
             if progress:
                 progress({"event": "start", "cells_total": len(self.cells),
-                          "cells_done": self._cells_done(), "groups_todo": len(todo)})
+                          "cells_done": self._cells_done(), "groups_todo": len(todo),
+                          "steps_todo": sum(getattr(self.cells[g.cell_ids[0]], "steps", 0)
+                                            for g in todo)})
             if mode == "cells":
                 self._run_claimed(todo, progress)
             else:
