@@ -101,4 +101,22 @@ def run_demo(out: Path, console: Console, progress_factory, overrides: list[str]
         if f is not None:
             console.print(f"wrote {f}")
     results["figures"] = [f for f in figs if f is not None]
+    results["report"] = write_demo_report(out, console)
     return results
+
+
+def write_demo_report(out: Path, console: Console) -> Path:
+    """The demo's HTML report, ``out/report.html``: the phase and injection runs, and every
+    other directory under ``out`` holding a ``fix.json`` (the fix flow's result)."""
+    from raretask.report.fix import FIX_FILE
+    from raretask.report.html import write_report
+
+    out = Path(out)
+    dirs = [out / "phase", out / "injection"]
+    dirs += [d for d in sorted(out.iterdir()) if d.is_dir() and d not in dirs
+             and (d / FIX_FILE).exists()]
+    path = write_report(dirs, out / "report.html", title="raretask demo report",
+                        command=f"raretask demo --out {out}")
+    console.rule("[bold]Report[/]")
+    console.print(f"report: {path}  (one self-contained page; open it in a browser)")
+    return path
