@@ -63,6 +63,36 @@ def task_set(cell: ToyCell) -> TaskSet:
     return TaskSet.power_law(cell.tasks, cell.features, alpha=cell.alpha, beta=cell.beta)
 
 
+def build_instances(cells: list[ToyCell]):
+    """The trainer's :class:`~raretask.toy.spec.ToyInstance` of each cell, in order."""
+    from raretask.toy.spec import Schedule, ToyInstance
+
+    out = []
+    for c in cells:
+        ts = task_set(c)
+        frequent = np.zeros(c.tasks, dtype=bool)
+        frequent[Theory(ts, c.frequent_mass).frequent_tasks()] = True
+        out.append(ToyInstance(
+            width=c.width, frequencies=ts.frequencies, eigenvalues=np.stack(ts.spectra),
+            seed=c.seed, rare_task=c.rare_index, frequent=frequent,
+            schedule=Schedule(kind=c.schedule, gap=c.gap, count=c.count),
+        ))
+    return out
+
+
+def build_settings(cell: ToyCell, device: str):
+    """The :class:`~raretask.toy.spec.TrainSettings` shared by a group led by ``cell``."""
+    from raretask.toy.spec import TrainSettings
+
+    return TrainSettings(
+        steps=cell.steps, batch_size=cell.batch_size, lr=cell.lr,
+        eval_steps=eval_steps(cell.steps, cell.eval_points),
+        trace_every=cell.trace_every, basis=cell.basis, device=device,
+        retraction=resolve_retraction(cell.retraction, device),
+        tf32=cell.tf32 and device.startswith("cuda"), cuda_graph=cell.cuda_graph,
+    )
+
+
 class ToyGridRun(GridRun):
     """A toy grid in one directory: groups of cells trained in one optimizer step each."""
 
@@ -74,37 +104,15 @@ class ToyGridRun(GridRun):
         self._merge_tables(load_summary(self.out))
 
     def _instances(self, group: Group):
-        from raretask.toy.spec import Schedule, ToyInstance
-
-        out = []
-        for i in group.cell_ids:
-            c = self.cells[i]
-            ts = task_set(c)
-            th = Theory(ts, c.frequent_mass)
-            frequent = np.zeros(c.tasks, dtype=bool)
-            frequent[th.frequent_tasks()] = True
-            out.append(ToyInstance(
-                width=c.width, frequencies=ts.frequencies, eigenvalues=np.stack(ts.spectra),
-                seed=c.seed, rare_task=c.rare_index, frequent=frequent,
-                schedule=Schedule(kind=c.schedule, gap=c.gap, count=c.count),
-            ))
-        return out
+        return build_instances([self.cells[i] for i in group.cell_ids])
 
     def _run_group(self, group: Group, device: str, progress) -> None:
         import torch
         from safetensors.torch import load_file
 
-        from raretask.toy.spec import TrainSettings
         from raretask.toy.trainer import ToyTrainer
 
-        first = self.cells[group.cell_ids[0]]
-        settings = TrainSettings(
-            steps=first.steps, batch_size=first.batch_size, lr=first.lr,
-            eval_steps=eval_steps(first.steps, first.eval_points),
-            trace_every=first.trace_every, basis=first.basis, device=device,
-            retraction=resolve_retraction(first.retraction, device),
-            tf32=first.tf32 and device.startswith("cuda"), cuda_graph=first.cuda_graph,
-        )
+        settings = build_settings(self.cells[group.cell_ids[0]], device)
         trainer = ToyTrainer(self._instances(group), settings)
         gdir = self._group_dir(group)
         ckpt = gdir / "checkpoint.safetensors"
