@@ -157,7 +157,8 @@ def cell_digest(rows: list[dict]) -> list[CellDigest]:
         out.append(CellDigest(
             cell=cell, width=r0["width"], beta=r0["beta"], alpha=r0["alpha"], seed=r0["seed"],
             schedule=r0["schedule"] + (f" {r0['gap']}" if r0["schedule"] != "iid" else ""),
-            learned=sum(r["learned"] for r in rs), predicted=sum(r["predicted_learned"] for r in rs),
+            learned=sum(r["learned"] for r in rs),
+            predicted=sum(r["predicted_learned"] for r in rs),
             agreement=sum(r["agree"] for r in rs) / len(rs), rare_signal=rare["signal"],
             rare_predicted=rare["predicted_learned"]))
     return out

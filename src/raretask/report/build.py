@@ -403,7 +403,8 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
     for i, run in enumerate(runs):
         rows, m, src = run.rows, run.metrics, run.source()
         heat.tables.append(lm_table(run, i))
-        fig = figures.lm_heatmap_figure(rows, run.cells, f"{run.name}: final test accuracy and task loss")
+        fig = figures.lm_heatmap_figure(rows, run.cells,
+                                        f"{run.name}: final test accuracy and task loss")
         if fig is not None:
             heat.figures.append(Figure(
                 f"Size x frequency: {run.name}", figures.png_bytes(fig),

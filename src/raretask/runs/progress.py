@@ -2,8 +2,8 @@
 
 ::
 
-    grid            ━━━━━━━━━━━━━━━━━━╸━━━━━━━━━━━━━━  4/12 cells   9,000/24,000 steps  118 steps/s  0:01:16 ETA 0:02:07
-    g0001 (4 models) ━━━━━━━━━━━━━━━━━━━━━━━━━━━━━╸━━━               1,000/4,000 steps  120 steps/s  0:00:08 ETA 0:00:25
+    grid              ━━━━━━╸━━━  4/12 cells 9,000/24,000 steps  118 steps/s 0:01:16 ETA 0:02:07
+    g0001 (4 models)  ━━━━━━━━╸━             1,000/4,000 steps  120 steps/s 0:00:08 ETA 0:00:25
 
 It listens to the events :meth:`raretask.runs.grid.GridRun.run` sends: ``start`` (cells done and
 total, and the steps left in the unfinished groups: ``steps_todo``), ``step`` (the running
