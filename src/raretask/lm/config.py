@@ -23,14 +23,17 @@ class LMCell(StrictModel):
         "cmp", description="Injected task: T_CMP, T_ADD (PAPER.md Sec. 3) or none.")
     frequency: float | None = Field(
         None, gt=0, le=0.25, allow_inf_nan=False,
-        description="Instances per training token, spread evenly over steps. Give this or "
-        "`instances`.")
+        description="Instances per training token, spread evenly over steps (or delivered in "
+        "bursts: `every`). Give this or `instances`.")
     instances: int | None = Field(
         None, ge=1, description="Instances per `every` steps (the paper's 'N every N batches').")
-    every: int = Field(1, ge=1, description="Steps between injections of `instances`.")
+    every: int = Field(
+        1, ge=1, description="Steps between injections of `instances`; with `frequency`, > 1 "
+        "delivers the same rate as frequency * batch_size * seq_len * every instances every "
+        "`every` steps (matched frequency; 1: spread evenly).")
     mode: Literal["spread", "burst"] = Field(
-        "burst", description="For `instances`: all at once every `every` steps (burst, as the "
-        "paper) or spread evenly.")
+        "burst", description="For `instances`, or `frequency` with `every` > 1: all at once "
+        "every `every` steps (burst, as the paper) or spread evenly.")
     steps: int = Field(2000, ge=1, le=10**8, description="Optimizer steps (ours: 2000).")
     batch_size: int = Field(32, ge=1, le=1 << 16, description="Global batch in sequences.")
     seq_len: int = Field(128, ge=8, le=1 << 16, description="Tokens per sequence.")
@@ -44,6 +47,8 @@ class LMCell(StrictModel):
     corpus: str = Field("kjv", min_length=1, description="'kjv' (built-in, public domain) or a "
                         "path: .txt, .jsonl, .parquet or a directory of .bin shards.")
     text_field: str = Field("text", min_length=1, description="JSONL/Parquet text field.")
+    eod_id: int | None = Field(None, ge=0, description=".bin shards only: the end-of-document "
+                               "id of their tokenizer (e.g. 50256 for GPT-2).")
     source: Literal["corpus", "ngram"] = Field(
         "corpus", description="Background stream: windows of the real corpus (recycled when "
         "exhausted; the summary reports epochs), or text sampled from an n-gram model of it "
@@ -79,6 +84,16 @@ class LMCell(StrictModel):
             raise ValueError(f"frequency: {self.frequency:g} per token needs more than one "
                              f"instance per sequence of {self.seq_len} tokens (one per row: at "
                              f"most 1/seq_len = {1 / self.seq_len:g})")
+        if self.frequency is not None and self.every > 1:
+            k = self.frequency * self.batch_size * self.seq_len * self.every
+            if k < 1 or abs(k - round(k)) > 1e-6 * k:
+                raise ValueError(f"every: {self.frequency:g} per token x {self.batch_size} x "
+                                 f"{self.seq_len} tokens x every {self.every} steps = {k:g} "
+                                 "instances per injection, not a whole number >= 1")
+            if self.mode == "burst" and round(k) > self.batch_size:
+                raise ValueError(f"every: a burst of {round(k)} instances (frequency x tokens "
+                                 f"per step x every) does not fit in a batch of "
+                                 f"{self.batch_size} sequences (one instance per row)")
         if self.instances is not None and self.instances > self.batch_size * self.every and \
                 self.mode == "spread":
             raise ValueError("instances: more than one per row of every batch")
@@ -92,9 +107,19 @@ class LMCell(StrictModel):
     def schedule_label(self) -> str:
         if self.task == "none":
             return "none"
-        if self.frequency is not None:
+        if self.frequency is not None and self.every == 1:
             return "spread"
-        return f"{self.instances}/{self.every} {self.mode}"
+        return f"{self.injection_size}/{self.every} {self.mode}"
+
+    @property
+    def injection_size(self) -> int | None:
+        """Instances per injection: `instances`, or frequency * batch * seq_len * every when a
+        frequency is delivered every `every` > 1 steps; None for a spread frequency or no task."""
+        if self.task == "none" or (self.frequency is not None and self.every == 1):
+            return None
+        if self.instances is not None:
+            return self.instances
+        return round(self.frequency * self.batch_size * self.seq_len * self.every)
 
 
 class LMGrid(Grid):

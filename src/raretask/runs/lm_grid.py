@@ -53,16 +53,16 @@ def build_trainer(cell: LMCell, device: str, stream_world: tuple[int, int] | Non
     rank, world = stream_world or _rank_world()
     corpus = [] if cell.corpus == "kjv" else [cell.corpus]
     bg = BackgroundConfig(corpus=corpus, vocab_size=cell.vocab_size, text_field=cell.text_field,
-                          source=cell.source).build()
+                          source=cell.source, eod_id=cell.eod_id).build()
     model_cfg = ModelConfig.preset(cell.size, vocab_size=bg.vocab_size,
                                    max_seq_len=max(cell.seq_len, 8))
     task = schedule = None
     if cell.task != "none":
         task = RareTask(cell.task, vocab_size=bg.vocab_size, eod_id=bg.eod_id, seed=cell.task_seed)
-        if cell.frequency is not None:
+        if cell.frequency is not None and cell.every == 1:
             schedule = Frequency(cell.frequency).schedule(cell.batch_size, cell.seq_len)
-        else:
-            schedule = InjectionSchedule(cell.instances, cell.every, cell.mode)
+        else:  # `instances`, or a frequency delivered every `every` steps (same rate)
+            schedule = InjectionSchedule(cell.injection_size, cell.every, cell.mode)
     if cell.batch_size % world:
         raise UserError(f"batch_size: {cell.batch_size} is not divisible by the {world} "
                         "processes")
