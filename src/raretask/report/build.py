@@ -217,7 +217,7 @@ def scaling_section(csv: Path | None) -> Section:
         sizes = list(PAPER_SIZES)
         source = ["data: none given (--scaling CSV); the law the paper quotes (a 0.46, b 0.51) "
                   "with Chinchilla's L0, A, B",
-                  "made by: raretask report ... (no run needed)"]
+                  "made by: raretask report (theory only: no run, no data)"]
         what = "the paper's quoted law (no measurements given: pass --scaling CSV)"
     pairs = classify(law, sizes, 0.0)
     ratio = max_data_scalable_ratio(law)

@@ -299,7 +299,9 @@ def injection_sweep_figure(rows: list[dict], m: dict[str, np.ndarray], title: st
             cos.append(np.mean(vals) if vals else np.nan)
         bx.plot(g, cos, "o-", color=f"C{i}", label=f"N = {width}")
     for a in (ax, bx):
-        a.set_xscale("symlog", linthresh=1)
+        a.set_xscale("log")
+        a.set_xticks(gaps, [str(g) for g in gaps])
+        a.minorticks_off()
         a.set_xlabel("gap G (steps between injections; same long-run frequency)")
         a.legend(fontsize=7)
     ax.set_ylabel("rare task's final signal s~")
@@ -489,6 +491,9 @@ def lm_gap_figure(rows: list[dict], cells: dict[int, dict], title: str):
         loss = [np.mean([v for e, v in pts if e == g]) for g in gaps]
         ax.plot(gaps, loss, "o-", color=f"C{i}", label=f"{size} T_{task.upper()} at {freq:.2e}")
     ax.set_xscale("log")
+    ticks = sorted({e for pts in groups.values() for e, _ in pts})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("gap: steps between injections (same long-run frequency)")
     ax.set_ylabel("final task loss")
     ax.legend(fontsize=7)
