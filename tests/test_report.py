@@ -473,3 +473,21 @@ def test_chromium_flags_reject_network_requests(tmp_path):
         driver.quit()
     assert widths == [0]
     assert any(e["level"] == "SEVERE" for e in logs)
+
+
+def test_demo_report_takes_both_runs_and_any_fix_dir(toy_runs, tmp_path):
+    from raretask.demo import write_demo_report
+
+    out = tmp_path / "demo"
+    shutil.copytree(toy_runs[0], out / "phase")
+    shutil.copytree(toy_runs[1], out / "injection")
+    (out / "fix").mkdir()
+    (out / "fix" / "fix.json").write_text(json.dumps(FIX))
+    (out / "other").mkdir()  # neither a run nor a fix: not an input
+    buf = io.StringIO()
+    path = write_demo_report(out, Console(file=buf, width=200))
+    assert path == out / "report.html"
+    assert f"report: {path}" in buf.getvalue()
+    page = Page(path.read_text(encoding="utf-8"))
+    assert page.sections["phase"] and page.sections["injection"] and page.sections["fix"]
+    assert not page.sections["lm-heatmap"]
