@@ -187,6 +187,11 @@ def _f(v: float | None, spec: str) -> str:
     return "-" if v is None or v != v else format(v, spec)
 
 
+def _scalar(v) -> float | None:
+    """A config value that is one number (not a grid axis), else None."""
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
 def _setting_key(r: dict) -> tuple:
     return (r["tasks"], r["features_per_task"], r["alpha"], r["beta"], r.get("frequent_mass"))
 
@@ -296,7 +301,8 @@ def residual_section(runs: list[RunInput]) -> Section:
         for r in iid:
             settings.setdefault(_setting_key(r), []).append(r)
         for rs in settings.values():
-            fig = figures.residual_figure(rs, run.metrics, f"{run.name}: {_setting_title(rs[0])}")
+            fig = figures.residual_figure(rs, run.metrics, f"{run.name}: {_setting_title(rs[0])}",
+                                          _scalar(run.config.get("learned_threshold")))
             if fig is None:
                 continue
             sec.figures.append(Figure(

@@ -193,7 +193,8 @@ def _by_width_final(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray,
     return np.array(widths), np.array([np.mean(acc[w]) for w in widths]), [acc[w] for w in widths]
 
 
-def residual_figure(rows: list[dict], m: dict[str, np.ndarray], title: str):
+def residual_figure(rows: list[dict], m: dict[str, np.ndarray], title: str,
+                    threshold: float | None = None):
     """Fig. 3 analogue for one toy setting (rows of iid cells sharing K, M, alpha, beta).
 
     (a) final frequent residual delta_F vs width, with Theorem 3's optimum and the best any
@@ -237,6 +238,8 @@ def residual_figure(rows: list[dict], m: dict[str, np.ndarray], title: str):
     bx.axvline(crit, color="purple", ls="--", lw=1, label=f"Prop. 6 critical width {crit}")
     bx.axvline(first, color="red", lw=1, label=f"Thm 3 first feature at {first}")
     bx.axhline(0, color="grey", lw=0.5)
+    if threshold is not None:
+        bx.axhline(threshold, color="grey", ls="--", lw=0.8, label=f"learned: s~ >= {threshold:g}")
     bx.set_xscale("log", base=2)
     bx.set_xlabel("width N")
     bx.set_ylabel("rare task's final signal s~")
