@@ -405,9 +405,10 @@ def lm_heatmap_figure(rows: list[dict], cells: dict[int, dict], title: str):
             for si in range(len(sizes)):
                 for ci in range(len(cols)):
                     if np.isfinite(mat[si, ci]):
+                        r_, g_, b_, _ = im.cmap(im.norm(mat[si, ci]))
+                        dark = 0.299 * r_ + 0.587 * g_ + 0.114 * b_ < 0.5
                         ax.text(ci, si, fmt.format(mat[si, ci]), ha="center", va="center",
-                                fontsize=7, color="white" if pi == 0 and mat[si, ci] < 0.6
-                                else "black")
+                                fontsize=7, color="white" if dark else "black")
             ax.set_xticks(range(len(cols)), [f"{f:.2e}\n{s}" for f, s in cols], fontsize=6)
             ax.set_yticks(range(len(sizes)), sizes, fontsize=8)
             ax.set_xlabel("frequency (instances per token) and schedule", fontsize=8)
@@ -421,44 +422,51 @@ def lm_heatmap_figure(rows: list[dict], cells: dict[int, dict], title: str):
 
 
 def _lm_trajectory_figure(rows, m, metrics: list[tuple[str, str]], title: str, logy=False):
-    """One panel per (metric, task); a line per cell, coloured by frequency, styled by size."""
-    rows = [r for r in rows if r["task"] != "none"]
-    tasks = sorted({r["task"] for r in rows})
-    panels = [(metric, label, t) for metric, label in metrics for t in tasks]
-    panels = [p for p in panels if any(_has(m, r["cell"], p[0]) for r in rows if r["task"] == p[2])]
-    if not panels:
-        return None
+    """A row of panels per task, one panel per metric the task recorded; a line per cell,
+    coloured by frequency, styled by size."""
     from raretask.report.analysis import metric_series
 
-    ncol = min(len(panels), 3)
-    nrow = -(-len(panels) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.3 * nrow), squeeze=False)
+    rows = [r for r in rows if r["task"] != "none"]
+    tasks = sorted({r["task"] for r in rows})
+    layout = [[(metric, label, t) for metric, label in metrics
+               if any(_has(m, r["cell"], metric) for r in rows if r["task"] == t)]
+              for t in tasks]
+    layout = [row for row in layout if row]
+    if not layout:
+        return None
+    ncol = max(len(row) for row in layout)
+    fig, axes = plt.subplots(len(layout), ncol, figsize=(4.6 * ncol, 3.3 * len(layout)),
+                             squeeze=False)
     freqs = sorted({r["frequency"] for r in rows})
     sizes = sorted({r["size"] for r in rows}, key=lambda s: min(r["params"] for r in rows
                                                                 if r["size"] == s))
     cmap = plt.get_cmap("plasma")
     styles = ["-", "--", ":", "-."]
-    for ax, (metric, label, task) in zip(axes.ravel(), panels, strict=False):
-        for r in rows:
-            if r["task"] != task:
+    for ri, row in enumerate(layout):
+        for ci in range(ncol):
+            ax = axes[ri, ci]
+            if ci >= len(row):
+                ax.set_visible(False)
                 continue
-            steps, v = metric_series(m, r["cell"], metric)
-            keep = (steps > 0) & np.isfinite(v)
-            if not keep.any():
-                continue
-            fi = freqs.index(r["frequency"])
-            ax.plot(steps[keep], v[keep], styles[sizes.index(r["size"]) % 4], lw=1.1,
-                    color=cmap(0.85 * fi / max(len(freqs) - 1, 1)), label=lm_label(r))
-        ax.set_xscale("log")
-        if logy:
-            ax.set_yscale("log")
-        ax.set_xlabel("step", fontsize=8)
-        ax.set_ylabel(label, fontsize=8)
-        ax.set_title(f"T_{task.upper()}: {label}", fontsize=9)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=5.5)
-    for ax in axes.ravel()[len(panels):]:
-        ax.set_visible(False)
+            metric, label, task = row[ci]
+            for r in rows:
+                if r["task"] != task:
+                    continue
+                steps, v = metric_series(m, r["cell"], metric)
+                keep = (steps > 0) & np.isfinite(v)
+                if not keep.any():
+                    continue
+                fi = freqs.index(r["frequency"])
+                ax.plot(steps[keep], v[keep], styles[sizes.index(r["size"]) % 4], lw=1.1,
+                        color=cmap(0.85 * fi / max(len(freqs) - 1, 1)), label=lm_label(r))
+            ax.set_xscale("log")
+            if logy:
+                ax.set_yscale("log")
+            ax.set_xlabel("step", fontsize=8)
+            ax.set_ylabel(label, fontsize=8)
+            ax.set_title(f"T_{task.upper()}: {label}", fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=5.5)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
