@@ -316,8 +316,9 @@ def _digest_table(rows: list[dict], title: str) -> Table:
 
 @app.command()
 def report(
-    dirs: Annotated[list[Path], typer.Argument(help="Finished run directories (toy or LM), or "
-                                               "directories holding a fix.json.")],
+    dirs: Annotated[list[Path], typer.Argument(
+        metavar="DIR", help="Finished run directories (toy or LM), or directories holding "
+        "a fix.json.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path(
         "report.html"),
     scaling_csv: Annotated[
