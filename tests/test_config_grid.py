@@ -33,7 +33,8 @@ def test_shipped_configs_load(name):
     grid = load_experiment(CONFIGS / name)
     cells = list(grid.cells())
     assert cells
-    assert all(c.width <= c.tasks * c.features for c in cells)
+    if grid.kind == "toy":  # LM configs: tests/test_lm_configs.py
+        assert all(c.width <= c.tasks * c.features for c in cells)
 
 
 def test_paper_configs_have_the_paper_grids():

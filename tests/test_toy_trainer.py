@@ -352,3 +352,37 @@ def test_bad_settings_are_rejected():
         Settings(steps=10, retraction="polar")
     with pytest.raises(ValueError, match=r"until must lie in \[step=0, steps=10\]"):
         ToyTrainer([inst(4)], Settings(steps=10, batch_size=4)).run(until=11)
+
+
+def test_padded_group_trains_each_instance_like_its_own_width():
+    """pad_width merges widths 2..8 into one group padded to 8 (the GPU layout): per-instance
+    numbers equal one group per width up to float32 rounding, with injections too, and a
+    checkpoint of one layout resumes in the other."""
+    instances = [inst(2), inst(5, seed=1), inst(5, seed=2, schedule=Schedule("matched", gap=4)),
+                 inst(8, seed=3), inst(12, seed=4)]
+    base = dict(steps=24, batch_size=32, lr=1e-2, eval_steps=(0, 10, 24), trace_every=4,
+                retraction="series_qr")
+    plain = ToyTrainer(instances, Settings(**base))
+    padded = ToyTrainer(instances, Settings(**base, pad_width=8))
+    assert sorted(gr.n for gr in plain._groups) == [2, 5, 8, 12]
+    assert sorted(gr.n for gr in padded._groups) == [8, 12]
+    plain.run(until=10)
+    padded.run(until=10)
+    state = padded.state_dict()  # real columns only
+    assert state["instance.0.U"].shape == (D, 2) and state["instance.2.D"].shape == (K, M, 5)
+    resumed = ToyTrainer(instances, Settings(**base))  # padded checkpoint, unpadded trainer
+    resumed.load_state_dict(state)
+    for tr in (plain, padded, resumed):
+        tr.run()
+    a, b, c = table(plain), table(padded), table(resumed)
+    assert a.keys() == b.keys() == c.keys()
+    for key, value in a.items():
+        assert b[key] == pytest.approx(value, abs=2e-4, nan_ok=True), key
+        assert c[key] == pytest.approx(value, abs=2e-4, nan_ok=True), key
+    ortho = [v for k, v in b.items() if k[3] == "ortho_error"]
+    assert max(ortho) < 1e-5  # padding columns do not count as non-orthonormal
+    np.testing.assert_allclose(padded.traces(), plain.traces(), atol=2e-4)
+    gr = next(g for g in padded._groups if g.n == 8)
+    j = gr.idx.index(0)
+    assert torch.count_nonzero(gr.params[:, j, :, 2:]) == 0  # padding stays exactly zero
+    np.testing.assert_allclose(padded.model(1)["U"], plain.model(1)["U"], atol=2e-4)

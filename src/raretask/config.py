@@ -249,6 +249,9 @@ class ToyCell(StrictModel):
     tf32: bool = Field(True, description="CUDA: TF32 tensor cores for the training matmuls "
                        "(metrics and the retraction's final Gram stay float32/float64).")
     cuda_graph: bool = Field(True, description="CUDA: replay each step as a CUDA graph.")
+    pad_width: int = Field(128, ge=0, description=(
+        "CUDA with the series retraction: widths up to this train as one group, padded with "
+        "inert zero columns to the widest of them (fewer kernels); 0 = one group per width."))
 
     @model_validator(mode="after")
     def _consistent(self) -> ToyCell:

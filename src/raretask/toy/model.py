@@ -78,37 +78,52 @@ def cholesky_qr_retraction(u: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(chol.mT, u, upper=True, left=False)
 
 
-def _upper_half(a: Tensor) -> Tensor:
-    """Phi(A) = strict upper triangle of A plus half its diagonal: Phi(A) + Phi(A)^T = A (A sym)."""
-    return torch.triu(a, 1) + torch.diag_embed(torch.diagonal(a, dim1=-2, dim2=-1) * 0.5)
+_CONSTANTS: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
-def _series_cholqr_pass(u: Tensor, order: int, exact_gram: bool) -> Tensor:
+def _series_constants(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(W, -I) for width n: W = 1 above the diagonal, 1/2 on it, 0 below (cached).
+
+    Phi(A) = A * W is the strict upper triangle of A plus half its diagonal, so
+    Phi(A) + Phi(A)^T = A for symmetric A; one multiply instead of triu + diag_embed.
+    """
+    key = (n, dtype, device)
+    if key not in _CONSTANTS:
+        eye = torch.eye(n, dtype=dtype, device=device)
+        _CONSTANTS[key] = (torch.triu(torch.ones_like(eye), 1) + 0.5 * eye, -eye)
+    return _CONSTANTS[key]
+
+
+def _series_cholqr_pass(u: Tensor, order: int, exact_gram: bool, shift: Tensor | None) -> Tensor:
     """One Cholesky-QR pass U R^-1 with R and R^-1 from truncated series (GEMMs only).
 
     With U^T U = I + E and R = I + S (S upper triangular), S solves S + S^T + S^T S = E; the
     fixed point S <- Phi(E - S^T S) gains one order of |E| per iteration, and R^-1 = I - S + S^2
     - ... by Horner. The result is U times an upper-triangular matrix, orthonormal up to
-    O(|E|^(order + 1)) plus the rounding of the GEMMs.
+    O(|E|^(order + 1)) plus the rounding of the GEMMs. Every line is one kernel (baddbmm folds
+    the additions into the products): ten per pass, so many small groups stay cheap.
+    ``shift`` replaces -I in E = U^T U + shift ([I, N, N]; zero diagonal entries mark padding
+    columns, which are zero and stay zero).
     """
     n = u.shape[-1]
-    eye = torch.eye(n, dtype=u.dtype, device=u.device)
+    w, neg_eye = _series_constants(n, u.dtype, u.device)
+    shift = neg_eye if shift is None else shift
     if exact_gram:
         with tf32(False):
-            gram = u.mT @ u
+            e = torch.baddbmm(shift, u.mT, u)
     else:
-        gram = u.mT @ u
-    e = gram - eye
-    s = _upper_half(e)
+        e = torch.baddbmm(shift, u.mT, u)
+    s = e * w
     for _ in range(order - 1):
-        s = _upper_half(e - s.mT @ s)
-    c = -s  # R^-1 - I, built by Horner: c <- -S (I + c)
+        s = torch.baddbmm(e, s.mT, s, alpha=-1.0).mul_(w)
+    neg_s = -s
+    c = neg_s  # R^-1 - I, by Horner: c <- -S - S c
     for _ in range(order - 1):
-        c = -(s + s @ c)
-    return u + u @ c
+        c = torch.baddbmm(neg_s, s, c, alpha=-1.0)
+    return torch.baddbmm(u, u, c)
 
 
-def series_qr_retraction(u: Tensor, order: int = 3) -> Tensor:
+def series_qr_retraction(u: Tensor, order: int = 3, shift: Tensor | None = None) -> Tensor:
     """The Q of :func:`qr_retraction` from GEMMs only: two series Cholesky-QR passes.
 
     Cholesky and triangular solves are sequential, latency-bound kernels on a GPU (measured on
@@ -121,8 +136,14 @@ def series_qr_retraction(u: Tensor, order: int = 3) -> Tensor:
     diag(R), the result is the same Q as :func:`qr_retraction` (checked in the tests). Other
     GEMMs follow the caller's TF32 setting (their inputs are O(|E|), so TF32's relative error
     stays far below float32 rounding of U).
+
+    ``u`` is [d, N] or [I, d, N]. ``shift`` ([I, N, N], default -I): the trainer passes
+    -diag(valid) for encoders padded with zero columns to a common width, so padding stays zero
+    and the real columns get exactly the Q of their own QR.
     """
-    return _series_cholqr_pass(_series_cholqr_pass(u, order, False), order, True)
+    flat = u.reshape(-1, *u.shape[-2:])
+    out = _series_cholqr_pass(_series_cholqr_pass(flat, order, False, shift), order, True, shift)
+    return out.reshape(u.shape)
 
 
 class tf32:
@@ -220,8 +241,15 @@ MODEL_METRICS = ("loss", "residual_F", "ortho_error")
 """Per-instance metrics of :func:`exact_metrics` (the trainer adds the gradient metrics)."""
 
 
-def normalise_signal(signal: Tensor, width: int, dim: int) -> Tensor:
-    """s~ = (s - N/d) / (1 - N/d): 0 for a random encoder, 1 fully captured; 1 when N == d."""
+def normalise_signal(signal: Tensor, width: int | Tensor, dim: int) -> Tensor:
+    """s~ = (s - N/d) / (1 - N/d): 0 for a random encoder, 1 fully captured; 1 when N == d.
+
+    ``width`` is one int, or an [I] tensor of per-instance widths for ``signal`` [I, ...].
+    """
+    if isinstance(width, Tensor):
+        base = (width.to(signal.dtype) / dim).reshape(-1, *([1] * (signal.dim() - 1)))
+        out = (signal - base) / (1.0 - base).clamp_min(1e-300)
+        return torch.where(base >= 1.0, torch.ones_like(signal), out)
     if width >= dim:
         return torch.ones_like(signal)
     return (signal - width / dim) / (1.0 - width / dim)
@@ -234,6 +262,7 @@ def exact_metrics(
     lam: Tensor,
     priors: Tensor,
     frequent: Tensor,
+    widths: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Closed-form metrics of the current parameters (expectations over x, no sampling).
 
@@ -249,6 +278,9 @@ def exact_metrics(
         [I, K] task priors pi.
     frequent:
         [I, K] bool frequent set F.
+    widths:
+        [I] real widths when encoders are padded with zero columns to ``u``'s width (padding
+        then adds nothing to any metric); None: every column is real.
 
     Returns
     -------
@@ -271,10 +303,13 @@ def exact_metrics(
     cross = (lam.sqrt().unsqueeze(-1) * v4 * d4).sum((-1, -2))  # Tr(Lam^1/2 B_k^T U D_k^T)
     dgd = (torch.bmm(d, gram).view(i, k, m, n) * d4).sum((-1, -2))  # Tr(D_k U^T U D_k^T)
     loss_k = tr_c - 2.0 * cross + dgd
-    eye = torch.eye(n, dtype=u.dtype, device=u.device)
+    if widths is None:
+        eye = torch.eye(n, dtype=u.dtype, device=u.device)
+    else:  # the identity on the real columns only
+        eye = torch.diag_embed((torch.arange(n, device=u.device) < widths[:, None]).to(u.dtype))
     return {
         "signal": signal,
-        "signal_norm": normalise_signal(signal, n, dim),
+        "signal_norm": normalise_signal(signal, n if widths is None else widths, dim),
         "loss_norm": loss_k / tr_c,
         "features": rowsq.sum(-1),
         "loss": (priors * loss_k).sum(-1),
@@ -284,12 +319,13 @@ def exact_metrics(
 
 
 def rare_signal_norm(
-    u: Tensor, rare_basis: Tensor, rare_lam: Tensor, dim: int
+    u: Tensor, rare_basis: Tensor, rare_lam: Tensor, dim: int, widths: Tensor | None = None
 ) -> Tensor:
     """[I] normalised signal of one task per instance, from its basis block only (cheap).
 
-    ``rare_basis`` [I, d, M] is B_r, ``rare_lam`` [I, M] its spectrum.
+    ``rare_basis`` [I, d, M] is B_r, ``rare_lam`` [I, M] its spectrum; ``widths`` as in
+    :func:`exact_metrics`.
     """
     rowsq = torch.bmm(rare_basis.transpose(1, 2), u).square().sum(-1)  # [I, M]
     signal = (rare_lam * rowsq).sum(-1) / rare_lam.sum(-1)
-    return normalise_signal(signal, u.shape[-1], dim)
+    return normalise_signal(signal, u.shape[-1] if widths is None else widths, dim)

@@ -81,6 +81,7 @@ from raretask.toy.model import (
     exact_metrics,
     random_orthonormal,
     rare_signal_norm,
+    series_qr_retraction,
     tf32,
 )
 from raretask.toy.spec import ToyInstance, TrainSettings
@@ -163,7 +164,9 @@ class _Group:
     idx: list[int]  # trainer-level instance indices
     k: int
     m: int
-    n: int
+    n: int  # width of the group's tensors (the widest instance when padded)
+    widths: Tensor | None  # [I] real widths when narrower instances are padded, else None
+    shift: Tensor | None  # [I, n, n] -diag(real columns) for the padded retraction, else None
     rotate: bool  # use V = B^T U (2 d^2 N) instead of the seed's shared x = B z
     basis: Tensor | None  # [I, d, d] when rotate, else None (read the streams' basis by sid)
     streams: _Streams
@@ -264,8 +267,10 @@ class ToyTrainer:
         for inst in self.instances:
             self._stream_of.append(self._stream_row(inst))
         keys: dict[tuple[int, int, int], list[int]] = {}
+        pad_to = self._pad_targets()
         for i, inst in enumerate(self.instances):
-            keys.setdefault((inst.tasks, inst.features, inst.width), []).append(i)
+            width = pad_to.get((inst.tasks, inst.features, inst.width), inst.width)
+            keys.setdefault((inst.tasks, inst.features, width), []).append(i)
         self._groups = [self._build_group(idx) for idx in keys.values()]
         # CUDA: torch's fused Adam (one kernel for all of a group's U and D) and CUDA graphs of
         # the whole step; CPU: the written-out Adam below (bit-exact, tested).
@@ -286,6 +291,24 @@ class ToyTrainer:
         self._eager_warmup = 2  # eager steps on a side stream before the first capture
 
     # -- construction ---------------------------------------------------------------------------
+    def _pad_targets(self) -> dict[tuple[int, int, int], int]:
+        """(K, M, N) -> padded width, for the instances that share one padded group.
+
+        With the series retraction only (the GPU choice): on a GPU a group's cost is mostly per
+        kernel, not per column, so widths up to ``settings.pad_width`` train as one group,
+        padded with zero columns to the widest of them (padding is inert: zero columns get zero
+        gradients and the shifted retraction keeps them zero). Otherwise one group per width
+        (on CPU: exact numbers independent of group-mates).
+        """
+        s = self.settings
+        if not (s.retraction == "series_qr" and s.pad_width):
+            return {}
+        small: dict[tuple[int, int], set[int]] = {}
+        for inst in self.instances:
+            if inst.width <= s.pad_width:
+                small.setdefault((inst.tasks, inst.features), set()).add(inst.width)
+        return {(k, m, n): max(ws) for (k, m), ws in small.items() if len(ws) > 1 for n in ws}
+
     def _stream_row(self, inst: ToyInstance) -> tuple[tuple[int, int], int]:
         """(shape key, row) of the instance's data stream, creating the stream if new."""
         s, dev, dt = self.settings, self.device, self.settings.dtype
@@ -309,7 +332,9 @@ class ToyTrainer:
     def _build_group(self, idx: list[int]) -> _Group:
         s, dev, dt = self.settings, self.device, self.settings.dtype
         insts = [self.instances[i] for i in idx]
-        k, m, n = insts[0].tasks, insts[0].features, insts[0].width
+        k, m = insts[0].tasks, insts[0].features
+        n = max(x.width for x in insts)
+        padded = any(x.width != n for x in insts)
         dim, i_n, r, bsz = k * m, len(idx), s.rng_chunk, s.batch_size
 
         def stack(arrs, dtype=torch.float64):
@@ -323,12 +348,15 @@ class ToyTrainer:
         rotate = s.basis == "random" and 2 * n < bsz and dev.type == "cpu"
         basis = streams.basis.index_select(0, sid) if rotate else None
         streams.x_used |= s.basis == "random" and not rotate
-        u0 = torch.stack(
-            [random_orthonormal(dim, n, _generator("cpu", stream_seed(x.seed, _INIT)))
-             for x in insts]
-        ).to(device=dev, dtype=dt)
         params = torch.zeros(2, i_n, dim, n, device=dev, dtype=dt)
-        params[0] = u0
+        for j, x in enumerate(insts):
+            u0 = random_orthonormal(dim, x.width, _generator("cpu", stream_seed(x.seed, _INIT)))
+            params[0, j, :, : x.width] = u0.to(device=dev, dtype=dt)
+        widths = shift = None
+        if padded:
+            widths = torch.tensor([x.width for x in insts], dtype=torch.int64, device=dev)
+            valid = (torch.arange(n, device=dev) < widths[:, None]).to(dt)
+            shift = -torch.diag_embed(valid)
         lam64 = stack([x.eigenvalues for x in insts])
         rare = torch.tensor([x.rare_task for x in insts], dtype=torch.int64, device=dev)
         cols = (rare[:, None] * m + torch.arange(m, device=dev)).to(torch.int64)  # [I, M]
@@ -343,7 +371,7 @@ class ToyTrainer:
         sizes = [self._sizes[i] for i in idx]
         n_trace = len(s.trace_steps)
         return _Group(
-            idx=idx, k=k, m=m, n=n,
+            idx=idx, k=k, m=m, n=n, widths=widths, shift=shift,
             rotate=rotate,
             basis=basis,
             streams=streams,
@@ -475,7 +503,10 @@ class ToyTrainer:
                 denom = (gr.exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(s.eps)
                 gr.params.addcdiv_(gr.exp_avg, denom, value=-s.lr / bc1)
         for gr in self._groups:
-            gr.params[0].copy_(self._retract(gr.params[0]))
+            if gr.shift is not None:
+                gr.params[0].copy_(series_qr_retraction(gr.params[0], shift=gr.shift))
+            else:
+                gr.params[0].copy_(self._retract(gr.params[0]))
 
     def _add_injection(self, gr: _Group, inject: tuple[int, ...]) -> None:
         """Add the gradient of this step's injected rare samples to ``gr.grad``.
@@ -526,7 +557,7 @@ class ToyTrainer:
         if te and self.step % te == 0 and self.step // te == self._n_traced:
             for gr in self._groups:
                 gr.trace_buf[self._n_traced] = rare_signal_norm(
-                    gr.params[0], gr.rare_basis, gr.rare_lam, gr.dim
+                    gr.params[0], gr.rare_basis, gr.rare_lam, gr.dim, gr.widths
                 )
             self._n_traced += 1
         if self.step in self._eval_set and (
@@ -544,7 +575,7 @@ class ToyTrainer:
         u, d = gr.params[0].to(f64), gr.params[1].to(f64)
         basis = gr.basis_of()
         basis = None if basis is None else basis.to(f64)
-        ex = exact_metrics(u, d, basis, gr.lam64, gr.priors64, gr.frequent)
+        ex = exact_metrics(u, d, basis, gr.lam64, gr.priors64, gr.frequent, gr.widths)
         g_freq, g_rare = self._measure_gradients(gr, u, d, basis)
         nf, nr = g_freq.norm(dim=1), g_rare.norm(dim=1)
         cosine = (g_freq * g_rare).sum(1) / (nf * nr)
@@ -630,8 +661,9 @@ class ToyTrainer:
         ``U`` [d, N], ``D`` [K, M, N], ``basis`` [d, d] (columns k*M.. of block k).
         """
         gr, j = self._locate(i)
-        u = gr.params[0, j].double().cpu().numpy()
-        d = gr.params[1, j].double().cpu().numpy().reshape(gr.k, gr.m, gr.n)
+        n = self.instances[i].width
+        u = gr.params[0, j, :, :n].double().cpu().numpy()
+        d = gr.params[1, j, :, :n].double().cpu().numpy().reshape(gr.k, gr.m, n)
         b = gr.basis_of(slice(j, j + 1))
         basis = np.eye(gr.dim) if b is None else b[0].double().cpu().numpy()
         return {"U": u, "D": d, "basis": basis}
@@ -669,11 +701,11 @@ class ToyTrainer:
             evals = torch.stack(gr.evals).cpu() if gr.evals else None
             tensors = (gr.params, gr.exp_avg, gr.exp_avg_sq)
             for j, i in enumerate(gr.idx):
-                p = f"instance.{i}."
+                p, n = f"instance.{i}.", self.instances[i].width
                 for (name, t) in zip(self._PER_INSTANCE, (x[a] for x in tensors for a in (0, 1)),
                                      strict=True):
-                    v = t[j].detach().cpu().clone()
-                    out[p + name] = v.reshape(gr.k, gr.m, gr.n) if name == "D" else v
+                    v = t[j, :, :n].detach().cpu().clone()  # real columns only: any grouping
+                    out[p + name] = v.reshape(gr.k, gr.m, n) if name == "D" else v
                 key, row = self._stream_of[i]
                 st = self._streams[key]
                 rng = st.states[row] if chunk_now else st.gens[row].get_state()
@@ -702,16 +734,16 @@ class ToyTrainer:
         for gr in self._groups:
             tensors = (gr.params, gr.exp_avg, gr.exp_avg_sq)
             for j, i in enumerate(gr.idx):
-                p = f"instance.{i}."
+                p, n = f"instance.{i}.", self.instances[i].width
                 for (name, t) in zip(self._PER_INSTANCE, (x[a] for x in tensors for a in (0, 1)),
                                      strict=True):
-                    v = state[p + name]
-                    if v.dtype != t.dtype or v.numel() != t[j].numel():
+                    v, dst = state[p + name], t[j, :, :n]
+                    if v.dtype != t.dtype or v.numel() != dst.numel():
                         raise UserError(
                             f"state_dict: {p + name} has {v.dtype} {tuple(v.shape)}, expected "
-                            f"{t.dtype} with {t[j].numel()} elements"
+                            f"{t.dtype} with {dst.numel()} elements"
                         )
-                    t[j].copy_(v.reshape(t[j].shape))
+                    dst.copy_(v.reshape(dst.shape))
                 key, row = self._stream_of[i]
                 self._streams[key].gens[row].set_state(state[p + "rng_train"])
                 self._gen_inject[i].set_state(state[p + "rng_inject"])
