@@ -355,6 +355,10 @@ def demo(
     run_demo(out, console, lambda: _GridProgress(quiet), overrides or [])
 
 
+from raretask.mixing.cli import register as _register_fix  # noqa: E402
+
+_register_fix(app)  # analyze, calibrate, plan, fix
+
 # -- entry point -------------------------------------------------------------------------------
 
 

@@ -1,0 +1,125 @@
+"""The share a task needs to be learned at a model size: from the theory or a calibration.
+
+Two models with one small API (``required``, ``learned``, ``size_needed``, ``describe``):
+
+* :class:`TheoryThreshold`: every task is a toy task with a spectrum (alpha + features, or an
+  explicit task file); the size is the width N; Theorem 3 decides. The required share of task k
+  is :meth:`raretask.theory.Theory.required_frequency` at the current mix (others keep their
+  proportions), so it depends on the whole mix.
+* :class:`CalibratedThreshold`: a curve ``f*(size) = 10**log10_c * size**slope`` fitted by
+  :mod:`raretask.mixing.calibrate` on a finished grid; the same for every task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from raretask.errors import UserError
+from raretask.theory import DEFAULT_FREQUENT_MASS, TaskSet, Theory
+
+
+class TheoryThreshold:
+    """Theorem 3 thresholds for tasks with given spectra.
+
+    Parameters
+    ----------
+    names:
+        Task names, in the order shares will be given.
+    spectra:
+        One eigenvalue array per task; or None with ``alpha`` and ``features`` for all.
+    alpha, features:
+        Power-law spectrum ``j**-alpha`` over ``features`` features, used when ``spectra`` is None.
+    frequent_mass:
+        Mass of the frequent set F (reported, not used by the thresholds themselves).
+    """
+
+    def __init__(self, names: Sequence[str], spectra: Sequence[np.ndarray] | None = None,
+                 alpha: float = 2.0, features: int = 32,
+                 frequent_mass: float = DEFAULT_FREQUENT_MASS):
+        self.names = tuple(names)
+        self._explicit = spectra is not None
+        if spectra is None:
+            if features < 1:
+                raise UserError(f"--features must be >= 1, got {features}")
+            spec = np.arange(1, features + 1, dtype=float) ** -float(alpha)
+            spectra = [spec] * len(self.names)
+        self.spectra = tuple(np.asarray(s, float) for s in spectra)
+        self.alpha, self.features = alpha, features
+        self.frequent_mass = frequent_mass
+
+    def theory(self, shares: np.ndarray) -> Theory:
+        return Theory(TaskSet(self.names, np.asarray(shares, float), self.spectra),
+                      self.frequent_mass)
+
+    @staticmethod
+    def _width(size: float) -> int:
+        if float(size) != int(size) or size < 1:
+            raise UserError(f"--size: the theory's size is a width N (an integer >= 1), "
+                            f"got {size:g}")
+        return int(size)
+
+    def required(self, shares: np.ndarray, size: float) -> np.ndarray:
+        th, n = self.theory(shares), self._width(size)
+        return np.array([th.required_frequency(k, n) for k in range(len(self.names))])
+
+    def learned(self, shares: np.ndarray, size: float) -> np.ndarray:
+        return self.theory(shares).learned(self._width(size))
+
+    def size_needed(self, shares: np.ndarray, task: int) -> float:
+        """Smallest width at which ``task`` is learned at these shares (Theorem 3)."""
+        return float(self.theory(shares).first_feature_width()[task])
+
+    def frequent(self, shares: np.ndarray) -> np.ndarray:
+        mask = np.zeros(len(self.names), dtype=bool)
+        mask[self.theory(shares).frequent_tasks()] = True
+        return mask
+
+    def describe(self) -> str:
+        if len({s.size for s in self.spectra}) == 1 and not self._explicit:
+            return f"theory (width N; alpha {self.alpha:g}, {self.features} features per task)"
+        return "theory (width N; spectra from the task file)"
+
+
+class CalibratedThreshold:
+    """``f*(size) = 10**log10_c * size**slope`` for every task (a fitted calibration curve)."""
+
+    def __init__(self, log10_c: float, slope: float, label: str = "calibration",
+                 log10_sigma: float = 0.0):
+        if not np.isfinite(log10_c) or not np.isfinite(slope):
+            raise UserError(f"{label}: the calibration curve is not finite")
+        self.log10_c, self.slope, self.label = float(log10_c), float(slope), label
+        self.log10_sigma = float(log10_sigma)
+
+    def at(self, size: float) -> float:
+        if not size > 0:
+            raise UserError(f"--size must be > 0, got {size:g}")
+        return float(min(1.0, 10 ** (self.log10_c + self.slope * np.log10(size))))
+
+    def required(self, shares: np.ndarray, size: float) -> np.ndarray:
+        return np.full(len(shares), self.at(size))
+
+    def learned(self, shares: np.ndarray, size: float) -> np.ndarray:
+        return np.asarray(shares) >= self.at(size)
+
+    def size_needed(self, shares: np.ndarray, task: int) -> float:
+        """Size at which the curve falls to this task's share (inf when it never does)."""
+        s = float(shares[task])
+        if s <= 0:
+            return float("inf")
+        if self.slope >= 0:
+            return float("inf") if s < 10 ** self.log10_c else 1.0
+        return float(10 ** ((np.log10(s) - self.log10_c) / self.slope))
+
+    def frequent(self, shares: np.ndarray) -> np.ndarray:
+        pi = np.asarray(shares, float)
+        order = np.argsort(-pi, kind="stable")
+        count = int(np.searchsorted(np.cumsum(pi[order]), DEFAULT_FREQUENT_MASS - 1e-12)) + 1
+        mask = np.zeros(pi.size, dtype=bool)
+        mask[order[:count]] = True
+        return mask
+
+    def describe(self) -> str:
+        return (f"{self.label}: f*(size) = 10^{self.log10_c:.3f} * size^{self.slope:.3f}"
+                f" (±{self.log10_sigma:.2f} in log10)")
