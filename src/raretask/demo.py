@@ -101,8 +101,23 @@ def run_demo(out: Path, console: Console, progress_factory, overrides: list[str]
         if f is not None:
             console.print(f"wrote {f}")
     results["figures"] = [f for f in figs if f is not None]
+    results["fix"] = run_fix_section(out / "fix", console, list(overrides))
     results["report"] = write_demo_report(out, console)
     return results
+
+
+def run_fix_section(out: Path, console: Console, overrides: list[str] = ()) -> list:
+    """5. Fix: plan the mixture for the width-16 model and prove it by training
+    (built-in ``demo_fix.yaml``; ``--set`` overrides apply where the fix config has the field)."""
+    from raretask.mixing import fix
+
+    mine = [o for o in overrides if o.split("=", 1)[0].strip() in fix.FixToyConfig.model_fields]
+    cfg = fix.load_fix_config(builtin_config("demo_fix.yaml"), mine)
+    console.rule(f"[bold]5. Fix[/]: plan the mixture, then train it -> {out}")
+    plan, arms = fix.run_fix_toy(cfg)
+    fix.write_fix(out, cfg, plan, arms)
+    console.print(fix.fix_table(arms, cfg, plan))
+    return arms
 
 
 def write_demo_report(out: Path, console: Console) -> Path:

@@ -268,14 +268,61 @@ def plan_table(result, out: Path | None = None) -> Table:
     if result.natural_size_needed is not None:
         ratio = result.natural_size_needed / result.size
         notes.append(f"the natural mix would need size {result.natural_size_needed:.4g} "
-                     f"({ratio:.2f}x) for every target")
+                     f"({ratio:.2f}x) for every target with the same margin (at least "
+                     f"{result.natural_size_minimum:.4g} without)")
     if out is not None:
         notes.append(f"wrote {out}/plan.json and exports")
     table.caption = "; ".join(notes)
     return table
 
 
+# -- fix ---------------------------------------------------------------------------------------
+
+
+def fix(
+    config: Annotated[Path, typer.Argument(help="configs/fix_toy.yaml (kind: fix_toy) or "
+                                           "configs/fix_lm.yaml (kind: lm).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a field: key=value (YAML value).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Prove a plan by training: natural mix vs plan vs the bigger model, even vs bursts."""
+    from raretask.config import load_yaml
+
+    data = load_yaml(config)
+    if isinstance(data, dict) and data.get("kind") == "lm":
+        from raretask.mixing.fix_lm import run_fix_lm
+
+        console.print(run_fix_lm(config, out, overrides or [], quiet))
+        return
+    from raretask.mixing.fix import fix_table, load_fix_config, run_fix_toy, write_fix
+
+    cfg = load_fix_config(config, overrides or [])
+    plan_, results = run_fix_toy(cfg, progress=None if quiet else _step_progress())
+    write_fix(out, cfg, plan_, results)
+    console.print(fix_table(results, cfg, plan_))
+    console.print(f"wrote {out}/results.json, {out}/plan.json")
+
+
+def _step_progress():
+    from rich.progress import Progress
+
+    prog = Progress(console=Console(stderr=True), transient=True)
+    state: dict = {}
+
+    def update(step: int, total: int) -> None:
+        if "task" not in state:
+            prog.start()
+            state["task"] = prog.add_task("training the arms", total=total)
+        prog.update(state["task"], completed=step)
+        if step >= total:
+            prog.stop()
+
+    return update
+
+
 def register(app: typer.Typer) -> None:
     """Add the fix's commands to the main app."""
-    for fn in (analyze, calibrate, plan):
+    for fn in (analyze, calibrate, plan, fix):
         app.command()(fn)

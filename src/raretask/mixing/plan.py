@@ -97,6 +97,7 @@ class PlanTask:
     learned_natural: bool
     learned_planned: bool
     size_needed: float | None
+    size_minimum: float | None
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class Plan:
     threshold: str
     kl: float
     natural_size_needed: float | None
+    natural_size_minimum: float | None
     rounds: int
     tasks: tuple[PlanTask, ...]
 
@@ -245,7 +247,8 @@ def make_plan(
             "targets compete for the model's capacity; constraint: size (fewer targets or a "
             "larger model)")
     frequent = threshold.frequent(p)
-    needed = [threshold.size_needed(p, i) for i in range(k)]
+    needed = [threshold.size_needed(p, i, margin) if tmask[i] else None for i in range(k)]
+    minimum = [threshold.size_needed(p, i) if tmask[i] else None for i in range(k)]
     rows = tuple(
         PlanTask(
             task=names[i], natural=float(p[i]), weight=float(q[i]), target=bool(tmask[i]),
@@ -255,14 +258,18 @@ def make_plan(
             change=float(q[i] - p[i]), relative_change=float(q[i] / p[i] - 1) if p[i] else 0.0,
             learned_natural=bool(learned_natural[i]), learned_planned=bool(learned_planned[i]),
             size_needed=float(needed[i]) if tmask[i] else None,
+            size_minimum=float(minimum[i]) if tmask[i] else None,
         )
         for i in range(k)
     )
     natural_needed = max((float(max(needed[i], size)) for i in np.flatnonzero(tmask)),
                          default=None)
+    natural_minimum = max((float(max(minimum[i], size)) for i in np.flatnonzero(tmask)),
+                          default=None)
     return Plan(unit=unit, size=float(size), margin=float(margin), budget=budget,
                 max_epochs=max_epochs, threshold=threshold.describe(), kl=kl(q, p),
-                natural_size_needed=natural_needed, rounds=rounds, tasks=rows)
+                natural_size_needed=natural_needed, natural_size_minimum=natural_minimum,
+                rounds=rounds, tasks=rows)
 
 
 def _check_feasible(names, lower, upper, req, margin, tmask, avail, budget, max_epochs, unit,

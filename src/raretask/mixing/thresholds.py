@@ -67,9 +67,22 @@ class TheoryThreshold:
     def learned(self, shares: np.ndarray, size: float) -> np.ndarray:
         return self.theory(shares).learned(self._width(size))
 
-    def size_needed(self, shares: np.ndarray, task: int) -> float:
-        """Smallest width at which ``task`` is learned at these shares (Theorem 3)."""
-        return float(self.theory(shares).first_feature_width()[task])
+    def size_needed(self, shares: np.ndarray, task: int, margin: float = 1.0) -> float:
+        """Smallest width N with ``margin * required(N) <= share``: at margin 1 the width at
+        which the task's first feature enters (Theorem 3). Binary search: the required share
+        never rises with N."""
+        th = self.theory(shares)
+        if margin == 1.0:
+            return float(th.first_feature_width()[task])
+        lo, hi = 1, self.theory(shares).tasks.total_features
+        share = float(np.asarray(shares, float)[task] / np.sum(shares))
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if margin * th.required_frequency(task, mid) <= share:
+                hi = mid
+            else:
+                lo = mid + 1
+        return float(lo)
 
     def frequent(self, shares: np.ndarray) -> np.ndarray:
         mask = np.zeros(len(self.names), dtype=bool)
@@ -103,9 +116,9 @@ class CalibratedThreshold:
     def learned(self, shares: np.ndarray, size: float) -> np.ndarray:
         return np.asarray(shares) >= self.at(size)
 
-    def size_needed(self, shares: np.ndarray, task: int) -> float:
-        """Size at which the curve falls to this task's share (inf when it never does)."""
-        s = float(shares[task])
+    def size_needed(self, shares: np.ndarray, task: int, margin: float = 1.0) -> float:
+        """Size at which ``margin`` times the curve falls to this task's share (inf: never)."""
+        s = float(shares[task]) / margin
         if s <= 0:
             return float("inf")
         if self.slope >= 0:
