@@ -11,8 +11,10 @@ One run times both on the same device and checks that they learn the same thing:
   same functions as ``raretask run`` (``build_instances`` / ``build_settings``), timed over
   ``--steps`` training steps after its warm-up (CUDA graphs are captured in the first steps).
 * **agreement**: a subset (``--agree-widths`` x ``--agree-beta`` x the grid's seeds) trained
-  ``--agree-steps`` steps by both; per (width, task) the seed-averaged normalised signals must be
-  within 0.02 or on the same side of the learned threshold (0.3).
+  ``--agree-steps`` steps by both, the reference fed the same seeds' inputs and initial encoder
+  (paired: only the arithmetic differs: TF32, the series retraction, fused Adam, CUDA graphs);
+  per (width, task) the seed-averaged normalised signals must be within 0.02 or on the same
+  side of the learned threshold (0.3).
 
 It also prints the matmul FLOPs of one grid-step of raretask's algorithm (the floor at
 tensor-core rates) and the time 100K steps would take. Writes the log and a JSON of the figures
@@ -39,39 +41,77 @@ import torch
 
 from raretask.config import load_experiment
 from raretask.runs.toy_grid import build_instances, build_settings
-from raretask.toy.trainer import ToyTrainer
+from raretask.toy.spec import TrainSettings
+from raretask.toy.trainer import _BASIS, _INIT, _TRAIN, ToyTrainer, stream_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["tasks=16", "features=16", "width=[8,16,32,64,128]", "batch_size=256"]
 THRESHOLD = 0.3  # learned = normalised signal >= 0.3 (the configs' learned_threshold)
 TOLERANCE = 0.02
+RNG_CHUNK = TrainSettings.rng_chunk  # raretask draws inputs this many steps at a time
 
 
 # -- the reference: one model, written plainly ---------------------------------------------------
 class ReferenceModel:
-    """One toy model trained alone with autograd, torch.optim.Adam and QR after every step."""
+    """One toy model trained alone with autograd, torch.optim.Adam and QR after every step.
+
+    ``paired=False`` (timing): its own generator draws the basis, the initial encoder and every
+    step's data on the device. ``paired=True`` (agreement): the same basis, initial encoder and
+    training inputs as raretask's instance of this seed, drawn here from the same seed streams
+    (``stream_seed``; inputs ``rng_chunk`` steps at a time: uniforms for the task ids, then
+    normals), so the two runs differ only by their arithmetic, not by sampling noise.
+    """
 
     def __init__(self, pi: np.ndarray, lam: np.ndarray, width: int, seed: int, lr: float,
-                 batch_size: int, device: torch.device):
+                 batch_size: int, device: torch.device, paired: bool = False):
         k, m = lam.shape
         self.k, self.m, self.d, self.n, self.b = k, m, k * m, width, batch_size
-        self.gen = torch.Generator(device).manual_seed(seed)
+        self.device, self.paired = device, paired
         self.pi = torch.tensor(pi, dtype=torch.float32, device=device)
         self.lam = torch.tensor(lam, dtype=torch.float32, device=device)
         self.sqrt_lam = self.lam.sqrt()
-        self.basis = self._orthonormal(self.d, self.d, device)  # columns k*M.. of task k
-        self.u = torch.nn.Parameter(self._orthonormal(self.d, width, device))
+        if paired:
+            self.basis = self._seeded_orthonormal(seed, _BASIS, self.d)
+            u0 = self._seeded_orthonormal(seed, _INIT, width)
+            self.gen = torch.Generator(device).manual_seed(stream_seed(seed, _TRAIN))
+            cdf = np.cumsum(pi / pi.sum())
+            cdf[np.nonzero(pi > 0)[0][-1]:] = 1.0
+            self.cdf = torch.tensor(cdf, device=device)
+            self.chunk: list[tuple[torch.Tensor, torch.Tensor]] = []
+        else:
+            self.gen = torch.Generator(device).manual_seed(seed)
+            self.basis = self._orthonormal(self.d, self.d)  # columns k*M.. belong to task k
+            u0 = self._orthonormal(self.d, width)
+        self.u = torch.nn.Parameter(u0)
         self.dec = torch.nn.Parameter(torch.zeros(k, m, width, device=device))
         self.opt = torch.optim.Adam([self.u, self.dec], lr=lr)
         self.rows = torch.arange(batch_size, device=device)
 
-    def _orthonormal(self, rows: int, cols: int, device) -> torch.Tensor:
-        q, r = torch.linalg.qr(torch.randn(rows, cols, generator=self.gen, device=device))
+    def _orthonormal(self, rows: int, cols: int) -> torch.Tensor:
+        q, r = torch.linalg.qr(torch.randn(rows, cols, generator=self.gen, device=self.device))
         return q * torch.sign(torch.diagonal(r))
 
+    def _seeded_orthonormal(self, seed: int, stream: int, cols: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(stream_seed(seed, stream))
+        g = torch.randn(self.d, cols, generator=gen, dtype=torch.float64)
+        q, r = torch.linalg.qr(g)
+        return (q * torch.sign(torch.diagonal(r))).to(self.device, torch.float32)
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.paired:
+            task = torch.multinomial(self.pi, self.b, replacement=True, generator=self.gen)
+            return task, torch.randn(self.b, self.d, generator=self.gen, device=self.device)
+        if not self.chunk:
+            uni = torch.empty(RNG_CHUNK, self.b, dtype=torch.float64, device=self.device)
+            z = torch.empty(RNG_CHUNK, self.b, self.d, device=self.device)
+            uni.uniform_(generator=self.gen)
+            z.normal_(generator=self.gen)
+            tasks = torch.searchsorted(self.cdf, uni, right=True).clamp_(max=self.k - 1)
+            self.chunk = list(zip(tasks, z, strict=True))[::-1]
+        return self.chunk.pop()
+
     def step(self) -> None:
-        task = torch.multinomial(self.pi, self.b, replacement=True, generator=self.gen)
-        z = torch.randn(self.b, self.d, generator=self.gen, device=self.pi.device)
+        task, z = self._batch()
         x = z @ self.basis.T
         target = self.sqrt_lam[task] * z.view(self.b, self.k, self.m)[self.rows, task]
         h = x @ self.u  # [B, N]
@@ -93,11 +133,11 @@ class ReferenceModel:
             return ((s - base) / (1 - base)).cpu().numpy()
 
 
-def reference_models(cells, device) -> list[ReferenceModel]:
+def reference_models(cells, device, paired: bool = False) -> list[ReferenceModel]:
     out = []
     for c, inst in zip(cells, build_instances(cells), strict=True):
         out.append(ReferenceModel(inst.frequencies, inst.eigenvalues, c.width, c.seed, c.lr,
-                                  c.batch_size, device))
+                                  c.batch_size, device, paired))
     return out
 
 
@@ -163,7 +203,7 @@ def agreement(cells, device, steps: int) -> dict:
         if r["metric"] == "signal_norm" and r["step"] == steps:
             ours[r["instance"], r["task"]] = r["value"]
     ref = np.zeros_like(ours)
-    for i, model in enumerate(reference_models(cells, device)):
+    for i, model in enumerate(reference_models(cells, device, paired=True)):
         for _ in range(steps):
             model.step()
         ref[i] = model.signal_norm()
