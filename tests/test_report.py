@@ -411,6 +411,7 @@ def test_quiet_progress_prints_nothing():
 def test_report_opens_in_headless_chromium(toy_runs, lm_run, capsys, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
 
     fix_dir = tmp_path / "fix"
     fix_dir.mkdir()
@@ -425,6 +426,10 @@ def test_report_opens_in_headless_chromium(toy_runs, lm_run, capsys, tmp_path):
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         driver.get(out.resolve().as_uri())
+        # a loaded machine can hand control back before a large page has finished loading
+        WebDriverWait(driver, 120).until(lambda d: d.execute_script(
+            "return document.readyState === 'complete' && "
+            "Array.from(document.images).every(i => i.complete)"))
         state = driver.execute_script(
             "return {title: document.title, ready: document.readyState,"
             " images: Array.from(document.images).map(i => [i.complete, i.naturalWidth]),"
