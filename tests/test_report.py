@@ -496,3 +496,27 @@ def test_demo_report_takes_both_runs_and_any_fix_dir(toy_runs, tmp_path):
     page = Page(path.read_text(encoding="utf-8"))
     assert page.sections["phase"] and page.sections["injection"] and page.sections["fix"]
     assert not page.sections["lm-heatmap"]
+
+
+def test_the_fix_flows_directory_is_a_fix_input(toy_runs, capsys, tmp_path):
+    """Contract with raretask.mixing.fix: its fix.json validates and its directory (config.yaml
+    of kind fix_toy, no grid files) is read as a fix result, not as a run."""
+    from raretask.mixing.fix import ArmResult, fix_json, load_fix_config
+
+    cfg = load_fix_config(None, ["name=my_fix"])
+    arms = [ArmResult(arm=a, width=w, schedule="even", rare_share=s, rare_signal=sig,
+                      rare_signal_final=sig, rare_learned="", rare_per_seed=[sig],
+                      rare_loss=1 - sig, frequent_loss=0.2, tasks_learned=8.0, samples=1e6,
+                      flops=1e12)
+            for a, w, s, sig in (("natural", 16, 0.0074, 0.01), ("plan", 16, 0.03, 0.62),
+                                 ("big", 64, 0.0074, 0.55))]
+    fix_dir = tmp_path / "fixflow"
+    fix_dir.mkdir()
+    (fix_dir / "config.yaml").write_text("kind: fix_toy\nname: my_fix\n")
+    (fix_dir / "fix.json").write_text(json.dumps(fix_json(cfg, arms)))
+    out, page = report(capsys, tmp_path, toy_runs[0], fix_dir)
+    assert page.sections["fix"]
+    rows = page.tables["fix-0"]
+    assert [r[0] for r in rows] == ["natural (even)", "plan (even)", "big (even)"]
+    assert [r[8] for r in rows] == ["no", "yes", "yes"]  # learned: s~ >= 0.3
+    assert f"raretask fix {fix_dir / 'config.yaml'} --out {fix_dir}" in out.read_text()

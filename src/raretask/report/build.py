@@ -97,7 +97,10 @@ class RunInput:
         """The command that made this run (the resolved config reproduces it exactly)."""
         if self.name.startswith("demo_"):
             return f"raretask demo --out {shlex.quote(str(self.path.parent))}"
-        return (f"raretask run {shlex.quote(str(self.path / 'config.yaml'))} "
+        if self.kind == "fix" and not self.config:
+            return "the fix flow (no config.yaml beside fix.json)"
+        verb = "fix" if self.kind == "fix" else "run"
+        return (f"raretask {verb} {shlex.quote(str(self.path / 'config.yaml'))} "
                 f"--out {shlex.quote(str(self.path))}")
 
     @property
@@ -131,17 +134,21 @@ def load_run(path: str | Path) -> RunInput:
         raise UserError(f"{path}: not a directory (give a run directory)")
     fix = load_fix(path / FIX_FILE) if (path / FIX_FILE).exists() else None
     cfg_path = path / "config.yaml"
-    if not cfg_path.exists():
-        if fix is not None:
-            return RunInput(path, "fix", path.name, {}, "", "", [], {}, {}, fix)
+    if not cfg_path.exists() and fix is None:
         raise UserError(f"{path}: not a raretask run directory (no config.yaml)")
-    try:
-        text = cfg_path.read_text(encoding="utf-8")
-        config = yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise UserError(f"{cfg_path}: unreadable config ({type(err).__name__})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{cfg_path}: expected a mapping of config fields")
+    text, config = "", {}
+    if cfg_path.exists():
+        try:
+            text = cfg_path.read_text(encoding="utf-8")
+            config = yaml.safe_load(text)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise UserError(f"{cfg_path}: unreadable config ({type(err).__name__})") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{cfg_path}: expected a mapping of config fields")
+    if fix is not None and not (path / "cells.json").exists():
+        # the fix flow's directory (e.g. `raretask fix`: config.yaml of kind fix_toy, fix.json)
+        return RunInput(path, "fix", str(config.get("name", path.name)), config, text, "", [],
+                        {}, {}, fix)
     kind = config.get("kind", "toy")
     if kind not in KINDS:
         raise UserError(f"{cfg_path}: kind: the report reads {', '.join(KINDS)} runs, got "
@@ -482,7 +489,8 @@ def fix_section(runs: list[RunInput]) -> Section:
     for i, run in enumerate(r for r in runs if r.fix is not None):
         fix = run.fix
         sec.tables.append(Table(
-            f"{run.path / FIX_FILE}: task {fix.task}" + (f". {fix.note}" if fix.note else ""),
+            f"{run.path / FIX_FILE}: task {fix.task}" + (f". {fix.note}" if fix.note else "")
+            + f". Made by `{run.made_by}`.",
             ["row", "size", "params", "freq/tok", "steps", "tokens", "acc", "task L", "learned",
              "run"],
             [[r.label, r.size, "-" if r.params is None else f"{r.params / 1e6:.2f}M",

@@ -12,6 +12,7 @@ import html
 import re
 
 from raretask.report.build import Figure, Report, Section, Table
+from raretask.report.fix import FIX_FILE
 
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;
@@ -77,7 +78,8 @@ def render(report: Report) -> str:
                 f"{cells} cells, axes {_e(r.axes)}; made by <code>{_e(r.made_by)}</code>"
                 + (f" [{_e(r.version)}]" if r.version else ""))
         if r.kind == "fix":
-            line = f"<li><code>{_e(r.path)}</code>: fix result only"
+            line = (f"<li><code>{_e(r.path)}</code>: fix result <b>{_e(r.name)}</b> "
+                    f"(<code>{FIX_FILE}</code>); made by <code>{_e(r.made_by)}</code>")
         if r.config_text:
             line += (f"<details><summary>resolved config</summary><pre>{_e(r.config_text)}</pre>"
                      "</details>")
