@@ -11,10 +11,12 @@ threshold and are left out of the fit. The fit is ``log10 f* = log10_c + slope *
 its covariance.
 
 Toy grids: the size is the width N, "learned" is the summary's ``learned`` (s~ >= threshold), and
-each point is compared with :mod:`raretask.theory`: the share Theorem 3 says the curve's rarest
-task needs at that width (:meth:`~raretask.theory.Theory.required_frequency`) must fall in the
-bracket. LM grids: the size is the non-embedding parameter count, the frequency is instances per
-token, learned means test accuracy >= ``learned_accuracy``.
+each point is compared with :mod:`raretask.theory`: Theorem 3's verdicts on the same tasks give a
+theory bracket, which must overlap the measured one (``agrees``); ``theory`` is the share the
+curve's rarest task needs at that width (:meth:`~raretask.theory.Theory.required_frequency`), and
+``theory_fit`` fits those shares over the sizes the measured fit uses, so the two slopes compare.
+LM grids: the size is the non-embedding parameter count, the frequency is instances per token,
+learned means test accuracy >= ``learned_accuracy``.
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ from raretask.mixing.thresholds import CalibratedThreshold
 TOY_CURVE_KEYS = ("tasks", "features_per_task", "alpha", "beta", "frequent_mass", "schedule",
                   "gap")
 LM_CURVE_KEYS = ("task", "schedule")
-THEORY_TOLERANCE = 1.05
-"""Theory agrees with a point when it lies in [low / 1.05, high * 1.05] (renormalisation slack)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class Point:
     n: int
     censored: str | None  # "all learned" / "none learned" / None
     theory: float | None = None
+    theory_low: float | None = None
+    theory_high: float | None = None
     agrees: bool | None = None
 
 
@@ -118,12 +120,16 @@ def fit_curve(points: list[Point]) -> Fit | None:
     return Fit(float(a), float(b), np.asarray(cov).tolist(), len(use))
 
 
-def _theory_required(row: dict, width: int) -> float:
+def _theory(rows: list[dict], width: int) -> tuple[float, np.ndarray]:
+    """(share the curve's rarest task needs at ``width``, Theorem 3's verdict for each row)."""
     from raretask.theory import TaskSet, Theory
 
-    ts = TaskSet.power_law(row["tasks"], row["features_per_task"], row["alpha"], row["beta"])
-    th = Theory(ts, row["frequent_mass"])
-    return th.required_frequency(ts.size - 1, width)
+    r = rows[0]
+    ts = TaskSet.power_law(r["tasks"], r["features_per_task"], r["alpha"], r["beta"])
+    th = Theory(ts, r["frequent_mass"])
+    learned = th.learned(width)
+    return th.required_frequency(ts.size - 1, width), np.array([learned[x["task"] - 1]
+                                                                for x in rows])
 
 
 def calibrate_rows(rows: list[dict], learned_accuracy: float = 0.9) -> tuple[str, list[Curve]]:
@@ -152,16 +158,18 @@ def calibrate_rows(rows: list[dict], learned_accuracy: float = 0.9) -> tuple[str
                 learned = [r["learned"] for r in grp]
             p = threshold_point(size, np.array(freq), np.array(learned))
             if kind == "toy":
-                th = _theory_required(grp[0], int(size))
-                lo = (p.low or 0.0) / THEORY_TOLERANCE
-                hi = (p.high if p.high is not None else np.inf) * THEORY_TOLERANCE
-                p = Point(**{**asdict(p), "theory": th, "agrees": bool(lo <= th <= hi)})
+                th, predicted = _theory(grp, int(size))
+                tp = threshold_point(size, np.array(freq), predicted)
+                overlap = (p.low or 0.0) <= (tp.high if tp.high is not None else np.inf) and \
+                    (tp.low or 0.0) <= (p.high if p.high is not None else np.inf)
+                p = Point(**{**asdict(p), "theory": th, "theory_low": tp.low,
+                             "theory_high": tp.high, "agrees": bool(overlap)})
             points.append(p)
         name = ",".join(f"{k}={v}" for k, v in zip(keys, key, strict=True))
         theory_fit = None
         if kind == "toy":
             tp = [Point(p.size, p.theory, None, None, 0.01, 0, 1, None) for p in points
-                  if p.theory and p.theory > 0]
+                  if p.theory and p.theory > 0 and p.threshold is not None]
             theory_fit = fit_curve(tp)
         curves.append(Curve(name, dict(zip(keys, key, strict=True)), tuple(points),
                             fit_curve(points), theory_fit))

@@ -149,14 +149,15 @@ def calibrate(
         table = Table(title=f"{c.name}", box=box.SIMPLE_HEAD)
         cols = ["size", "threshold", "bracket", "errors"]
         if kind == "toy":
-            cols += ["theory", "agrees"]
+            cols += ["theory bracket", "agrees"]
         for col in cols:
             table.add_column(col, justify="right")
         for p in c.points:
             bracket = f"{_pct(p.low)} .. {_pct(p.high)}"
             row = [f"{p.size:g}", p.censored or _pct(p.threshold), bracket, f"{p.errors}/{p.n}"]
             if kind == "toy":
-                row += [_pct(p.theory), "yes" if p.agrees else "[red]no[/]"]
+                row += [f"{_pct(p.theory_low)} .. {_pct(p.theory_high)}",
+                        "yes" if p.agrees else "[red]no[/]"]
             table.add_row(*row)
         notes = []
         if c.fit is not None:
