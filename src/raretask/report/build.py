@@ -491,8 +491,8 @@ def fix_section(runs: list[RunInput]) -> Section:
         sec.tables.append(Table(
             f"{run.path / FIX_FILE}: task {fix.task}" + (f". {fix.note}" if fix.note else "")
             + f". Made by `{run.made_by}`.",
-            ["row", "size", "params", "freq/tok", "steps", "tokens", "acc", "task L", "learned",
-             "run"],
+            ["row", "size", "params", "frequency", "steps", "tokens", "acc", "task L",
+             "learned", "run"],
             [[r.label, r.size, "-" if r.params is None else f"{r.params / 1e6:.2f}M",
               f"{r.frequency:.2e}", "-" if r.steps is None else str(r.steps),
               "-" if r.tokens is None else f"{r.tokens:.3g}",

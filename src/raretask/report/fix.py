@@ -11,7 +11,8 @@ bigger model, side by side. The format (unknown keys are errors)::
         {"label": "natural mix",           # what this row is (free text)
          "size": "tiny",                   # model preset or any size name
          "params": 1.2e6,                  # optional: non-embedding parameters
-         "frequency": 2.4e-05,             # the task's instances per training token
+         "frequency": 2.4e-05,             # LM: instances per training token; toy: share
+                                           # of training samples (say which in "note")
          "steps": 2000,                    # optional
          "tokens": 1024000,                # optional: training tokens
          "test_accuracy": 0.02,            # null when not measured
@@ -50,7 +51,8 @@ class FixRow(StrictModel):
     size: str = Field(min_length=1, description="Model size name (preset).")
     params: float | None = Field(None, gt=0, description="Non-embedding parameters.")
     frequency: float = Field(ge=0, allow_inf_nan=False,
-                             description="The task's instances per training token.")
+                             description="The task's frequency: instances per training token "
+                             "(LM) or share of training samples (toy); `note` says which.")
     steps: int | None = Field(None, ge=0, description="Optimizer steps.")
     tokens: float | None = Field(None, ge=0, description="Training tokens.")
     test_accuracy: float | None = Field(None, ge=0, le=1, description="Held-out accuracy.")
