@@ -67,6 +67,18 @@ def test_show_json_rows_and_theory_agreement(reference):
     assert table.returncode == 0 and "Agreement over all" in table.stdout
 
 
+def test_archived_run_without_group_files_still_shows(reference, tmp_path):
+    """A finished run copied without groups/ (merged files only) reads the same rows."""
+    import shutil
+
+    from raretask.runs.grid import load_summary
+
+    archived = tmp_path / "archived"
+    shutil.copytree(reference, archived, ignore=shutil.ignore_patterns("groups"))
+    assert load_summary(archived) == load_summary(reference)
+    assert len(load_summary(archived)) == 6 * 4
+
+
 def test_kill_and_resume_gives_identical_results(tiny_config, reference, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "raretask", "run", str(tiny_config), "--out", str(out),

@@ -70,6 +70,8 @@ def load_summary(out: Path) -> list[dict]:
     rows: list[dict] = []
     for path in sorted((out / "groups").glob("g*/summary.json")):
         rows.extend(store.read_json(path))
+    if not rows and (out / "summary.json").exists():  # an archived run: merged files only
+        rows = list(store.read_json(out / "summary.json"))
     rows.sort(key=lambda r: (r["cell"], r.get("task", 0)))
     return rows
 
