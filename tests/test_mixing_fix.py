@@ -59,3 +59,42 @@ def test_bad_fix_config_exits_2(tmp_path, capsys, override, message):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+FIX_LM_CPU = ["size=tiny", "seq_len=16", "batch_size=32", "steps=300", "vocab_size=512",
+              "frequency=[0.0078125,0.0625]", "every=[1]", "probes=false", "device=cpu"]
+
+
+def test_fix_lm_config_holds_the_arms():
+    from fractions import Fraction
+
+    from raretask.config import load_experiment
+
+    grid = load_experiment("configs/fix_lm.yaml")
+    assert grid.kind == "lm" and grid.axes == {"size": ["tiny", "4m"],
+                                               "frequency": [1 / 8192, 1 / 1024],
+                                               "every": [1, 8]}
+    cells = list(grid.cells())
+    assert len(cells) == 8
+    for c in cells:  # rows per instance: 1 in 64 (natural), 1 in 8 (plan); bursts fit a batch
+        assert Fraction(c.frequency * c.seq_len) in (Fraction(1, 64), Fraction(1, 8))
+        assert c.every == 1 or c.injection_size <= c.batch_size
+    tiny = list(load_experiment("configs/fix_lm.yaml", FIX_LM_CPU).cells())
+    assert len(tiny) == 2 and {c.schedule_label for c in tiny} == {"spread"}
+
+
+@pytest.mark.slow
+def test_fix_lm_tiny_cpu_check_learns_under_the_plan(tmp_path, capsys):
+    import json
+
+    import torch
+
+    torch.set_num_threads(1)
+    args = ["fix", "configs/fix_lm.yaml", "--out", str(tmp_path / "lm")]
+    for o in FIX_LM_CPU:
+        args += ["--set", o]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0
+    rows = {r["label"]: r for r in json.loads((tmp_path / "lm" / "fix.json").read_text())["rows"]}
+    assert rows["plan"]["test_accuracy"] > rows["natural"]["test_accuracy"] + 0.2
