@@ -108,3 +108,13 @@ def test_eval_steps_are_log_spaced_and_end_at_the_last_step():
     assert s[0] == 1 and s[-1] == 100_000 and list(s) == sorted(set(s))
     assert 20 <= len(s) <= 31
     assert eval_steps(5, 30) == (1, 2, 3, 4, 5)
+
+
+def test_a_fix_config_given_to_run_points_to_raretask_fix(capsys):
+    from raretask.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(CONFIGS / "fix_toy.yaml"), "--out", "/nonexistent/never-written"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1
+    assert "kind: 'fix_toy' is a fix config: run it with raretask fix" in err[0]

@@ -380,6 +380,9 @@ def load_experiment(path: str | Path | None, overrides: Sequence[str] = (),
         key, value = parse_override(text)
         data[key] = value
     kind = data.get("kind", "toy")
+    if kind == "fix_toy":
+        raise UserError(f"{source}: kind: 'fix_toy' is a fix config: run it with "
+                        f"raretask fix {source} --out DIR")
     if kind not in EXPERIMENT_KINDS:
         raise UserError(f"{source}: kind: unknown experiment kind {kind!r} "
                         f"(known: {', '.join(EXPERIMENT_KINDS)})")
