@@ -266,7 +266,7 @@ def _fmt(v) -> str:
 def _lm_table(rows: list[dict], title: str) -> Table:
     """One line per language-model run."""
     table = Table(title=f"{title}: language models with an injected task", box=box.SIMPLE_HEAD,
-                  pad_edge=False, padding=(0, 1))
+                  pad_edge=False, padding=(0, 0, 0, 1))
     cols = ("cell", "size", "params", "task", "freq/tok", "schedule", "acc", "task L",
             "val L", "epochs")
     for c in cols:
@@ -302,12 +302,17 @@ def _digest_table(rows: list[dict], title: str) -> Table:
         table.add_row(
             str(cell), str(r0["width"]), _fmt(r0["beta"]), _fmt(r0["alpha"]), str(r0["seed"]),
             sched, f"{sum(r['learned'] for r in rs)}/{sum(r['predicted_learned'] for r in rs)}",
-            f"{100 * agree:.0f}%", f"{rare['signal']:+.3f}", _fmt(rare["predicted_learned"]),
+            f"{100 * agree:.0f}%",
+            f"{rare['signal']:+.3f}" if r0.get("diverged_step") is None
+            else f"diverged@{r0['diverged_step']}", _fmt(rare["predicted_learned"]),
         )
     total = sum(r["agree"] for r in rows) / len(rows)
+    n_div = sum(rs[0].get("diverged_step") is not None for rs in by_cell.values())
     table.caption = (f"learned: tasks learned / predicted; thm: rare task predicted learned. "
                      f"Agreement over all (cell, task) "
-                     f"pairs: {100 * total:.1f}%. --all: every task; --json: rows")
+                     f"pairs: {100 * total:.1f}%. --all: every task; --json: rows"
+                     + (f". {n_div} cell{'s' * (n_div > 1)} diverged (diverged@step: NaN/Inf or "
+                        "exploding loss; counted as learning nothing)" if n_div else ""))
     return table
 
 

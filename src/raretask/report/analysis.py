@@ -143,6 +143,7 @@ class CellDigest:
     agreement: float  # fraction of the cell's tasks where the two agree
     rare_signal: float  # the rare task's final normalised signal
     rare_predicted: bool
+    diverged: int | None = None  # eval step at which training diverged (rows: diverged_step)
 
 
 def cell_digest(rows: list[dict]) -> list[CellDigest]:
@@ -160,7 +161,7 @@ def cell_digest(rows: list[dict]) -> list[CellDigest]:
             learned=sum(r["learned"] for r in rs),
             predicted=sum(r["predicted_learned"] for r in rs),
             agreement=sum(r["agree"] for r in rs) / len(rs), rare_signal=rare["signal"],
-            rare_predicted=rare["predicted_learned"]))
+            rare_predicted=rare["predicted_learned"], diverged=r0.get("diverged_step")))
     return out
 
 

@@ -283,13 +283,17 @@ def phase_section(runs: list[RunInput]) -> Section:
 def digest_table(run: RunInput, i: int) -> Table:
     """The toy digest exactly as ``raretask show DIR`` prints it (one line per cell)."""
     rows = [[str(d.cell), str(d.width), _fmt(d.beta), _fmt(d.alpha), str(d.seed), d.schedule,
-             f"{d.learned}/{d.predicted}", f"{100 * d.agreement:.0f}%", f"{d.rare_signal:+.3f}",
+             f"{d.learned}/{d.predicted}", f"{100 * d.agreement:.0f}%",
+             f"{d.rare_signal:+.3f}" if d.diverged is None else f"diverged@{d.diverged}",
              _fmt(d.rare_predicted)] for d in analysis.cell_digest(run.rows)]
     total = analysis.overall_agreement(run.rows)
+    n_div = len({r["cell"] for r in run.rows if r.get("diverged_step") is not None})
     return Table(
         f"{run.path}: tasks learned (s~ >= threshold) vs Theorem 3, as `raretask show "
         f"{run.path}` prints it. learned: tasks learned / predicted; thm: rare task predicted "
-        f"learned. Agreement over all (cell, task) pairs: {100 * total:.1f}%.",
+        f"learned. Agreement over all (cell, task) pairs: {100 * total:.1f}%."
+        + (f" {n_div} cell{'s' * (n_div > 1)} diverged (diverged@step: NaN/Inf or exploding "
+           "loss; counted as learning nothing)." if n_div else ""),
         ["cell", "N", "beta", "alpha", "seed", "schedule", "learned", "agree", "rare s~", "thm"],
         rows, f"digest-{i}")
 

@@ -16,6 +16,12 @@ schedule, basis) are packed into groups of at most ``group_size`` models, one op
 training them all (the instance axis). Group membership is a pure function of the config, so a
 killed grid resumes into the same groups: finished groups are skipped, an unfinished one resumes
 from its checkpoint and ends with the numbers an uninterrupted run gives (CPU).
+
+A cell whose training diverges (NaN/Inf, or a loss past
+:data:`raretask.toy.trainer.DIVERGE_FACTOR` times the mean predictor's, checked at eval steps) is
+reset to the model that learned nothing and frozen there while its group-mates train on
+unaffected; its summary rows carry ``diverged_step`` (None for every other cell) and report that
+model: signal 0, loss 1, features 0, no task learned. The log names it.
 """
 
 from __future__ import annotations
@@ -138,13 +144,17 @@ class ToyGridRun(GridRun):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-        self._write_group(group, trainer)
+        diverged = {group.cell_ids[j]: s for j, s in trainer.diverged().items()}
+        for cell, step in sorted(diverged.items()):
+            self._log(f"{group.name}: cell {cell} diverged at step {step} (NaN/Inf or exploding "
+                      "loss); its rows report the reset model, marked diverged_step")
+        self._write_group(group, trainer, diverged)
         ckpt.unlink(missing_ok=True)
         rate = (settings.steps - start_step) / max(seconds, 1e-9)
         self._log(f"{group.name}: {len(group.cell_ids)} cells, steps {start_step}->"
                   f"{settings.steps} in {seconds:.1f}s ({rate:.0f} steps/s)")
 
-    def _write_group(self, group: Group, trainer) -> None:
+    def _write_group(self, group: Group, trainer, diverged: dict[int, int]) -> None:
         gdir = self._group_dir(group)
         ids = group.cell_ids
         rows = [{"cell": ids[r["instance"]], "step": r["step"], "task": r["task"],
@@ -156,10 +166,12 @@ class ToyGridRun(GridRun):
             trows = [{"cell": ids[j], "step": int(s), "rare_signal": float(traces[t, j])}
                      for j in range(len(ids)) for t, s in enumerate(steps)]
             store.write_parquet(gdir / "traces.parquet", trows)
-        store.write_json(gdir / "summary.json", self._summaries(group, rows))
+        store.write_json(gdir / "summary.json", self._summaries(group, rows, diverged))
 
-    def _summaries(self, group: Group, rows: list[dict]) -> list[dict]:
-        """Final per-cell, per-task rows, compared with Theorem 3."""
+    def _summaries(self, group: Group, rows: list[dict],
+                   diverged: dict[int, int] | None = None) -> list[dict]:
+        """Final per-cell, per-task rows, compared with Theorem 3 (diverged cells: module doc)."""
+        diverged = diverged or {}
         last: dict[tuple[int, int, str], float] = {}
         final_step: dict[int, int] = {}
         for r in rows:
@@ -175,8 +187,12 @@ class ToyGridRun(GridRun):
             kept = th.features_kept(c.width)
             model = {m: last.get((i, -1, m)) for m in
                      ("residual_F", "grad_norm_frequent", "grad_norm_rare", "grad_cosine", "loss")}
+            div = diverged.get(i)
+            if div is not None:  # summary.json stays strict JSON: no NaN from the frozen model
+                model = {m: (v if v is not None and np.isfinite(v) else None)
+                         for m, v in model.items()}
             for k in range(c.tasks):
-                signal = last[(i, k, "signal_norm")]
+                signal = last[(i, k, "signal_norm")] if div is None else 0.0
                 learned = bool(signal >= c.learned_threshold)
                 predicted = bool(kept[k] >= 1)
                 out.append({
@@ -185,11 +201,12 @@ class ToyGridRun(GridRun):
                     "width": c.width, "beta": c.beta,
                     "alpha": c.alpha, "seed": c.seed, "schedule": c.schedule, "gap": c.gap,
                     "task": k + 1, "frequency": float(ts.frequencies[k]),
-                    "signal": float(signal), "loss": float(last[(i, k, "loss_norm")]),
-                    "features": float(last[(i, k, "features")]),
+                    "signal": float(signal),
+                    "loss": float(last[(i, k, "loss_norm")]) if div is None else 1.0,
+                    "features": float(last[(i, k, "features")]) if div is None else 0.0,
                     "predicted_features": int(kept[k]),
                     "learned": learned, "predicted_learned": predicted,
                     "agree": learned == predicted, "rare": k == c.rare_index,
-                    "step": final_step[i], **model,
+                    "step": final_step[i], **model, "diverged_step": div,
                 })
         return out

@@ -60,6 +60,14 @@ Choices (documented here once)
 * **Syncs**: the training step never reads a device value on the host (no ``.item()``); which
   instances inject at a step is known on the host from the schedules. Metrics stay on the device
   until :meth:`ToyTrainer.metrics`, :meth:`ToyTrainer.traces` or :meth:`ToyTrainer.state_dict`.
+* **Divergence**: checked at every eval step, on the device (no host sync): an instance diverges
+  when a parameter or its loss is NaN/Inf, or its loss exceeds :data:`DIVERGE_FACTOR` times the
+  mean predictor's (U = D = 0, the loss at step 0). Its step is recorded
+  (:meth:`ToyTrainer.diverged`), its parameters and Adam moments are set to 0 and kept there
+  (masked after every step, so no NaN can reach a kernel again: the model that learned nothing,
+  frozen). Instances never interact, so its group-mates' numbers are unchanged (tested bit-exact
+  on CPU). The eval row at the divergence step holds the diverging values; later rows the frozen
+  model's.
 """
 
 from __future__ import annotations
@@ -93,6 +101,10 @@ TASK_COLUMNS = (*TASK_METRICS, "seen")
 
 MODEL_COLUMNS = (*MODEL_METRICS, "grad_norm_frequent", "grad_norm_rare", "grad_cosine")
 """Per-instance metric names (task = -1) in the order of the stored table."""
+
+DIVERGE_FACTOR = 100.0
+"""An instance whose loss exceeds this multiple of the mean predictor's loss has diverged (a
+healthy run stays below the mean predictor's loss after its first steps; lr = 10 passes 400x)."""
 
 # Random streams per instance (the first entry of the SeedSequence spawn key).
 _BASIS, _INIT, _TRAIN, _INJECT, _MEASURE = range(5)
@@ -193,6 +205,9 @@ class _Group:
     seen: Tensor  # [I, K] int64 samples seen so far
     trace_buf: Tensor  # [n_trace, I] float64
     evals: list[Tensor]  # per recorded eval: [I, len(TASK_COLUMNS) * K + len(MODEL_COLUMNS)]
+    loss0: Tensor  # [I] float64 loss of the mean predictor (U = D = 0)
+    diverged: Tensor  # [I] int64 eval step at which the instance diverged, -1 if it has not
+    dead: Tensor  # [1, I, 1, 1] bool: diverged, parameters held at 0
     plans: dict = field(default_factory=dict)  # injection pattern -> sub-batches (cached)
 
     @property
@@ -397,6 +412,9 @@ class ToyTrainer:
             seen=torch.zeros(i_n, k, dtype=torch.int64, device=dev),
             trace_buf=torch.full((n_trace, i_n), math.nan, dtype=torch.float64, device=dev),
             evals=[],
+            loss0=(stack([x.frequencies for x in insts]) * lam64.sum(-1)).sum(-1),
+            diverged=torch.full((i_n,), -1, dtype=torch.int64, device=dev),
+            dead=torch.zeros(1, i_n, 1, 1, dtype=torch.bool, device=dev),
         )
 
     # -- training -------------------------------------------------------------------------------
@@ -507,6 +525,7 @@ class ToyTrainer:
                 gr.params[0].copy_(series_qr_retraction(gr.params[0], shift=gr.shift))
             else:
                 gr.params[0].copy_(self._retract(gr.params[0]))
+            gr.params.masked_fill_(gr.dead, 0.0)  # diverged instances stay at U = D = 0
 
     def _add_injection(self, gr: _Group, inject: tuple[int, ...]) -> None:
         """Add the gradient of this step's injected rare samples to ``gr.grad``.
@@ -565,9 +584,31 @@ class ToyTrainer:
         ):
             for gr in self._groups:
                 gr.evals.append(self._evaluate(gr))
+                self._check_divergence(gr)
             self._eval_steps.append(self.step)
             if callback is not None:
                 callback(self.step)
+
+    _LOSS_COLUMN = MODEL_COLUMNS.index("loss")
+
+    def _check_divergence(self, gr: _Group) -> None:
+        """Mark instances whose parameters or loss are non-finite or exploded (on the device)."""
+        loss = gr.evals[-1][:, len(TASK_COLUMNS) * gr.k + self._LOSS_COLUMN]
+        finite = torch.isfinite(gr.params).transpose(0, 1).flatten(1).all(1)
+        bad = ~finite | ~torch.isfinite(loss) | (loss > DIVERGE_FACTOR * gr.loss0)
+        gr.diverged.masked_fill_(bad & (gr.diverged < 0), self.step)
+        gr.dead.copy_((gr.diverged >= 0).view(1, -1, 1, 1))
+        for t in (gr.params, gr.exp_avg, gr.exp_avg_sq, gr.grad):
+            t.masked_fill_(gr.dead, 0.0)
+
+    def diverged(self) -> dict[int, int]:
+        """{instance: eval step at which it diverged} (reads the device: call at the end)."""
+        out = {}
+        for gr in self._groups:
+            for j, s in enumerate(gr.diverged.tolist()):
+                if s >= 0:
+                    out[gr.idx[j]] = int(s)
+        return out
 
     def _evaluate(self, gr: _Group) -> Tensor:
         """[I, len(TASK_COLUMNS) * K + len(MODEL_COLUMNS)] float64 metrics of one group."""
@@ -684,7 +725,8 @@ class ToyTrainer:
         load); per instance ``instance.{i}.{U,D,adam_avg_U,adam_avg_D,adam_sq_U,adam_sq_D}``
         (training dtype; D as [K, M, N]), ``instance.{i}.rng_train`` / ``.rng_inject`` (uint8
         generator states; the train state is the one before the chunk holding the next step, which
-        is redrawn on resume), ``instance.{i}.seen`` [K] int64, ``instance.{i}.metrics``
+        is redrawn on resume), ``instance.{i}.seen`` [K] int64, ``instance.{i}.diverged`` (int64
+        scalar, -1 or the divergence step), ``instance.{i}.metrics``
         [E, C_i] float64; ``metrics.steps`` [E]; ``traces.values`` [n, I] and ``traces.steps``.
         The basis is not stored (rebuilt from the seed). Safe for ``safetensors.torch.save_file``.
         """
@@ -712,6 +754,7 @@ class ToyTrainer:
                 out[p + "rng_train"] = rng.cpu().clone()
                 out[p + "rng_inject"] = self._gen_inject[i].get_state().cpu().clone()
                 out[p + "seen"] = gr.seen[j].cpu().clone()
+                out[p + "diverged"] = gr.diverged[j].cpu().clone()
                 n_cols = len(TASK_COLUMNS) * gr.k + len(MODEL_COLUMNS)
                 out[p + "metrics"] = (
                     evals[:, j].clone() if evals is not None
@@ -748,6 +791,9 @@ class ToyTrainer:
                 self._streams[key].gens[row].set_state(state[p + "rng_train"])
                 self._gen_inject[i].set_state(state[p + "rng_inject"])
                 gr.seen[j].copy_(state[p + "seen"])
+                if p + "diverged" in state:  # absent from checkpoints older than the check
+                    gr.diverged[j].copy_(state[p + "diverged"])
+            gr.dead.copy_((gr.diverged >= 0).view(1, -1, 1, 1))
             gr.evals = [
                 torch.stack([state[f"instance.{i}.metrics"][e] for i in gr.idx]).to(dev)
                 for e in range(len(state["metrics.steps"]))
