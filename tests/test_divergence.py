@@ -158,3 +158,18 @@ def test_report_marks_diverged_cells(grids, tmp_path, capsys):
     assert exc.value.code == 0
     page = out.read_text()
     assert len(re.findall(r"diverged@\d+", page)) == 4 and "4 cells diverged" in page
+
+
+def test_series_retraction_keeps_a_diverged_instance_at_zero_without_the_mask():
+    """The GPU retraction maps U = 0 to 0, so the frozen model stays frozen with no extra pass."""
+    settings = TrainSettings(steps=120, batch_size=64, lr=0.01, eval_steps=(0, 10, 50, 120),
+                             retraction="series_qr")
+    tr = ToyTrainer(_instances(), settings)
+    tr.run(until=20)
+    gr, j = tr._locate(1)
+    gr.params[1, j, 3, 1] = math.nan
+    tr.run()
+    assert tr.diverged() == {1: 50}
+    model = tr.model(1)
+    assert not model["U"].any() and not model["D"].any()
+    assert all(np.isfinite(tr.model(i)["U"]).all() for i in (0, 2, 3))

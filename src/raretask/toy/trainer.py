@@ -525,7 +525,11 @@ class ToyTrainer:
                 gr.params[0].copy_(series_qr_retraction(gr.params[0], shift=gr.shift))
             else:
                 gr.params[0].copy_(self._retract(gr.params[0]))
-            gr.params.masked_fill_(gr.dead, 0.0)  # diverged instances stay at U = D = 0
+            if gr.shift is None and self.settings.retraction != "series_qr":
+                # diverged instances stay at U = D = 0: Householder QR would turn U = 0 back
+                # into orthonormal columns (and Cholesky into NaN); the series maps 0 to 0, so
+                # the GPU path skips this pass over the encoders. D follows: h = x U = 0.
+                gr.params[0].masked_fill_(gr.dead[0], 0.0)
 
     def _add_injection(self, gr: _Group, inject: tuple[int, ...]) -> None:
         """Add the gradient of this step's injected rare samples to ``gr.grad``.
