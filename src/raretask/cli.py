@@ -7,6 +7,7 @@ result is ready, so a failure never leaves partial output.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -392,4 +393,12 @@ def main(argv: list[str] | None = None) -> None:
         _fail("aborted")
     except BrokenPipeError:  # e.g. `raretask show --json | head`
         sys.exit(0)
+    except OSError as err:  # the environment, not a bug: disk full, no permission, read-only
+        if err.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        _fail(f"{err.filename + ': ' if err.filename else ''}{err.strerror}")
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                       errno.EMFILE, errno.ENAMETOOLONG}

@@ -89,6 +89,9 @@ class GridRun:
         Save the running group's trainer state at most this often (wall clock).
     """
 
+    CHECKPOINT_FILES: tuple[str, ...] = ()
+    """A group's files that exist only while it runs (removed once its summary.json is written)."""
+
     def __init__(self, grid: Grid, out: Path, checkpoint_seconds: float = 60.0):
         self.grid = grid
         self.out = Path(out)
@@ -119,8 +122,26 @@ class GridRun:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         who = f" [rank {self.ranks.rank}]" if self.ranks.world > 1 else ""
         # one short append per line: lines from several ranks interleave but stay whole
-        with open(self.out / "log.txt", "a", encoding="utf-8") as fh:
-            fh.write(f"{stamp}{who} {message}\n")
+        try:
+            with open(self.out / "log.txt", "a", encoding="utf-8") as fh:
+                fh.write(f"{stamp}{who} {message}\n")
+        except OSError as err:
+            raise store.io_error(self.out / "log.txt", err) from None
+
+    def _sweep(self) -> None:
+        """Remove what killed runs left behind: temporary files of interrupted writes, and the
+        checkpoints of groups that finished but were killed before deleting them. Under the lock.
+        """
+        swept = store.remove_stale_temps(self.out)
+        for g in self.groups:
+            if self.is_done(g):
+                for name in self.CHECKPOINT_FILES:
+                    path = self._group_dir(g) / name
+                    if path.exists():
+                        path.unlink()
+                        swept += 1
+        if swept:
+            self._log(f"removed {swept} file(s) left by an interrupted run")
 
     def _check_or_write_config(self) -> None:
         resolved = self.grid.resolved()
@@ -174,6 +195,7 @@ class GridRun:
                 try:
                     held.enter_context(store.run_lock(self.out))
                     self._check_or_write_config()
+                    self._sweep()
                 except UserError as err:
                     error = str(err)
             distributed.raise_together(error)

@@ -88,6 +88,8 @@ def build_trainer(cell: LMCell, device: str, stream_world: tuple[int, int] | Non
 class LMGridRun(GridRun):
     """A grid of language-model runs, one cell at a time."""
 
+    CHECKPOINT_FILES = ("model.safetensors", "state.pt")
+
     def _check_parallel(self, ranks: Ranks) -> None:
         if not ranks.data_parallel:
             return

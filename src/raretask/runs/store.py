@@ -4,6 +4,11 @@ Every file a run writes goes through a temporary file in the same directory and 
 so a reader (or a resumed run) sees the old file or the new one, never half of one. A finished
 group is marked by its ``summary.json``, written last.
 
+A write that fails (disk full, permission denied, read-only file system) raises a one-line
+:class:`~raretask.errors.UserError` naming the file (:func:`io_error`); its temporary file is
+removed and the previous version of the file, if any, is untouched. Temporary files orphaned by a
+killed process (``.NAME.*.tmp``) are never read and are swept by :func:`remove_stale_temps`.
+
 Locks are ``flock``s: the kernel drops them when their process dies, so a killed run leaves no
 stale lock or claim behind. The run lock is held by one process per job (rank 0 under torchrun,
 :mod:`raretask.runs.distributed`); group claims let the ranks of one job share out the groups.
@@ -26,17 +31,40 @@ import pyarrow.parquet as pq
 from raretask.errors import UserError
 
 
+def io_error(path: Path | str, err: OSError, verb: str = "cannot write") -> UserError:
+    """One line for an environment error on ``path``: ``PATH: cannot write (No space left...)``."""
+    reason = err.strerror or type(err).__name__
+    return UserError(f"{path}: {verb} ({reason})")
+
+
 @contextlib.contextmanager
 def _atomic_path(path: Path) -> Iterator[Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        raise io_error(path, err) from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Delete the temporary files of interrupted writes under ``directory``; returns how many.
+
+    Call only while holding the directory's :func:`run_lock` (no live writer can own them).
+    """
+    n = 0
+    for tmp in Path(directory).rglob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            n += 1
+    return n
 
 
 def write_text(path: Path, text: str) -> None:
@@ -77,8 +105,11 @@ def read_json(path: Path) -> Any:
 @contextlib.contextmanager
 def run_lock(directory: Path) -> Iterator[None]:
     """Hold an exclusive lock on a run directory: a second process pointed at it refuses."""
-    directory.mkdir(parents=True, exist_ok=True)
-    handle = open(directory / ".lock", "a+")  # noqa: SIM115 - held for the whole block
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / ".lock", "a+")  # noqa: SIM115 - held for the whole block
+    except OSError as err:
+        raise io_error(directory, err, "cannot use as a run directory") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

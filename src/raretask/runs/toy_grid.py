@@ -103,6 +103,8 @@ def build_settings(cell: ToyCell, device: str):
 class ToyGridRun(GridRun):
     """A toy grid in one directory: groups of cells trained in one optimizer step each."""
 
+    CHECKPOINT_FILES = ("checkpoint.safetensors",)
+
     def _plan(self) -> list[Group]:
         return plan_groups(self.cells, self.grid.group_size)
 
