@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import sys
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +20,8 @@ from raretask.lm.data import (
     BackgroundConfig,
     NGramModel,
     TokenArray,
+    TokenStream,
+    _mix,
     _pieces,
     cache_root,
     row_keys,
@@ -407,3 +411,91 @@ def test_row_keys_depend_on_global_row_only():
     a = row_keys(3, 7, np.arange(8))
     assert np.array_equal(a[4:], row_keys(3, 7, np.arange(4, 8)))
     assert len(set(a.tolist()) | set(row_keys(3, 8, np.arange(8)).tolist())) == 16
+
+
+# -- the fast sampler and the prefetching stream: same numbers as before ---------------------------
+TEXT = (b"In the beginning God created the heaven and the earth. And the earth was without form, "
+        b"and void; and darkness was upon the face of the deep.")
+
+
+def synthetic_corpus(n=20_000, v=300):
+    """Repeated text with 20% hashed noise: seen, backed-off and never-seen contexts at every
+    order, from integer arithmetic only (no tokenizer, no numpy RNG)."""
+    noise = (_mix(np.arange(n, dtype=np.uint64)) % np.uint64(v)).astype(np.int64)
+    text = np.resize(np.frombuffer(TEXT, dtype=np.uint8), n).astype(np.int64)
+    return np.where(noise % 5 == 0, noise, text)
+
+
+def digest(arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.asarray(a).astype("<i8").tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_ngram_rows_equal_those_of_the_binary_search_sampler():
+    """The digests were computed by the sampler before the lookup tables and the prefetch
+    thread existed (binary searches, 1,024 rows per call): same seeds, same rows."""
+    x = synthetic_corpus()
+    models = [NGramModel(300, order).fit(x) for order in (1, 2, 3, 4, 5)]
+    keys = [row_keys(11, s, np.arange(40)) for s in range(3)]
+    assert all(m._tables is not None for m in models)
+    assert digest(m.rows(k, 50) for m in models for k in keys) == "df070d06c8d1d38e"
+    assert digest(m.rows_search(k, 50) for m in models for k in keys) == "df070d06c8d1d38e"
+    stream = TokenStream(models[2], 6, 20, 4, 1, 2)
+    assert digest(next(stream) for _ in range(7)) == "c7e64fcbc9dc5599"
+
+
+def test_ngram_without_tables_samples_the_same_rows(monkeypatch):
+    x = synthetic_corpus()
+    with_tables = NGramModel(300, 4).fit(x)
+    monkeypatch.setattr(NGramModel, "table_max_entries", 0)
+    without = NGramModel(300, 4).fit(x)
+    assert without._tables is None and with_tables._tables is not None
+    keys = row_keys(0, 9, np.arange(500))
+    assert np.array_equal(without.rows(keys, 80), with_tables.rows(keys, 80))
+
+
+def test_prefetch_serves_the_same_batches_and_saves_the_next_ones_step(monkeypatch):
+    """A chunk of 3 steps per call; the thread samples the next chunk while this one is
+    served. Resuming from any state_dict (mid-chunk, at a chunk's end, after a probe-style
+    peek) continues with the batch the saved step names."""
+    model = NGramModel(300, 3).fit(synthetic_corpus())
+    model.rows_per_call = 3 * 4  # 3 steps of 4 rows
+    threads = []
+    rows = model.rows
+
+    def spy(keys, length):
+        threads.append(threading.current_thread().name)
+        return rows(keys, length)
+
+    monkeypatch.setattr(model, "rows", spy)
+    plain = TokenStream(model, 4, 16, seed=2, prefetch=False)
+    expected = [next(plain) for _ in range(12)]
+    assert set(threads) == {threading.current_thread().name}
+    threads.clear()
+
+    stream = TokenStream(model, 4, 16, seed=2, prefetch=True)
+    got, states = [], {}
+    for step in range(12):
+        states[step] = stream.state_dict()
+        assert states[step]["step"] == step  # however far the thread has sampled
+        if step % 5 == 4:  # the trainer's probe: peek at the next batch, put the stream back
+            peek = stream.next_batch()
+            stream.load_state_dict(states[step])
+            assert torch.equal(peek, expected[step])
+        got.append(next(stream))
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+    assert any(name.startswith("raretask-stream") for name in threads)  # sampled ahead
+    stream.load_state_dict(states[2])  # back to an earlier chunk: the thread's chunk is stale
+    for want in expected[2:8]:
+        assert torch.equal(next(stream), want)
+    for step in (2, 3, 7, 11):  # mid-chunk and chunk starts
+        resumed = TokenStream(model, 4, 16, seed=2, prefetch=True)
+        resumed.load_state_dict(states[step])
+        for want in expected[step:]:
+            assert torch.equal(next(resumed), want)
+        resumed.close()
+    stream.close()
+    assert stream._pool is None

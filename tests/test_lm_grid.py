@@ -199,6 +199,33 @@ def test_probes_are_read_only_and_measure_the_next_injection_batch(cache, one_th
     assert probed[(step, "order_r2")] == pytest.approx(feature_presence(tr.model, tr.task).r2)
 
 
+def test_prefetching_stream_changes_no_number_of_a_run(cache, one_thread):
+    """The background thread samples 3-step chunks ahead while the trainer trains and probes
+    (which peek at the next batch); every metric and weight equals a run without it."""
+    base = dict(size="tiny", vocab_size=512, seq_len=16, batch_size=8, steps=20, lr=1e-2,
+                task="add", instances=3, every=2, mode="burst", source="ngram", eval_points=5,
+                probes=True, probe_k=16)
+    ahead, _, _ = build_trainer(LMCell(**base), "cpu")
+    plain, _, _ = build_trainer(LMCell(**base), "cpu")
+    assert not ahead.data.prefetch  # a CPU cell samples on the training thread
+    ahead.data.source.rows_per_call = 3 * 8
+    ahead.data.prefetch = True
+    ahead.run()
+    plain.run()
+    assert ahead.data._pool is not None and plain.data._pool is None
+    got = {(r["step"], r["metric"]): r["value"] for r in ahead.metrics()}
+    assert got == {(r["step"], r["metric"]): r["value"] for r in plain.metrics()}
+    assert {m for _, m in got} >= {"train_loss", "val_loss", "cos_g_gr", "fourier_modes"}
+    for a, b in zip(ahead.model.parameters(), plain.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert ahead.state_dict()["data"]["step"] == ahead.step == 20  # the next batch to train on
+    # val_loss: the mean of the batches' losses as Python floats (one host sync for all)
+    with torch.no_grad():
+        losses = [float(ahead.model(b[:, :-1], targets=b[:, 1:])[1]) for b in ahead.val_batches()]
+    assert got[(20, "val_loss")] == sum(losses) / len(losses)
+    ahead.data.close()
+
+
 def test_chance_levels_follow_the_task_tables():
     task = RareTask("cmp", vocab_size=512, eod_id=0, seed=3)
     test = task.instances("test")

@@ -62,9 +62,12 @@ short runs (a few epochs) and large user corpora. The run summary records which,
 
 Measured on a 2-core CPU (tokenizers 0.23, numpy 2.4): the KJV's BPE at 8192 trains in 1.0 s and
 tokenises in 1.2 s (944,714 tokens incl. 1,189 EODs; 4.4 characters per token); a cached build
-loads in 0.02 s. The n-gram (order 3) fits in 0.2 s and samples ~2M tokens/s (1.3-2.2M for
-batches of 32-1024 rows of 128-1024 tokens; it samples ~1,024 rows per call, looking steps ahead);
-corpus windows are served at 4-50M tokens/s.
+loads in 0.02 s. The n-gram (order 3) fits in 0.2 s (with its lookup tables) and samples
+5-10M tokens/s (KJV at vocab 4096 / 8192, batches of 32-256 rows of 128-512 tokens, 4,096 rows
+per call looking steps ahead; 1.4-2.4M before the tables replaced two binary searches per
+token); corpus windows are served at 4-50M tokens/s. With ``prefetch`` (on when a grid cell
+trains on a GPU) the stream samples the next chunk in a background thread while the trainer
+trains on the current one.
 
 Each row of step ``s`` draws its randomness from a hash of (seed, s, global row index) alone,
 so a batch is a pure function of the step (resuming needs only the step: :meth:`TokenStream.
@@ -83,6 +86,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -364,6 +368,12 @@ def _uniforms(keys: np.ndarray, n: int) -> np.ndarray:
     return (_mix(z) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+def _uniforms_by_draw(keys: np.ndarray, n: int) -> np.ndarray:
+    """``_uniforms(keys, n).T``, computed in that layout: [n, M] (row j: draw j of every row)."""
+    z = keys[None, :] + (np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN)[:, None]
+    return (_mix(z) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
 # -- sources ------------------------------------------------------------------------------------
 class CorpusWindows:
     """Source ``"corpus"``: the window at a uniformly random offset of the training tokens."""
@@ -392,7 +402,8 @@ class NGramModel:
     U: distinct tokens after it; lam = 0 for an unseen h). A row starts from the n-1 tokens before
     a random position of the fitted tokens (so starts follow the corpus) and continues the chain;
     only ids seen in the corpus are ever emitted. Sampling is vectorised over rows (one numpy
-    pass per position), with integer cumulative counts, so it is exact and deterministic.
+    pass per position), with integer cumulative counts, so it is exact and deterministic; lookup
+    tables (:meth:`_lookup_tables`) replace its binary searches without changing a row.
 
     Example::
 
@@ -402,9 +413,14 @@ class NGramModel:
     """
 
     name = "ngram"
-    rows_per_call = 1024
+    table_max_entries = 1 << 25
+    """:meth:`rows`' lookup tables (:meth:`_lookup_tables`: 4 bytes per counted n-gram
+    occurrence, ~order x fitted tokens, plus 8 per distinct n-gram and context length > 1; the
+    KJV at order 3 counts 3.0M, 134 MB at the cap) are built when the counts total at most this
+    many; else :meth:`rows` searches (same rows, 3-6x slower)."""
+    rows_per_call = 4096
     """The stream samples whole steps ahead until it has this many rows per call: the numpy
-    overhead of a position is paid once for all of them (~2.5M tokens/s from ~1,000 rows)."""
+    overhead of a position is paid once for all of them."""
 
     def __init__(self, vocab_size: int, order: int = 3):
         self.vocab_size = vocab_size
@@ -424,6 +440,7 @@ class NGramModel:
         uni = np.bincount(x, minlength=v)
         nz = np.flatnonzero(uni)
         counts, nexts, first, totals = [uni[nz]], [nz], [np.array([0])], [np.array([n])]
+        grams = []  # per level k >= 1: the sorted (k+1)-gram keys, one per entry
         entries = len(nz)
         self._levels = []  # per context length k: (sorted context keys, lam, first segment id)
         n_segments = 1
@@ -437,6 +454,7 @@ class NGramModel:
             types = np.diff(np.append(start, len(pairs)))
             self._levels.append((keys, tot / (tot + types), n_segments))
             counts.append(c)
+            grams.append(pairs)
             nexts.append(pairs % v)
             first.append(entries + start)
             totals.append(tot)
@@ -454,10 +472,95 @@ class NGramModel:
             self._lam1[keys1] = lam1
             self._seg1 = np.zeros(v, dtype=np.int64)
             self._seg1[keys1] = seg0 + np.arange(len(keys1))
+        self._tables = None
+        if int(self._cum[-1]) <= self.table_max_entries:
+            self._tables = self._lookup_tables(counts_all, [nz, *grams])
         return self
 
+    def _lookup_tables(self, counts_all: np.ndarray, grams: list[np.ndarray]) -> dict:
+        """Tables that replace :meth:`rows`' two binary searches per position (same results).
+
+        * ``entry[c]``: the entry (index of ``_next``) whose cumulative range holds count ``c``,
+          i.e. ``searchsorted(_cum, c, side="right")`` for every c (``np.repeat``);
+        * ``after[k][e]``: after emitting entry ``e`` of level L (context of L tokens), the index
+          in ``keys_k`` of the row's new k-token context, which is the last k tokens of e's
+          (L+1)-gram when L + 1 >= k: ``len(keys_k)`` if that context was never seen, -1 when
+          L + 1 < k (then the row looks its context up: :meth:`_find`);
+        * ``lam[k]``: ``lam_k`` with a 0 appended for "never seen".
+        """
+        v, k_max = self.vocab_size, self.order - 1
+        entry = np.repeat(np.arange(len(counts_all), dtype=np.int32), counts_all)
+        bounds = np.cumsum([0] + [len(g) for g in grams])  # entries of level L: bounds[L]..
+        after, lam = {}, {}
+        for k in range(2, k_max + 1):
+            keys_k, lam_k, _ = self._levels[k - 1]
+            nxt = np.full(len(counts_all), -1, dtype=np.int64)
+            for level in range(k - 1, k_max + 1):
+                nxt[bounds[level] : bounds[level + 1]] = self._find(k, grams[level] % v**k)
+            after[k] = nxt
+            lam[k] = np.append(lam_k, 0.0)
+        return {"entry": entry, "after": after, "lam": lam}
+
+    def _find(self, k: int, ctx: np.ndarray) -> np.ndarray:
+        """Index of each k-token context in ``keys_k``, ``len(keys_k)`` where it is absent."""
+        keys_k = self._levels[k - 1][0]
+        i = np.minimum(np.searchsorted(keys_k, ctx), len(keys_k) - 1)
+        return np.where(keys_k[i] == ctx, i, len(keys_k))
+
     def rows(self, keys: np.ndarray, length: int) -> np.ndarray:
-        """One fresh row of ``length`` tokens per key (uint64, :func:`row_keys`): [M, length]."""
+        """One fresh row of ``length`` tokens per key (uint64, :func:`row_keys`): [M, length].
+
+        Uses the lookup tables when the model has them (``table_max_entries``), else
+        :meth:`rows_search`; both give exactly the same rows.
+        """
+        if self._tables is None:
+            return self.rows_search(keys, length)
+        v, k_max, x = self.vocab_size, self.order - 1, self._tokens
+        m = len(keys)
+        tables = self._tables
+        entry, after, lam_of = tables["entry"], tables["after"], tables["lam"]
+        pos = (_mix(keys ^ np.uint64(0x5EED)) % np.uint64(len(x) - k_max)).astype(np.int64) + k_max
+        ctx = [np.zeros(m, dtype=np.int64) for _ in range(k_max + 1)]  # ctx[k]: last k tokens
+        for k in range(1, k_max + 1):
+            for j in range(1, k + 1):
+                ctx[k] += x[pos - j] * v ** (j - 1)
+        where = {k: self._find(k, ctx[k]) for k in range(2, k_max + 1)}  # index in keys_k
+        u = _uniforms_by_draw(keys, 2 * length)  # [2 length, M]: row 2t picks, 2t + 1 draws
+        out = np.empty((length, m), dtype=np.int64)
+        for t in range(length):
+            pick, draw = u[2 * t], u[2 * t + 1]
+            lams, segs = [], []  # as rows_search: longest context first
+            for k in range(k_max, 0, -1):
+                if k == 1:
+                    lams.append(self._lam1[ctx[1]])
+                    segs.append(self._seg1[ctx[1]])
+                    continue
+                lams.append(lam_of[k][where[k]])  # 0 where the context was never seen
+                segs.append(self._levels[k - 1][2] + where[k])  # unused where lam is 0
+            seg = np.zeros(m, dtype=np.int64)
+            cum, rest, thresholds = 0.0, 1.0, []
+            for lam in lams:
+                cum = cum + rest * lam
+                rest = rest * (1.0 - lam)
+                thresholds.append(cum)
+            for lam_seg, threshold in zip(segs[::-1], thresholds[::-1], strict=True):
+                seg = np.where(pick < threshold, lam_seg, seg)
+            total = self._seg_total[seg]
+            offset = np.minimum((draw * total).astype(np.int64), total - 1)
+            e = entry[self._seg_base[seg] + offset]
+            tok = self._next[e]
+            out[t] = tok
+            for k in range(k_max, 0, -1):
+                ctx[k] = tok + v * (ctx[k] % v ** (k - 1)) if k > 1 else tok
+            for k in range(2, k_max + 1):
+                where[k] = after[k][e]
+                miss = np.flatnonzero(where[k] < 0)  # emitted from a context shorter than k - 1
+                if len(miss):
+                    where[k][miss] = self._find(k, ctx[k][miss])
+        return np.ascontiguousarray(out.T)
+
+    def rows_search(self, keys: np.ndarray, length: int) -> np.ndarray:
+        """:meth:`rows` with binary searches instead of tables (the reference; no extra memory)."""
         v, k_max, x = self.vocab_size, self.order - 1, self._tokens
         m = len(keys)
         pos = (_mix(keys ^ np.uint64(0x5EED)) % np.uint64(len(x) - k_max)).astype(np.int64) + k_max
@@ -505,7 +608,8 @@ class NGramModel:
 
 
 _AHEAD = 1 << 22
-"""At most this many tokens are sampled ahead of the step being served."""
+"""At most this many tokens per chunk of steps sampled at once (the stream holds the chunk being
+served and, with prefetch, the next one)."""
 
 
 # -- the stream ---------------------------------------------------------------------------------
@@ -520,6 +624,12 @@ class TokenStream:
     seed : fixes every batch (module docstring: a batch is a pure function of seed and step).
     rank, world_size : this rank's rows are ``rank * B .. (rank + 1) * B - 1`` of the global batch.
     corpus_tokens : training tokens of the corpus, the denominator of :attr:`epochs`.
+    prefetch : sample the next chunk of steps in a background thread while the current one is
+        served, so that a GPU trainer's host thread does not wait for the sampler (off by
+        default: on a CPU with no idle core the thread only competes with training). Numbers do
+        not depend on it: a chunk is a pure function of its steps, and :meth:`state_dict` holds
+        only the step of the next batch :meth:`next_batch` returns, never how far the thread
+        has sampled.
 
     Example::
 
@@ -538,6 +648,7 @@ class TokenStream:
         rank: int = 0,
         world_size: int = 1,
         corpus_tokens: int = 0,
+        prefetch: bool = False,
     ):
         if batch_size < 1 or seq_len < 1:
             raise UserError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
@@ -549,8 +660,11 @@ class TokenStream:
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
         self.corpus_tokens = corpus_tokens
+        self.prefetch = prefetch
         self.step = 0
         self._ahead: tuple[int, Tensor] = (0, torch.empty(0))
+        self._pending: tuple[int, Future] | None = None  # (first step, chunk being sampled)
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def global_batch_size(self) -> int:
@@ -564,23 +678,41 @@ class TokenStream:
         out = self.source.rows(keys, self.seq_len + 1)
         return torch.from_numpy(out.reshape(len(steps), len(rows), self.seq_len + 1))
 
+    def _chunk(self, first: int) -> Tensor:
+        """This rank's rows of the steps ``first ..`` that one call to the source samples."""
+        row_tokens = self.batch_size * (self.seq_len + 1)
+        n_steps = max(1, min(self.source.rows_per_call // self.batch_size, _AHEAD // row_tokens))
+        lo = self.rank * self.batch_size
+        return self._rows(range(first, first + n_steps), np.arange(lo, lo + self.batch_size))
+
     def batch(self, step: int) -> Tensor:
         """This rank's rows of step ``step`` (does not move the stream).
 
         Sources with ``rows_per_call`` > batch_size sample the following steps in the same call
-        and keep them: a batch depends on (seed, step, row) only, so this changes no number.
+        and keep them; with ``prefetch`` the chunk after that is sampled in the background. A
+        batch depends on (seed, step, row) only, so neither changes a number.
         """
         first, ahead = self._ahead
         if not first <= step < first + len(ahead):
-            lo = self.rank * self.batch_size
-            row_tokens = self.batch_size * (self.seq_len + 1)
-            n_steps = max(
-                1, min(self.source.rows_per_call // self.batch_size, _AHEAD // row_tokens)
-            )
+            pending, self._pending = self._pending, None
+            if pending is not None and pending[0] == step:
+                ahead = pending[1].result()  # the thread's chunk (re-raises its error)
+            else:  # first call, resume, or a jump: sample here; a stale chunk is dropped
+                ahead = self._chunk(step)
             first = step
-            ahead = self._rows(range(step, step + n_steps), np.arange(lo, lo + self.batch_size))
             self._ahead = first, ahead
+            if self.prefetch:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="raretask-stream")
+                nxt = first + len(ahead)
+                self._pending = nxt, self._pool.submit(self._chunk, nxt)
         return ahead[step - first].clone()
+
+    def close(self) -> None:
+        """Stop the prefetch thread (it also ends when the stream is garbage-collected)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._pending = None, None
 
     def global_batch(self, step: int) -> Tensor:
         """All ``batch_size * world_size`` rows of step ``step``, in rank order."""
@@ -782,13 +914,16 @@ class Background:
         rank: int = 0,
         world_size: int = 1,
         source: Source | None = None,
+        prefetch: bool = False,
     ) -> TokenStream:
-        """Training batches from ``source`` (default: the config's) for one rank."""
+        """Training batches from ``source`` (default: the config's) for one rank
+        (``prefetch``: :class:`TokenStream`)."""
         source = source or self.config.source
         if source not in ("corpus", "ngram"):
             raise UserError(f"background source must be 'corpus' or 'ngram', got {source!r}")
         src = CorpusWindows(self.train) if source == "corpus" else self.ngram()
-        return TokenStream(src, batch_size, seq_len, seed, rank, world_size, len(self.train))
+        return TokenStream(src, batch_size, seq_len, seed, rank, world_size, len(self.train),
+                           prefetch)
 
     def validation_batches(
         self, seq_len: int, batch_size: int, max_tokens: int | None = None

@@ -31,6 +31,11 @@ run resumes on any number of processes.
 Choices (ours): AdamW (betas 0.9/0.95, weight decay 0.1 on matrices only, fused on CUDA), linear
 warm-up then cosine decay to 10% of the peak, gradient clipping at 1.0, bf16 autocast on CUDA and
 float32 on CPU, one injected instance per row (the first rows of the global batch).
+
+Host side: a training step has no host sync. On CUDA each batch is copied from pinned memory
+without blocking, the per-step loss stays on the device (it is read at evaluations only, where the
+validation losses are fetched in one transfer), and a grid cell's stream samples its next chunk
+of steps in a background thread (:class:`~raretask.lm.data.TokenStream` ``prefetch``).
 """
 
 from __future__ import annotations
@@ -167,6 +172,7 @@ class LMTrainer:
             self.train_model = torch.compile(self.train_model)
         self._autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                           if self.device.type == "cuda" else torch.autocast("cpu", enabled=False))
+        self._pin = self.device.type == "cuda"
 
     # -- training -----------------------------------------------------------------------------
     def _next_instances(self, count: int) -> Tensor:
@@ -189,6 +195,8 @@ class LMTrainer:
             lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
             mine = inst[max(0, lo):max(0, min(hi, count))] if lo < count else inst[:0]
             batch, _ = inject(batch, mine)
+        if self._pin:  # from pageable memory CUDA may wait for the queued kernels before copying
+            batch = batch.pin_memory()
         batch = batch.to(self.device, non_blocking=True)
         idx, targets = batch[:, :-1], batch[:, 1:]
         for group in self.optimizer.param_groups:
@@ -233,8 +241,9 @@ class LMTrainer:
         if train_loss is not None:
             row["train_loss"] = float(train_loss)
         with self._autocast:
-            losses = [float(self.model(b[:, :-1].to(self.device), targets=b[:, 1:]
-                                       .to(self.device))[1]) for b in self.val_batches()]
+            losses = [self.model(b[:, :-1].to(self.device), targets=b[:, 1:]
+                                 .to(self.device))[1].float() for b in self.val_batches()]
+            losses = torch.stack(losses).tolist() if losses else []  # one host sync, not one each
             if losses:
                 row["val_loss"] = sum(losses) / len(losses)
             if self.task is not None:
