@@ -240,20 +240,26 @@ def show(
     if not rows:
         console.print(f"{out}: no finished cells yet")
         return
+    try:  # rows edited outside raretask may lack a field or hold the wrong type
+        table = _show_table(rows, str(out), all_tasks)
+    except (KeyError, TypeError, ValueError, StopIteration, ZeroDivisionError) as err:
+        raise UserError(f"{out}: malformed summary rows ({type(err).__name__}: {err})") from None
+    console.print(table)
+
+
+def _show_table(rows: list[dict], title: str, all_tasks: bool) -> Table:
     if rows[0].get("kind") == "lm":
-        console.print(_lm_table(rows, str(out)))
-        return
+        return _lm_table(rows, title)
     if all_tasks:
-        table = Table(title=f"{out}: final metrics per cell and task")
+        table = Table(title=f"{title}: final metrics per cell and task")
         cols = ("cell", "width", "beta", "alpha", "seed", "task", "frequency", "signal", "loss",
                 "learned", "predicted_learned")
         for c in cols:
             table.add_column(c, justify="right")
         for r in rows:
             table.add_row(*(_fmt(r[c]) for c in cols))
-        console.print(table)
-        return
-    console.print(_digest_table(rows, str(out)))
+        return table
+    return _digest_table(rows, title)
 
 
 def _fmt(v) -> str:

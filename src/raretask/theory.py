@@ -41,6 +41,9 @@ TIE_RTOL = 1e-9
 """Relative tolerance under which two utilities count as tied."""
 
 DEFAULT_FREQUENT_MASS = 0.8
+MAX_FEATURES = 10_000_000
+"""Most features (tasks x features per task, all tasks together) a task set may have: the theory
+sorts them all, and more would exhaust memory rather than answer."""
 """The frequent set F is the smallest top-prior set of tasks holding at least this mass."""
 
 
@@ -78,9 +81,15 @@ class TaskSet:
         for name, f in zip(self.names, freq, strict=True):
             if not np.isfinite(f) or f < 0:
                 raise UserError(f"frequency of task {name!r} must be a finite number >= 0, got {f}")
+        if freq.size and freq.max() > 0:
+            freq = freq / freq.max()  # huge counts (1e308 each) would sum to inf
         total = float(freq.sum())
         if not total > 0:
             raise UserError("frequency: all task frequencies are zero")
+        n_features = sum(np.size(s) for s in self.spectra)
+        if n_features > MAX_FEATURES:
+            raise UserError(f"features: {n_features:,} in all, more than the {MAX_FEATURES:,} "
+                            "the theory handles")
         spectra = []
         for name, s in zip(self.names, self.spectra, strict=True):
             s = np.asarray(s, dtype=float).ravel()
@@ -110,6 +119,9 @@ class TaskSet:
         for name, v in (("alpha", alpha), ("beta", beta)):
             if not np.isfinite(v) or v < 0:
                 raise UserError(f"{name} must be a finite number >= 0, got {v}")
+        if tasks * features > MAX_FEATURES:
+            raise UserError(f"tasks x features: {tasks:,} x {features:,} is more than the "
+                            f"{MAX_FEATURES:,} features the theory handles")
         k = np.arange(1, tasks + 1, dtype=float)
         spectrum = np.arange(1, features + 1, dtype=float) ** -float(alpha)
         return cls(
@@ -154,7 +166,8 @@ class TaskSet:
         if not 0 <= share <= 1:
             raise UserError(f"share must be in [0, 1], got {share}")
         pi = self.frequencies.copy()
-        rest = 1.0 - pi[task]
+        # the others' mass summed, not 1 - pi[task]: that cancels to noise when pi[task] ~ 1
+        rest = float(np.delete(pi, task).sum())
         scale = (1.0 - share) / rest if rest > 0 else 0.0
         pi = pi * scale
         pi[task] = share

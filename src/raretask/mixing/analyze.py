@@ -88,7 +88,7 @@ class Analysis:
         try:
             tasks = tuple(TaskCount(**t) for t in data["tasks"])
             pl = data.get("power_law")
-            return cls(
+            result = cls(
                 sources=tuple(data.get("sources", ())), tagging=data.get("tagging", ""),
                 examples=int(data["examples"]), tokens=data.get("tokens"),
                 skipped=int(data.get("skipped", 0)), tasks=tasks,
@@ -98,6 +98,15 @@ class Analysis:
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{source}: not an analysis file written by raretask analyze "
                             f"({type(err).__name__}: {err})") from None
+        for i, t in enumerate(tasks):  # counts come back as the integers analyze wrote
+            for name in ("count", "tokens"):
+                v = getattr(t, name)
+                if (v is not None or name == "count") and (type(v) is not int or v < 0):
+                    raise UserError(f"{source}: tasks.{i}.{name}: expected an integer >= 0, "
+                                    f"got {v!r}")
+            if not isinstance(t.task, str):
+                raise UserError(f"{source}: tasks.{i}.task: expected a name, got {t.task!r}")
+        return result
 
     def names(self) -> list[str]:
         return [t.task for t in self.tasks]
@@ -119,6 +128,9 @@ def fit_power_law(shares: Sequence[float]) -> PowerLaw | None:
         return None
     x = np.log10(np.arange(1, s.size + 1))
     res = linregress(x, np.log10(s))
+    if np.ptp(s) == 0:  # equal shares: an exact flat line (linregress leaves r2, stderr NaN)
+        return PowerLaw(exponent=0.0, stderr=0.0, intercept=float(np.log10(s[0])), r2=1.0,
+                        points=int(s.size))
     return PowerLaw(exponent=float(-res.slope), stderr=float(res.stderr),
                     intercept=float(res.intercept), r2=float(res.rvalue ** 2), points=int(s.size))
 

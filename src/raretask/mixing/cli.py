@@ -30,8 +30,13 @@ def _pct(x: float | None) -> str:
 
 
 def _threshold(names, size, calibration, curve, alpha, features, spectra=None):
+    import math
+
     from raretask.mixing.calibrate import load_calibration
     from raretask.mixing.thresholds import TheoryThreshold
+
+    if not (math.isfinite(size) and size > 0):
+        raise UserError(f"--size must be a finite number > 0, got {size}")
 
     if calibration is not None:
         return load_calibration(calibration, curve)
@@ -137,7 +142,14 @@ def calibrate(
     if not 0 < learned_accuracy <= 1:
         raise UserError(f"--learned-accuracy must be in (0, 1], got {learned_accuracy}")
     rows = load_summary(run_dir)
-    kind, curves = calibrate_rows(rows, learned_accuracy)
+    try:
+        kind, curves = calibrate_rows(rows, learned_accuracy)
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, StopIteration, ZeroDivisionError) as err:
+        # rows edited outside raretask: a missing field or a wrong type
+        raise UserError(f"{run_dir}: malformed summary rows ({type(err).__name__}: {err})") \
+            from None
     learned = (f"test accuracy >= {learned_accuracy:g}" if kind == "lm"
                else "normalised signal >= the grid's learned_threshold")
     obj = calibration_json(kind, str(run_dir), curves, learned)

@@ -69,10 +69,64 @@ def load_summary(out: Path) -> list[dict]:
         raise UserError(f"{out}: not a raretask run directory (no config.yaml)")
     rows: list[dict] = []
     for path in sorted((out / "groups").glob("g*/summary.json")):
-        rows.extend(store.read_json(path))
+        rows.extend(_read_rows(path))
     if not rows and (out / "summary.json").exists():  # an archived run: merged files only
-        rows = list(store.read_json(out / "summary.json"))
-    rows.sort(key=lambda r: (r["cell"], r.get("task", 0)))
+        rows = _read_rows(out / "summary.json")
+    rows.sort(key=lambda r: (r["cell"], r["task"] if type(r.get("task")) is int else 0))
+    return rows
+
+
+_NUM, _OPT_NUM = "number", "number or null"
+TOY_ROW = {"cell": int, "task": int, "tasks": int, "features_per_task": int, "width": int,
+           "seed": int, "gap": int, "schedule": str, "group": str, "beta": _NUM, "alpha": _NUM,
+           "frequent_mass": _NUM, "frequency": _NUM, "signal": _NUM, "loss": _NUM,
+           "features": _NUM, "learned": bool, "predicted_learned": bool, "agree": bool,
+           "rare": bool, "residual_F": _OPT_NUM, "grad_norm_frequent": _OPT_NUM,
+           "grad_norm_rare": _OPT_NUM, "grad_cosine": _OPT_NUM}
+LM_ROW = {"cell": int, "kind": str, "size": str, "params": int, "task": str, "schedule": str,
+          "seed": int, "steps": int, "frequency": _NUM, "test_accuracy": _OPT_NUM,
+          "train_accuracy": _OPT_NUM, "task_loss": _OPT_NUM, "task_test_loss": _OPT_NUM,
+          "val_loss": _OPT_NUM, "epochs": _OPT_NUM}
+"""The fields (and types) of a summary row that show, the report and calibrate read."""
+
+
+def _type_ok(v: Any, want: Any) -> bool:
+    if want in (_NUM, _OPT_NUM):
+        return (v is None and want == _OPT_NUM) or (
+            isinstance(v, int | float) and not isinstance(v, bool))
+    return type(v) is want
+
+
+def check_rows(rows: list[dict], source: Path | str) -> None:
+    """Every row has the fields of its kind with the right types, and each toy cell one rare
+    task; else a one-line UserError naming the file, row and field."""
+    rare: dict[int, int] = {}
+    for i, r in enumerate(rows):
+        schema = LM_ROW if r.get("kind") == "lm" else TOY_ROW
+        for key, want in schema.items():
+            if key not in r or not _type_ok(r[key], want):
+                name = want if isinstance(want, str) else want.__name__
+                got = f"got {r[key]!r}" if key in r else "missing"
+                raise UserError(f"{source}: row {i}: {key}: expected {name}, {got}")
+        if schema is TOY_ROW:
+            rare[r["cell"]] = rare.get(r["cell"], 0) + r["rare"]
+    bad = [c for c, n in rare.items() if n != 1]
+    if bad:
+        raise UserError(f"{source}: cell {bad[0]}: expected exactly one row with rare: true")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """A summary.json's rows; a damaged file (changed outside raretask: our writes are atomic)
+    is a one-line UserError naming it."""
+    try:
+        rows = store.read_json(path)
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise UserError(f"{path}: unreadable ({type(err).__name__}); restore it or delete it "
+                        "and re-run the grid") from None
+    if not isinstance(rows, list) or not all(
+            isinstance(r, dict) and type(r.get("cell")) is int for r in rows):
+        raise UserError(f"{path}: expected a list of rows, each with an integer 'cell'")
+    check_rows(rows, path)
     return rows
 
 
