@@ -102,8 +102,6 @@ class LMGridRun(GridRun):
                                 "(--parallel model); change batch_size or use --parallel cells")
 
     def _run_group(self, group: Group, device: str, progress: Progress | None) -> None:
-        from safetensors.torch import load_file
-
         (cell_id,) = group.cell_ids
         cell: LMCell = self.cells[cell_id]
         ranks = self.ranks
@@ -113,9 +111,7 @@ class LMGridRun(GridRun):
         gdir = self._group_dir(group)
         weights, state_path = gdir / "model.safetensors", gdir / "state.pt"
         if weights.exists() and state_path.exists():
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-            state["model"] = load_file(str(weights))
-            trainer.load_state_dict(state)
+            trainer.load_state_dict(load_checkpoint(weights, state_path))
             if writes:
                 self._log(f"{group.name}: resumed from step {trainer.step}")
         started = time.perf_counter()
@@ -185,6 +181,22 @@ class LMGridRun(GridRun):
             **trainer.data.summary(), "corpus": bg.corpus_name,
         }
         store.write_json(gdir / "summary.json", [summary])
+
+
+def load_checkpoint(weights, state_path) -> dict:
+    """A cell's checkpoint: weights through safetensors, the rest through ``torch.load`` with
+    ``weights_only=True`` (no code in the file runs); a damaged or foreign file is a UserError."""
+    from safetensors.torch import load_file
+
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError("not a dict")
+        state["model"] = load_file(str(weights))
+    except Exception as err:  # pickle refusals, truncated files, safetensors header errors
+        raise UserError(f"{state_path.parent}: unreadable checkpoint ({type(err).__name__}); "
+                        "delete model.safetensors and state.pt to restart the cell") from None
+    return state
 
 
 def _save_state(path, state: dict) -> None:

@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from raretask.config import ToyCell
+from raretask.errors import UserError
 from raretask.runs import store
 from raretask.runs.grid import GridRun, Group, load_summary  # noqa: F401 (re-exported)
 from raretask.theory import TaskSet, Theory
@@ -126,7 +127,13 @@ class ToyGridRun(GridRun):
         gdir = self._group_dir(group)
         ckpt = gdir / "checkpoint.safetensors"
         if ckpt.exists():
-            trainer.load_state_dict(load_file(str(ckpt), device="cpu"))
+            try:  # safetensors: tensors only, nothing in the file is executed
+                trainer.load_state_dict(load_file(str(ckpt), device="cpu"))
+            except UserError:
+                raise
+            except Exception as err:  # a file damaged outside raretask (our writes are atomic)
+                raise UserError(f"{ckpt}: unreadable checkpoint ({type(err).__name__}); delete "
+                                f"it to restart group {group.name} from step 0") from None
             self._log(f"{group.name}: resumed from step {trainer.step}")
         started = time.perf_counter()
         last_save = started
