@@ -125,7 +125,8 @@ def test_huge_lr_cells_diverge_and_are_marked(grids, capsys):
                        and m["metric"] == "loss"]
             ts = TaskSet.power_law(4, 4, alpha=2.0, beta=1.5)
             loss0 = sum(p * sum(lam) for p, lam in zip(ts.frequencies, ts.spectra, strict=True))
-            assert r["loss"] == pytest.approx(loss0, rel=1e-12)  # reset and frozen there
+            assert r["loss"] == 1.0  # the task's normalised loss at U = D = 0
+            assert r["model_loss"] == pytest.approx(loss0, rel=1e-12)  # reset and frozen there
             assert not math.isfinite(loss) or loss > DIVERGE_FACTOR * loss0
         else:
             assert r["diverged_step"] is None

@@ -61,6 +61,11 @@ def test_show_json_rows_and_theory_agreement(reference):
     for r in rows:
         assert r["learned"] == (r["signal"] >= 0.3)
         assert 0.0 <= r["loss"] <= 1.2
+    # "loss" is each task's normalised loss, the model's own loss is "model_loss"
+    for cell in {r["cell"] for r in rows}:
+        mine = [r for r in rows if r["cell"] == cell]
+        assert len({r["loss"] for r in mine}) == len(mine)
+        assert len({r["model_loss"] for r in mine}) == 1 and mine[0]["model_loss"] > 0
     # K = 4 tasks with 4 features: theory is clear away from the boundary
     assert sum(r["agree"] for r in rows) / len(rows) >= 0.9
     table = cli("show", str(reference))

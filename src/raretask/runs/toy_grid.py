@@ -194,8 +194,11 @@ class ToyGridRun(GridRun):
             ts = task_set(c)
             th = Theory(ts, c.frequent_mass)
             kept = th.features_kept(c.width)
+            # the model-level loss (sum_k pi_k loss_k, unnormalised) as model_loss: "loss" is
+            # the task's normalised loss
             model = {m: last.get((i, -1, m)) for m in
-                     ("residual_F", "grad_norm_frequent", "grad_norm_rare", "grad_cosine", "loss")}
+                     ("residual_F", "grad_norm_frequent", "grad_norm_rare", "grad_cosine")}
+            model["model_loss"] = last.get((i, -1, "loss"))
             div = diverged.get(i)
             if div is not None:  # summary.json stays strict JSON: no NaN from the frozen model
                 model = {m: (v if v is not None and np.isfinite(v) else None)
