@@ -258,3 +258,29 @@ def test_cmp_is_learned_at_a_high_frequency_and_not_at_a_low_one(cache, one_thre
     assert chance["chance_format"] == 0.5053
     assert high > chance["chance_format"] + 0.2
     assert low < chance["chance_format"]
+
+
+def test_a_diverging_lm_run_stops_and_is_marked(tmp_path, cache, capsys, one_thread):
+    """lr 1 blows the tiny model up: the run stops at the first eval step whose loss is
+    non-finite or above 2 ln V, the summary and show say so, a sane cell is untouched."""
+    cfg = tmp_path / "div.yaml"
+    cfg.write_text("kind: lm\nsize: tiny\nvocab_size: 512\nseq_len: 16\nbatch_size: 8\n"
+                   "steps: 30\nwarmup: 1\ntask: cmp\ninstances: 4\nsource: ngram\n"
+                   "eval_points: 8\nprobes: false\ndevice: cpu\nlr: [0.003, 1.0]\n")
+    code, _, err = in_process(capsys, "run", str(cfg), "--out", str(tmp_path / "run"), "--quiet")
+    assert code == 0, err
+    rows = show_json(capsys, tmp_path / "run")
+    sane, wild = rows
+    assert sane["diverged_step"] is None and sane["steps"] == 30
+    step = wild["diverged_step"]
+    assert step is not None and 0 < step < 30 and wild["steps"] == step
+    metrics = [r for r in pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist()
+               if r["cell"] == 1]
+    assert max(r["step"] for r in metrics) == step  # nothing recorded after it
+    last = {r["metric"]: r["value"] for r in metrics if r["step"] == step}
+    bad = [last[m] for m in ("train_loss", "val_loss")
+           if not (math.isfinite(last[m]) and last[m] <= 2 * math.log(512))]
+    assert bad
+    _, table, _ = in_process(capsys, "show", str(tmp_path / "run"))
+    assert f"div@{step}" in table
+    assert f"diverged at step {step}" in (tmp_path / "run" / "log.txt").read_text()

@@ -280,9 +280,12 @@ def _lm_table(rows: list[dict], title: str) -> Table:
         table.add_column(c, justify="right", no_wrap=True, min_width=len(c))
     for r in rows:
         acc = r.get("test_accuracy")
+        acc_text = "-" if acc is None else f"{acc:.3f}"
+        if r.get("diverged_step") is not None:
+            acc_text = f"div@{r['diverged_step']}"
         table.add_row(
             str(r["cell"]), r["size"], f"{r['params'] / 1e6:.2f}M", r["task"],
-            f"{r['frequency']:.2e}", r["schedule"], "-" if acc is None else f"{acc:.3f}",
+            f"{r['frequency']:.2e}", r["schedule"], acc_text,
             _fmt(r.get("task_loss")), _fmt(r.get("val_loss")), f"{r.get('epochs', 0):.2f}",
         )
     table.caption = ("acc: test accuracy, argmax over the vocabulary at LABEL, held-out 5K "

@@ -18,6 +18,10 @@ schedule; :meth:`LMTrainer.run` trains to a step and evaluates on a log-spaced s
   counter, so probing never changes the run. Under ``torchrun`` it reads rank 0's rows of that
   batch, and it is skipped when the model is sharded (FSDP2); feature presence always runs.
 
+Divergence: at each evaluation a NaN/Inf train or validation loss, or one above
+``DIVERGE_FACTOR`` x ln(V), stops the run there and sets :attr:`LMTrainer.diverged_step` (kept in
+checkpoints); the grid records it in the cell's summary.
+
 Chance levels (:func:`chance_levels`) say what ``test_accuracy`` a model scores without the
 task's hidden structure.
 
@@ -52,6 +56,10 @@ from torch import Tensor
 from raretask.lm import parallel
 from raretask.lm.model import ModelConfig, Transformer
 from raretask.lm.tasks import LABEL_POSITION, N_SYMBOLS, InjectionSchedule, RareTask, inject
+
+DIVERGE_FACTOR = 2.0
+"""A run whose train or validation loss exceeds this multiple of ln(V) (a uniform guess) has
+diverged; NaN/Inf always counts."""
 
 
 class BatchSource(Protocol):
@@ -145,6 +153,7 @@ class LMTrainer:
         self.device = torch.device(settings.device)
         torch.manual_seed(settings.seed)
         gen = torch.Generator().manual_seed(settings.seed)
+        self.vocab_size = model_config.vocab_size
         model = Transformer(model_config)
         model.init_weights(generator=gen)  # CPU draw: the same start on every device
         self.model = model.to(self.device)
@@ -157,6 +166,7 @@ class LMTrainer:
         self.injected = 0
         self.tokens = 0
         self.records: list[dict] = []
+        self.diverged_step: int | None = None  # eval step at which training diverged
         self.train_model = self.model
         if self.world > 1:  # before the optimizer: FSDP2 swaps the parameters for shards
             self.train_model = parallel.wrap(self.model, self.device, settings.fsdp)
@@ -221,15 +231,28 @@ class LMTrainer:
                 self._evaluate(None)
             if callback:
                 callback(0)
-        while self.step < end:
+        while self.step < end and self.diverged_step is None:
             loss = self._train_step()
             if self.step in evals:
                 if self.world > 1:  # the global batch's loss, not this rank's slice of it
                     loss = parallel.mean(loss)
                 with parallel.gathered(self.model):
                     self._evaluate(loss)
+                self._check_divergence()
                 if callback:
                     callback(self.step)
+
+    def _check_divergence(self) -> None:
+        """Stop at an eval step whose train or validation loss is NaN/Inf or above
+        ``DIVERGE_FACTOR`` x ln(V) (a uniform guess scores ln V; training never climbs to twice
+        that). The losses are the global ones, so every rank stops at the same step."""
+        last = {r["metric"]: r["value"] for r in self.records if r["step"] == self.step}
+        limit = DIVERGE_FACTOR * math.log(self.vocab_size)
+        for name in ("train_loss", "val_loss"):
+            v = last.get(name)
+            if v is not None and not (math.isfinite(v) and v <= limit):
+                self.diverged_step = self.step
+                return
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -296,7 +319,7 @@ class LMTrainer:
             "optimizer": optim,
             "data": self.data.state_dict(),
             "step": self.step, "injected": self.injected, "tokens": self.tokens,
-            "records": list(self.records),
+            "records": list(self.records), "diverged_step": self.diverged_step,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -304,6 +327,7 @@ class LMTrainer:
         self.data.load_state_dict(state["data"])
         self.step, self.injected, self.tokens = state["step"], state["injected"], state["tokens"]
         self.records = list(state["records"])
+        self.diverged_step = state.get("diverged_step")  # absent from older checkpoints
 
 
 def chance_levels(task: RareTask, split: str = "test") -> dict[str, float]:

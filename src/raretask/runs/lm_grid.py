@@ -145,6 +145,9 @@ class LMGridRun(GridRun):
             tps = (trainer.step - start_step) * cell.batch_size * cell.seq_len / max(seconds, 1e-9)
             self._log(f"{group.name}: {cell.size} {cell.task} steps {start_step}->{trainer.step}"
                       f" in {seconds:.1f}s ({tps:,.0f} tokens/s)")
+            if trainer.diverged_step is not None:
+                self._log(f"{group.name}: cell {group.cell_ids[0]} diverged at step "
+                          f"{trainer.diverged_step} (non-finite or exploded loss); stopped there")
         if ranks.data_parallel:  # nobody starts the next cell before this one is on disk
             distributed.barrier()
 
@@ -173,7 +176,7 @@ class LMGridRun(GridRun):
             "task": cell.task, "schedule": cell.schedule_label,
             "frequency": trainer.injected / tokens if tokens else 0.0,
             "requested_frequency": cell.frequency,
-            "seed": cell.seed, "steps": trainer.step,
+            "seed": cell.seed, "steps": trainer.step, "diverged_step": trainer.diverged_step,
             **{m: last.get(m) for m in TASK_ROW_METRICS},
             "instances": trainer.injected, "tokens": tokens,  # exact counts, not float metrics
             **{m: last.get(m) for m in PROBE_METRICS},
