@@ -263,11 +263,9 @@ def _show_table(rows: list[dict], title: str, all_tasks: bool) -> Table:
 
 
 def _fmt(v) -> str:
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    from raretask.report.analysis import format_cell  # lazy: keeps `raretask --help` fast
+
+    return format_cell(v)
 
 
 def _lm_table(rows: list[dict], title: str) -> Table:

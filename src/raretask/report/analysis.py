@@ -23,6 +23,15 @@ class WidthAgreement:
     agreement: float  # fraction of (cell, task) pairs where learned == predicted
 
 
+def format_cell(v) -> str:
+    """One table cell as ``raretask show`` and the report print it (yes/no, 4 significant)."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
 def agreement_by_width(rows: list[dict]) -> list[WidthAgreement]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:

@@ -181,13 +181,7 @@ def load_run(path: str | Path) -> RunInput:
 
 
 # -- sections -----------------------------------------------------------------------------------
-def _fmt(v) -> str:
-    """Exactly ``raretask show``'s cell format."""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+_fmt = analysis.format_cell  # exactly ``raretask show``'s cell format
 
 
 def _f(v: float | None, spec: str) -> str:
