@@ -414,44 +414,42 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
     for i, run in enumerate(runs):
         rows, m, src = run.rows, run.metrics, run.source()
         heat.tables.append(lm_table(run, i))
-        fig = figures.lm_heatmap_figure(rows, run.cells,
-                                        f"{run.name}: final test accuracy and task loss")
-        if fig is not None:
-            heat.figures.append(Figure(
-                f"Size x frequency: {run.name}", figures.png_bytes(fig),
-                "Rows: model sizes (by parameters); columns: the task's frequency per training "
-                "token and its schedule ('k/n burst': k instances every n steps; 'spread': "
-                "evenly); cells: mean over seeds of the final value, as in the table below.", src))
-        fig = figures.lm_order_figure(rows, m, f"{run.name}: test accuracy over training")
-        if fig is not None:
-            order.figures.append(Figure(
-                f"Learning order: {run.name}", figures.png_bytes(fig),
-                "Test accuracy at each evaluation, one line per cell; colour: frequency "
-                "(brighter = more frequent), line style: size.", src))
-        fig = figures.lm_gap_figure(rows, run.cells, f"{run.name}: matched-frequency gaps")
-        if fig is not None:
-            order.figures.append(Figure(
-                f"Gap sweep: {run.name}", figures.png_bytes(fig),
-                "Final task loss against the gap N (N instances every N steps, same long-run "
-                "frequency), a line per size and task.", src))
-        fig = figures.lm_presence_figure(rows, m, f"{run.name}: feature presence")
-        if fig is not None:
-            presence.figures.append(Figure(
-                f"Feature presence: {run.name}", figures.png_bytes(fig),
-                "order_r2 (T_CMP) and fourier_modes (T_ADD) at each evaluation next to test "
-                "accuracy; one line per cell.", src))
-        fig = figures.lm_retention_figure(rows, m, f"{run.name}: task loss over training")
-        if fig is not None:
-            retention.figures.append(Figure(
-                f"Retention: {run.name}", figures.png_bytes(fig),
-                "Loss at LABEL on the training instances (left) and held-out instances (right) "
-                "at each evaluation.", src))
-        fig = figures.lm_cosine_figure(rows, m, f"{run.name}: gradient cosines with g_r")
-        if fig is not None:
-            retention.figures.append(Figure(
-                f"Gradient cosines: {run.name}", figures.png_bytes(fig),
-                "cos(g, g_r), cos(g_t, g_r) and cos(g_nt, g_r) at each evaluation, one line per "
-                "cell (the probe's batch at that step).", src))
+        # (section, figure, title, caption): a figure whose data the run lacks is left out
+        panels = [
+            (heat, figures.lm_heatmap_figure(
+                rows, run.cells, f"{run.name}: final test accuracy and task loss"),
+             "Size x frequency",
+             "Rows: model sizes (by parameters); columns: the task's frequency per training "
+             "token and its schedule ('k/n burst': k instances every n steps; 'spread': "
+             "evenly); cells: mean over seeds of the final value, as in the table below."),
+            (order, figures.lm_order_figure(rows, m, f"{run.name}: test accuracy over training"),
+             "Learning order",
+             "Test accuracy at each evaluation, one line per cell; colour: frequency "
+             "(brighter = more frequent), line style: size."),
+            (order, figures.lm_gap_figure(rows, run.cells,
+                                          f"{run.name}: matched-frequency gaps"),
+             "Gap sweep",
+             "Final task loss against the gap N (N instances every N steps, same long-run "
+             "frequency), a line per size and task."),
+            (presence, figures.lm_presence_figure(rows, m, f"{run.name}: feature presence"),
+             "Feature presence",
+             "order_r2 (T_CMP) and fourier_modes (T_ADD) at each evaluation next to test "
+             "accuracy; one line per cell."),
+            (retention, figures.lm_retention_figure(rows, m,
+                                                    f"{run.name}: task loss over training"),
+             "Retention",
+             "Loss at LABEL on the training instances (left) and held-out instances (right) "
+             "at each evaluation."),
+            (retention, figures.lm_cosine_figure(rows, m,
+                                                 f"{run.name}: gradient cosines with g_r"),
+             "Gradient cosines",
+             "cos(g, g_r), cos(g_t, g_r) and cos(g_nt, g_r) at each evaluation, one line per "
+             "cell (the probe's batch at that step)."),
+        ]
+        for section, fig, title, caption in panels:
+            if fig is not None:
+                section.figures.append(Figure(f"{title}: {run.name}", figures.png_bytes(fig),
+                                              caption, src))
         by_cell = {r["cell"]: r for r in rows}
         stats = analysis.lm_cosine_stats(m, sorted(by_cell))
         if stats:
