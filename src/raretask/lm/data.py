@@ -515,15 +515,11 @@ class NGramModel:
         """
         if self._tables is None:
             return self.rows_search(keys, length)
-        v, k_max, x = self.vocab_size, self.order - 1, self._tokens
+        v, k_max = self.vocab_size, self.order - 1
         m = len(keys)
         tables = self._tables
         entry, after, lam_of = tables["entry"], tables["after"], tables["lam"]
-        pos = (_mix(keys ^ np.uint64(0x5EED)) % np.uint64(len(x) - k_max)).astype(np.int64) + k_max
-        ctx = [np.zeros(m, dtype=np.int64) for _ in range(k_max + 1)]  # ctx[k]: last k tokens
-        for k in range(1, k_max + 1):
-            for j in range(1, k + 1):
-                ctx[k] += x[pos - j] * v ** (j - 1)
+        ctx = self._start_contexts(keys)  # ctx[k]: last k tokens
         where = {k: self._find(k, ctx[k]) for k in range(2, k_max + 1)}  # index in keys_k
         u = _uniforms_by_draw(keys, 2 * length)  # [2 length, M]: row 2t picks, 2t + 1 draws
         out = np.empty((length, m), dtype=np.int64)
@@ -537,14 +533,7 @@ class NGramModel:
                     continue
                 lams.append(lam_of[k][where[k]])  # 0 where the context was never seen
                 segs.append(self._levels[k - 1][2] + where[k])  # unused where lam is 0
-            seg = np.zeros(m, dtype=np.int64)
-            cum, rest, thresholds = 0.0, 1.0, []
-            for lam in lams:
-                cum = cum + rest * lam
-                rest = rest * (1.0 - lam)
-                thresholds.append(cum)
-            for lam_seg, threshold in zip(segs[::-1], thresholds[::-1], strict=True):
-                seg = np.where(pick < threshold, lam_seg, seg)
+            seg = _choose_segment(lams, segs, pick)
             total = self._seg_total[seg]
             offset = np.minimum((draw * total).astype(np.int64), total - 1)
             e = entry[self._seg_base[seg] + offset]
@@ -559,15 +548,21 @@ class NGramModel:
                     where[k][miss] = self._find(k, ctx[k][miss])
         return np.ascontiguousarray(out.T)
 
-    def rows_search(self, keys: np.ndarray, length: int) -> np.ndarray:
-        """:meth:`rows` with binary searches instead of tables (the reference; no extra memory)."""
+    def _start_contexts(self, keys: np.ndarray) -> list[np.ndarray]:
+        """ctx[k] = the k corpus tokens before each row's seeded start, as one base-V integer."""
         v, k_max, x = self.vocab_size, self.order - 1, self._tokens
-        m = len(keys)
         pos = (_mix(keys ^ np.uint64(0x5EED)) % np.uint64(len(x) - k_max)).astype(np.int64) + k_max
-        ctx = [np.zeros(m, dtype=np.int64) for _ in range(k_max + 1)]  # ctx[k]: last k tokens
+        ctx = [np.zeros(len(keys), dtype=np.int64) for _ in range(k_max + 1)]
         for k in range(1, k_max + 1):
             for j in range(1, k + 1):
                 ctx[k] += x[pos - j] * v ** (j - 1)
+        return ctx
+
+    def rows_search(self, keys: np.ndarray, length: int) -> np.ndarray:
+        """:meth:`rows` with binary searches instead of tables (the reference; no extra memory)."""
+        v, k_max = self.vocab_size, self.order - 1
+        m = len(keys)
+        ctx = self._start_contexts(keys)  # ctx[k]: last k tokens
         u = _uniforms(keys, 2 * length).reshape(m, length, 2)
         out = np.empty((m, length), dtype=np.int64)
         for t in range(length):
@@ -584,16 +579,7 @@ class NGramModel:
                 i = np.minimum(np.searchsorted(keys_k, ctx[k]), len(keys_k) - 1)
                 lams.append(lam_k[i] * (keys_k[i] == ctx[k]))
                 segs.append(seg0 + i)
-            # level k is used with probability lam_k * prod_{j > k} (1 - lam_j): the highest
-            # level whose cumulative weight exceeds ``pick`` wins; the unigram takes the rest
-            seg = np.zeros(m, dtype=np.int64)
-            cum, rest, thresholds = 0.0, 1.0, []
-            for lam in lams:
-                cum = cum + rest * lam
-                rest = rest * (1.0 - lam)
-                thresholds.append(cum)
-            for lam_seg, threshold in zip(segs[::-1], thresholds[::-1], strict=True):
-                seg = np.where(pick < threshold, lam_seg, seg)  # lower levels first, then override
+            seg = _choose_segment(lams, segs, pick)
             total = self._seg_total[seg]
             offset = np.minimum((draw * total).astype(np.int64), total - 1)
             tok = self._next[np.searchsorted(self._cum, self._seg_base[seg] + offset, side="right")]
@@ -605,6 +591,24 @@ class NGramModel:
     def sample(self, n_rows: int, length: int, seed: int = 0) -> np.ndarray:
         """``n_rows`` fresh rows of ``length`` tokens (rows of step 0 of a stream with ``seed``)."""
         return self.rows(row_keys(seed, 0, np.arange(n_rows)), length)
+
+
+def _choose_segment(lams: list[np.ndarray], segs: list[np.ndarray],
+                    pick: np.ndarray) -> np.ndarray:
+    """The segment each row draws from, given every level's lam and segment (longest first).
+
+    Level k is used with probability lam_k * prod_{j > k} (1 - lam_j): the highest level whose
+    cumulative weight exceeds ``pick`` wins; the unigram (segment 0) takes the rest.
+    """
+    seg = np.zeros(len(pick), dtype=np.int64)
+    cum, rest, thresholds = 0.0, 1.0, []
+    for lam in lams:
+        cum = cum + rest * lam
+        rest = rest * (1.0 - lam)
+        thresholds.append(cum)
+    for lam_seg, threshold in zip(segs[::-1], thresholds[::-1], strict=True):
+        seg = np.where(pick < threshold, lam_seg, seg)  # lower levels first, then override
+    return seg
 
 
 _AHEAD = 1 << 22
