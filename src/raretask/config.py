@@ -363,9 +363,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_experiment(path: str | Path | None, overrides: Sequence[str] = (),
-                    base: dict[str, Any] | None = None) -> Grid:
-    """Read an experiment YAML (or start from ``base``), apply ``--set`` overrides, validate."""
+def load_mapping(path: str | Path | None, overrides: Sequence[str] = (),
+                 base: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """(data, source): a config YAML (or ``base``) as a dict with ``--set`` overrides applied,
+    and the name errors should give it. Not validated: the caller's model does that."""
     if path is not None:
         data = load_yaml(path)
         source = str(path)
@@ -379,6 +380,13 @@ def load_experiment(path: str | Path | None, overrides: Sequence[str] = (),
     for text in overrides:
         key, value = parse_override(text)
         data[key] = value
+    return data, source
+
+
+def load_experiment(path: str | Path | None, overrides: Sequence[str] = (),
+                    base: dict[str, Any] | None = None) -> Grid:
+    """Read an experiment YAML (or start from ``base``), apply ``--set`` overrides, validate."""
+    data, source = load_mapping(path, overrides, base)
     kind = data.get("kind", "toy")
     if kind == "fix_toy":
         raise UserError(f"{source}: kind: 'fix_toy' is a fix config: run it with "

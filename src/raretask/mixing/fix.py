@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from raretask.config import StrictModel, load_yaml, parse_override, validate
+from raretask.config import StrictModel, load_mapping, validate
 from raretask.errors import UserError
 
 ARMS = ("natural", "plan", "even", "burst", "big")
@@ -72,16 +72,7 @@ class FixToyConfig(StrictModel):
 
 
 def load_fix_config(path: Path | None, overrides: list[str] = ()) -> FixToyConfig:
-    data = {} if path is None else load_yaml(path)
-    source = "config" if path is None else str(path)
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError(f"{source}: expected a mapping of config keys")
-    data = dict(data)
-    for text in overrides:
-        key, value = parse_override(text)
-        data[key] = value
+    data, source = load_mapping(path, overrides)
     cfg = validate(FixToyConfig, data, source)
     cfg.resolved_arms()
     d = cfg.tasks * cfg.features
