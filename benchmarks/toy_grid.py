@@ -41,8 +41,9 @@ import torch
 
 from raretask.config import load_experiment
 from raretask.runs.toy_grid import build_instances, build_settings
+from raretask.toy.model import random_orthonormal
 from raretask.toy.spec import TrainSettings
-from raretask.toy.trainer import _BASIS, _INIT, _TRAIN, ToyTrainer, stream_seed
+from raretask.toy.trainer import _BASIS, _INIT, _TRAIN, ToyTrainer, _cdf, stream_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["tasks=16", "features=16", "width=[8,16,32,64,128]", "batch_size=256"]
@@ -74,9 +75,7 @@ class ReferenceModel:
             self.basis = self._seeded_orthonormal(seed, _BASIS, self.d)
             u0 = self._seeded_orthonormal(seed, _INIT, width)
             self.gen = torch.Generator(device).manual_seed(stream_seed(seed, _TRAIN))
-            cdf = np.cumsum(pi / pi.sum())
-            cdf[np.nonzero(pi > 0)[0][-1]:] = 1.0
-            self.cdf = torch.tensor(cdf, device=device)
+            self.cdf = torch.tensor(_cdf(pi), device=device)
             self.chunk: list[tuple[torch.Tensor, torch.Tensor]] = []
         else:
             self.gen = torch.Generator(device).manual_seed(seed)
@@ -92,10 +91,8 @@ class ReferenceModel:
         return q * torch.sign(torch.diagonal(r))
 
     def _seeded_orthonormal(self, seed: int, stream: int, cols: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(stream_seed(seed, stream))
-        g = torch.randn(self.d, cols, generator=gen, dtype=torch.float64)
-        q, r = torch.linalg.qr(g)
-        return (q * torch.sign(torch.diagonal(r))).to(self.device, torch.float32)
+        gen = torch.Generator().manual_seed(stream_seed(seed, stream))  # raretask's CPU draw
+        return random_orthonormal(self.d, cols, gen).to(self.device, torch.float32)
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.paired:

@@ -237,26 +237,25 @@ class LMTrainer:
                 if self.world > 1:  # the global batch's loss, not this rank's slice of it
                     loss = parallel.mean(loss)
                 with parallel.gathered(self.model):
-                    self._evaluate(loss)
-                self._check_divergence()
+                    row = self._evaluate(loss)
+                self._check_divergence(row)
                 if callback:
                     callback(self.step)
 
-    def _check_divergence(self) -> None:
+    def _check_divergence(self, row: dict[str, float]) -> None:
         """Stop at an eval step whose train or validation loss is NaN/Inf or above
         ``DIVERGE_FACTOR`` x ln(V) (a uniform guess scores ln V; training never climbs to twice
         that). The losses are the global ones, so every rank stops at the same step."""
-        last = {r["metric"]: r["value"] for r in self.records if r["step"] == self.step}
         limit = DIVERGE_FACTOR * math.log(self.vocab_size)
         for name in ("train_loss", "val_loss"):
-            v = last.get(name)
+            v = row.get(name)
             if v is not None and not (math.isfinite(v) and v <= limit):
                 self.diverged_step = self.step
                 return
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def _evaluate(self, train_loss: Tensor | None) -> None:
+    def _evaluate(self, train_loss: Tensor | None) -> dict[str, float]:
         was_training = self.model.training
         self.model.eval()
         row = {"tokens": float(self.tokens), "instances": float(self.injected),
@@ -281,6 +280,7 @@ class LMTrainer:
         self.model.train(was_training)
         self.records.extend({"step": self.step, "metric": k, "value": float(v)}
                             for k, v in row.items())
+        return row
 
     def _probe(self) -> dict[str, float]:
         """Probe metrics (module docstring); reads the stream and instances without moving them."""
