@@ -525,7 +525,7 @@ class ToyTrainer:
                 gr.params[0].copy_(series_qr_retraction(gr.params[0], shift=gr.shift))
             else:
                 gr.params[0].copy_(self._retract(gr.params[0]))
-            if gr.shift is None and self.settings.retraction != "series_qr":
+            if self.settings.retraction != "series_qr":  # (padding implies series_qr)
                 # diverged instances stay at U = D = 0: Householder QR would turn U = 0 back
                 # into orthonormal columns (and Cholesky into NaN); the series maps 0 to 0, so
                 # the GPU path skips this pass over the encoders. D follows: h = x U = 0.
