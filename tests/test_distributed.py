@@ -25,7 +25,7 @@ from raretask.config import load_experiment
 from raretask.errors import UserError
 from raretask.lm.config import LMCell
 from raretask.runs import store
-from raretask.runs.distributed import choose_mode
+from raretask.runs.distributed import choose_mode, rank_device
 from raretask.runs.grid import runner_for
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -103,6 +103,25 @@ def test_choose_mode(parallel, kind, cells, sizes, device, mode):
 def test_toy_grid_refuses_model_mode():
     with pytest.raises(UserError, match="--parallel: 'ddp'.*use --parallel cells"):
         choose_mode("ddp", 2, "toy", 4, set(), "cpu")
+
+
+def test_rank_device_packs_cells_onto_fewer_gpus():
+    # one process: the device as configured; CPU ranks stay on the CPU
+    assert rank_device("cuda", 1, 0, "single", gpus=1) == "cuda"
+    assert rank_device("cpu", 6, 5, "cells", gpus=0) == "cpu"
+    # as many GPUs as processes: one each
+    assert [rank_device("cuda", 2, r, m, gpus=2) for m in ("cells", "ddp") for r in (0, 1)] == \
+        ["cuda:0", "cuda:1"] * 2
+    # cells mode, 6 processes on 1 and on 4 GPUs: round-robin (packing small runs)
+    assert {rank_device("cuda", 6, r, "cells", gpus=1) for r in range(6)} == {"cuda:0"}
+    assert [rank_device("cuda", 6, r, "cells", gpus=4) for r in range(6)] == \
+        ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
+    # the model modes need a GPU per process; a pinned GPU is refused under torchrun
+    with pytest.raises(UserError, match="--parallel ddp: 2 or more processes on this node but "
+                                        "1 GPU.*--parallel cells"):
+        rank_device("cuda", 2, 1, "ddp", gpus=1)
+    with pytest.raises(UserError, match="device: 'cuda:1' pins one GPU"):
+        rank_device("cuda:1", 2, 0, "cells", gpus=2)
 
 
 # -- user errors: one line, exit 2, nothing written -----------------------------------------

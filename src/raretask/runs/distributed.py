@@ -5,7 +5,8 @@
 process group and :class:`Ranks` says what this copy does:
 
 * ``cells``: every rank takes its share of the grid's groups, one at a time, each on its own
-  device (``cuda:LOCAL_RANK`` or the CPU), and writes that group's files itself. A rank claims a
+  device (``cuda:LOCAL_RANK`` or the CPU; with more processes than GPUs, ranks share GPUs
+  round-robin: packing small runs onto one GPU), and writes that group's files itself. A rank claims a
   group with an ``flock`` (:func:`raretask.runs.store.claim`): ranks that finish early take
   unclaimed groups, and a killed rank's claims vanish with it.
 * ``ddp`` / ``fsdp`` (``model``): every rank trains the same cell on its slice of the global batch
@@ -107,14 +108,32 @@ def choose_mode(parallel: str, world: int, kind: str, cells: int, sizes: set[str
     return parallel  # type: ignore[return-value]
 
 
-def rank_device(device: str, world: int, local_rank: int) -> str:
-    """This rank's device: ``cuda`` becomes ``cuda:LOCAL_RANK`` when several processes run."""
+def rank_device(device: str, world: int, local_rank: int, mode: Mode = "cells",
+                gpus: int | None = None) -> str:
+    """This rank's device: ``cuda`` becomes ``cuda:LOCAL_RANK`` when several processes run.
+
+    In ``cells`` mode there may be more processes than GPUs (``gpus``, default: the visible
+    count): rank r then takes ``cuda:(r % gpus)``, so several small runs share one GPU (their
+    kernels fill each other's launch gaps; each cell's numbers do not depend on its neighbours).
+    The model modes need one GPU per process (NCCL cannot put two ranks of one group on one GPU).
+    """
     if world == 1 or device == "cpu":
         return device
     if device != "cuda":
         raise UserError(f"device: {device!r} pins one GPU, but torchrun starts {world} processes; "
                         "use 'auto' or 'cuda' (each rank takes cuda:LOCAL_RANK)")
-    return f"cuda:{local_rank}"
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    gpus = max(gpus, 1)
+    if local_rank < gpus:
+        return f"cuda:{local_rank}"
+    if mode == "cells":
+        return f"cuda:{local_rank % gpus}"
+    raise UserError(f"--parallel {mode}: {local_rank + 1} or more processes on this node but "
+                    f"{gpus} GPU(s): the model modes need one GPU per process (--parallel cells "
+                    "can put several processes on one GPU)")
 
 
 @contextlib.contextmanager

@@ -240,7 +240,8 @@ class GridRun:
         sizes = {str(getattr(c, "size", "")) for c in self.cells}
         mode = distributed.choose_mode(parallel, world, self.grid.kind, len(self.cells), sizes,
                                        device)
-        self.ranks = Ranks(rank, world, mode, distributed.rank_device(device, world, local))
+        rank_dev = distributed.rank_device(device, world, local, mode)
+        self.ranks = Ranks(rank, world, mode, rank_dev)
         self._check_parallel(self.ranks)
         progress = progress if rank == 0 else None  # one display per job
         with distributed.session(mode, self.ranks.device), contextlib.ExitStack() as held:
