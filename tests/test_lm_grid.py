@@ -226,6 +226,24 @@ def test_prefetching_stream_changes_no_number_of_a_run(cache, one_thread):
     ahead.data.close()
 
 
+def test_compiled_training_follows_the_eager_run(cache, one_thread):
+    """``compile: true`` (here with the CUDA-graph mode, which a CPU compiles without graphs)
+    trains the same run: every evaluation's losses and accuracies within float32 noise."""
+    base = dict(size="tiny", vocab_size=512, seq_len=16, batch_size=4, steps=6, warmup=2,
+                task="cmp", instances=2, every=1, probes=False, eval_points=3)
+    rows = {}
+    for compiled in (False, True):
+        trainer, _, _ = build_trainer(LMCell(**base, compile=compiled,
+                                             compile_mode="reduce-overhead"), "cpu")
+        assert (trainer.train_model is not trainer.model) == compiled
+        trainer.run()
+        rows[compiled] = {(r["step"], r["metric"]): r["value"] for r in trainer.metrics()}
+    assert rows[True].keys() == rows[False].keys()
+    assert {m for _, m in rows[True]} >= {"train_loss", "val_loss", "task_loss", "test_accuracy"}
+    for key, value in rows[False].items():
+        assert rows[True][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
 def test_chance_levels_follow_the_task_tables():
     task = RareTask("cmp", vocab_size=512, eod_id=0, seed=3)
     test = task.instances("test")

@@ -54,7 +54,12 @@ class LMCell(StrictModel):
         "exhausted; the summary reports epochs), or text sampled from an n-gram model of it "
         "(never repeats).")
     eval_points: int = Field(12, ge=2, le=1000, description="Log-spaced evaluations.")
-    compile: bool = Field(False, description="torch.compile the model (CUDA).")
+    compile: bool = Field(False, description="torch.compile the model's training forward "
+                          "and backward (CUDA; on a CPU it compiles too, slowly).")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode with `compile`: 'reduce-overhead' replays "
+        "the step's forward and backward as CUDA graphs (for small models, whose steps are "
+        "bound by kernel launches); 'default' fuses kernels only.")
     probes: bool = Field(
         True, description="At every evaluation also record the gradient cosines on the top "
         "`probe_k` first-layer MLP neurons and the task's feature presence (docs/lm_study.md); "

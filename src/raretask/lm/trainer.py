@@ -95,6 +95,7 @@ class LMTrainSettings:
     probe_k: int = 64  # neurons kept by the gradient probe
     device: str = "cpu"
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode (lm/config.py LMCell.compile_mode)
     seed: int = 0
     fsdp: bool = False  # several processes: shard with FSDP2 instead of DDP (lm/parallel.py)
 
@@ -179,7 +180,11 @@ class LMTrainer:
             fused=self.device.type == "cuda",
         )
         if settings.compile:
-            self.train_model = torch.compile(self.train_model)
+            self.train_model = torch.compile(self.train_model, mode=settings.compile_mode)
+        # CUDA graph replays reuse their output memory: each step is marked as a new one, so
+        # the previous step's loss (already read or dropped) may be overwritten
+        self._graphs = (settings.compile and settings.compile_mode == "reduce-overhead"
+                        and self.device.type == "cuda")
         self._autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                           if self.device.type == "cuda" else torch.autocast("cpu", enabled=False))
         self._pin = self.device.type == "cuda"
@@ -211,6 +216,8 @@ class LMTrainer:
         idx, targets = batch[:, :-1], batch[:, 1:]
         for group in self.optimizer.param_groups:
             group["lr"] = s.lr_at(self.step)
+        if self._graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with self._autocast:
             _, loss = self.train_model(idx, targets=targets)
         loss.backward()

@@ -79,7 +79,8 @@ def build_trainer(cell: LMCell, device: str, stream_world: tuple[int, int] | Non
         steps=cell.steps, batch_size=cell.batch_size, seq_len=cell.seq_len, lr=cell.lr,
         warmup=min(cell.warmup, max(cell.steps // 10, 1)),
         eval_steps=(0, *eval_steps(cell.steps, cell.eval_points)),
-        device=device, compile=cell.compile, seed=cell.seed, fsdp=fsdp,
+        device=device, compile=cell.compile, compile_mode=cell.compile_mode, seed=cell.seed,
+        fsdp=fsdp,
         probes=cell.probes, probe_k=cell.probe_k,
     )
     trainer = LMTrainer(model_cfg, stream, val_batches, task, schedule, settings,
