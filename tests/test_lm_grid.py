@@ -244,6 +244,21 @@ def test_compiled_training_follows_the_eager_run(cache, one_thread):
         assert rows[True][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
+def test_deterministic_switch_holds_while_training_only(cache, one_thread):
+    """``deterministic: true`` turns on torch's deterministic kernels for the run (every op the
+    run uses has one: none raises), restores the switch after, and changes no number here."""
+    base = dict(size="tiny", vocab_size=512, seq_len=16, batch_size=4, steps=6, warmup=2,
+                task="add", instances=2, every=1, probes=True, probe_k=16, eval_points=3)
+    rows, seen = {}, []
+    for det in (False, True):
+        trainer, _, _ = build_trainer(LMCell(**base, deterministic=det), "cpu")
+        trainer.run(callback=lambda step: seen.append(torch.are_deterministic_algorithms_enabled()))
+        rows[det] = {(r["step"], r["metric"]): r["value"] for r in trainer.metrics()}
+    assert seen == [False] * 4 + [True] * 4  # 4 evaluations a run: step 0 and 3 log-spaced
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert rows[True] == rows[False]
+
+
 def test_chance_levels_follow_the_task_tables():
     task = RareTask("cmp", vocab_size=512, eod_id=0, seed=3)
     test = task.instances("test")

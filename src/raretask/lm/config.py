@@ -60,6 +60,9 @@ class LMCell(StrictModel):
         "default", description="torch.compile mode with `compile`: 'reduce-overhead' replays "
         "the step's forward and backward as CUDA graphs (for small models, whose steps are "
         "bound by kernel launches); 'default' fuses kernels only.")
+    deterministic: bool = Field(
+        False, description="Deterministic kernels only (CUDA: the same cell gives the same "
+        "numbers run alone or packed with others on one GPU; a little slower).")
     probes: bool = Field(
         True, description="At every evaluation also record the gradient cosines on the top "
         "`probe_k` first-layer MLP neurons and the task's feature presence (docs/lm_study.md); "

@@ -44,8 +44,10 @@ of steps in a background thread (:class:`~raretask.lm.data.TokenStream` ``prefet
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -96,6 +98,7 @@ class LMTrainSettings:
     device: str = "cpu"
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode (lm/config.py LMCell.compile_mode)
+    deterministic: bool = False  # deterministic CUDA kernels while training (see LMTrainer.run)
     seed: int = 0
     fsdp: bool = False  # several processes: shard with FSDP2 instead of DDP (lm/parallel.py)
 
@@ -230,7 +233,17 @@ class LMTrainer:
         return loss.detach()
 
     def run(self, until: int | None = None, callback: Callable[[int], None] | None = None) -> None:
-        """Train to step ``until`` (default: all steps), evaluating at the eval steps."""
+        """Train to step ``until`` (default: all steps), evaluating at the eval steps.
+
+        With ``settings.deterministic`` the run uses deterministic kernels only (on CUDA the
+        flash-attention backward otherwise sums dQ with atomics, so two runs of one cell differ
+        in the last bits and then drift): the same cell gives the same numbers alone or packed
+        beside others on one GPU. The process-wide switch is restored afterwards.
+        """
+        with _deterministic(self.settings.deterministic):
+            self._run(until, callback)
+
+    def _run(self, until: int | None, callback: Callable[[int], None] | None) -> None:
         end = self.settings.steps if until is None else min(until, self.settings.steps)
         evals = set(self.settings.eval_steps)
         if self.step == 0 and 0 in evals and not self.records:
@@ -335,6 +348,25 @@ class LMTrainer:
         self.step, self.injected, self.tokens = state["step"], state["injected"], state["tokens"]
         self.records = list(state["records"])
         self.diverged_step = state.get("diverged_step")  # absent from older checkpoints
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms`` for the block when ``on`` (else nothing changes).
+
+    cuBLAS needs a fixed workspace for it (``CUBLAS_WORKSPACE_CONFIG``), read when the process
+    makes its first cuBLAS handle: set here unless the user chose one.
+    """
+    if not on:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def chance_levels(task: RareTask, split: str = "test") -> dict[str, float]:

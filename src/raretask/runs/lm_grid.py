@@ -80,8 +80,7 @@ def build_trainer(cell: LMCell, device: str, stream_world: tuple[int, int] | Non
         warmup=min(cell.warmup, max(cell.steps // 10, 1)),
         eval_steps=(0, *eval_steps(cell.steps, cell.eval_points)),
         device=device, compile=cell.compile, compile_mode=cell.compile_mode, seed=cell.seed,
-        fsdp=fsdp,
-        probes=cell.probes, probe_k=cell.probe_k,
+        fsdp=fsdp, deterministic=cell.deterministic, probes=cell.probes, probe_k=cell.probe_k,
     )
     trainer = LMTrainer(model_cfg, stream, val_batches, task, schedule, settings,
                         world=(rank, world))
