@@ -244,3 +244,29 @@ def test_bin_shards_train_with_the_cells_eod_id(tmp_path, cache, one_thread):
     assert 7 not in set(trainer.task.symbols.tolist())  # the task never uses the EOD id
     trainer.run()
     assert trainer.data.epochs == pytest.approx(6 * 8 * 16 / len(bg.train))
+
+
+def test_packed_small_grid_is_the_issues_fig5_small_end():
+    """benchmarks/lm_pack_grid.yaml: 4m and 20m x 6 frequencies x 50M tokens, compiled with
+    CUDA graphs and deterministic (so packed runs can equal lone ones); its cost header holds."""
+    path = CONFIGS.parent / "benchmarks" / "lm_pack_grid.yaml"
+    grid = load_experiment(path)
+    got = list(grid.cells())
+    assert grid.axes == {"size": ["4m", "20m"],
+                         "frequency": [2.0 ** -k for k in range(7, 13)]}
+    flops = 0
+    for c in got:
+        tokens = c.steps * c.batch_size * c.seq_len
+        assert tokens == pytest.approx(50e6, rel=1e-3)
+        assert c.compile and c.compile_mode == "reduce-overhead" and c.deterministic
+        assert c.source == "ngram" and c.schedule_label == "spread"
+        cfg = ModelConfig.preset(c.size, vocab_size=c.vocab_size, max_seq_len=c.seq_len)
+        flops += cfg.flops_per_token(c.seq_len) * tokens
+    text = path.read_text()
+    assert float(re.search(r"([0-9.]+e[0-9]+) training FLOPs", text).group(1)) == \
+        pytest.approx(flops, rel=0.01)
+    assert float(re.search(r": ([0-9]+) s at 20%", text).group(1)) == \
+        pytest.approx(flops / H100_FLOPS, abs=1)
+    small = load_experiment(path, ["size=tiny", "steps=4", "batch_size=16", "eval_points=2",
+                                   "device=cpu", "compile=false"])
+    assert len(list(small.cells())) == 6 and not any(c.compile for c in small.cells())
