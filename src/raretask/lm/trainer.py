@@ -171,6 +171,7 @@ class LMTrainer:
         self.tokens = 0
         self.records: list[dict] = []
         self.diverged_step: int | None = None  # eval step at which training diverged
+        self.last_loss: Tensor | None = None  # the last step's batch loss, on the device
         self.train_model = self.model
         if self.world > 1:  # before the optimizer: FSDP2 swaps the parameters for shards
             self.train_model = parallel.wrap(self.model, self.device, settings.fsdp)
@@ -200,7 +201,7 @@ class LMTrainer:
         self.injected += count
         return self.train_instances[idx]
 
-    def _train_step(self) -> float:
+    def _train_step(self) -> Tensor:
         s = self.settings
         batch = self.data.next_batch()  # [local B, T + 1]
         count = self.schedule.per_step(self.step) if self.schedule is not None else 0
@@ -252,7 +253,7 @@ class LMTrainer:
             if callback:
                 callback(0)
         while self.step < end and self.diverged_step is None:
-            loss = self._train_step()
+            loss = self.last_loss = self._train_step()
             if self.step in evals:
                 if self.world > 1:  # the global batch's loss, not this rank's slice of it
                     loss = parallel.mean(loss)
