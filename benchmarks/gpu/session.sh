@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU work of a session, as named jobs, each writing JOB.out (its output) and its figures
+# under $OUT.
+# One device call runs one or more jobs within its 10 minutes; carry .whl (benchmarks/gpu/wheels.sh):
+#   bash benchmarks/gpu/session.sh lm_throughput fig5          (~8 min on one H200)
+#   bash benchmarks/gpu/session.sh lm_pack                     (the target: <= 10 min)
+#   bash benchmarks/gpu/session.sh fig6 fig9
+#   bash benchmarks/gpu/session.sh toy_grid fig2
+# $OUT returns at most 8 files: a job leaves two or three (JOB.out, a JSON, a log or figure).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source benchmarks/gpu/setup.sh || exit 1
+: "${OUT:?set OUT to the folder whose files come back}"
+LM_FAST=(--set device=cuda --set compile=true --set compile_mode=reduce-overhead --quiet)
+
+lm_run() {  # NAME CONFIG: one LM grid, its show --json
+    local name=$1 config=$2 dir=/tmp/runs/$1
+    time python3 -m raretask run "$config" --out "$dir" "${LM_FAST[@]}"
+    python3 -m raretask show "$dir" --json >"$OUT/$name.json"
+    python3 -m raretask show "$dir"
+}
+
+job() {
+    case $1 in
+        lm_throughput) python3 benchmarks/lm_throughput.py --device cuda --out "$OUT/lm_throughput.json" ;;
+        lm_pack) python3 benchmarks/lm_pack.py --out /tmp/runs/pack --procs "${PACK_PROCS:-6}" &&
+                 cp /tmp/runs/pack/lm_pack.json "$OUT/" ;;
+        fig5) lm_run fig5 configs/fig5_lm_heatmap.yaml ;;
+        fig6) lm_run fig6 configs/fig6_lm_schedule.yaml ;;
+        fig9) lm_run fig9 configs/fig9_lm_gradients.yaml ;;
+        toy_grid) python3 benchmarks/toy_grid.py --device cuda --out "$OUT/toy_grid_cuda.log" ;;
+        fig2) time python3 -m raretask run configs/fig2_phase.yaml --out /tmp/runs/fig2 --quiet &&
+              python3 -m raretask show /tmp/runs/fig2 --json >"$OUT/fig2.json" &&
+              cp /tmp/runs/fig2/figures/phase_diagram.png "$OUT/" ;;
+        *) echo "error: unknown job $1" >&2; return 2 ;;
+    esac
+}
+
+status=0
+for name in "$@"; do
+    echo "== $name $(date -u +%FT%TZ)"
+    job "$name" >"$OUT/$name.out" 2>&1 || { status=$?; echo "$name failed ($status)"; }
+    tail -n 5 "$OUT/$name.out"
+done
+exit $status
