@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu/session.sh lm_pack                     (the target: <= 10 min)
 #   bash benchmarks/gpu/session.sh fig6 fig9
 #   bash benchmarks/gpu/session.sh toy_grid fig2
+#   bash benchmarks/gpu/session.sh multi_ddp multi_fsdp         (kind nvidia-h200-x2: issue 10)
 # $OUT returns at most 8 files: a job leaves two or three (JOB.out, a JSON, a log or figure).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,6 +29,10 @@ job() {
         fig5) lm_run fig5 configs/fig5_lm_heatmap.yaml ;;
         fig6) lm_run fig6 configs/fig6_lm_schedule.yaml ;;
         fig9) lm_run fig9 configs/fig9_lm_gradients.yaml ;;
+        multi_ddp) python3 benchmarks/lm_multi_gpu.py --out /tmp/runs/mg_ddp --preset 300m --parallel ddp &&
+                   cp /tmp/runs/mg_ddp/lm_multi_gpu.json "$OUT/multi_ddp.json" ;;
+        multi_fsdp) python3 benchmarks/lm_multi_gpu.py --out /tmp/runs/mg_fsdp --preset 1b --parallel fsdp &&
+                    cp /tmp/runs/mg_fsdp/lm_multi_gpu.json "$OUT/multi_fsdp.json" ;;
         toy_grid) python3 benchmarks/toy_grid.py --device cuda --out "$OUT/toy_grid_cuda.log" ;;
         fig2) time python3 -m raretask run configs/fig2_phase.yaml --out /tmp/runs/fig2 --quiet &&
               python3 -m raretask show /tmp/runs/fig2 --json >"$OUT/fig2.json" &&
