@@ -125,3 +125,39 @@ def test_iterable_dataset_resumes():
     assert list(ds4) == full[100:]
     with pytest.raises(UserError, match="sampler state"):
         ds4.load_state_dict({"position": 1})
+
+
+SOURCES = [[f"a{i}" for i in range(500)], [f"b{i}" for i in range(300)], [f"c{i}" for i in range(20)]]
+MIX = dict(weights=[0.7, 0.28, 0.02], total=2003, max_epochs=5, seed=3)  # a partial last block
+
+
+def test_dataloader_workers_keep_the_sampler_order():
+    from torch.utils.data import DataLoader
+
+    full = list(MixtureDataset(SOURCES, **MIX))
+    assert len(full) == 2003
+    ds = MixtureDataset(SOURCES, **MIX, batch_size=8)
+    got = [x for batch in DataLoader(ds, batch_size=8, num_workers=2) for x in batch]
+    assert got == full  # the loader's round-robin over the workers' blocks = the sequence
+    with pytest.raises(Exception, match="give batch_size"):  # re-raised by the loader
+        list(DataLoader(MixtureDataset(SOURCES, **MIX), batch_size=8, num_workers=2))
+
+
+def test_ranks_take_alternate_blocks_and_seek_resumes():
+    full = list(MixtureDataset(SOURCES, **MIX))
+    ranks = [MixtureDataset(SOURCES, **MIX, batch_size=8, rank=r, world_size=3) for r in range(3)]
+    parts = [list(d) for d in ranks]
+    assert [len(p) for p in parts] == [len(d) for d in ranks] == [672, 667, 664]
+    # block b of the sequence is rank b % 3's (b // 3)-th block
+    rebuilt = [x for b in range(-(-2003 // 8)) for x in parts[b % 3][(b // 3) * 8:(b // 3 + 1) * 8]]
+    assert rebuilt == full
+    for r, consumed in [(1, 0), (1, 400), (2, 664), (0, 672)]:
+        d = MixtureDataset(SOURCES, **MIX, batch_size=8, rank=r, world_size=3)
+        d.seek(consumed)
+        assert list(d) == parts[r][consumed:]
+    with pytest.raises(UserError, match=r"seek: expected 0..667 samples, got 668"):
+        ranks[1].seek(668)
+    with pytest.raises(UserError, match="rank must be in 0..world_size - 1, got rank 3 of 3"):
+        MixtureDataset(SOURCES, **MIX, rank=3, world_size=3)
+    with pytest.raises(UserError, match="batch_size must be an integer >= 1"):
+        MixtureDataset(SOURCES, **MIX, batch_size=0)

@@ -237,8 +237,17 @@ def _iterable_base():
 class MixtureDataset(_iterable_base()):
     """A PyTorch ``IterableDataset`` over one indexable dataset per task, in sampler order.
 
-    Use with ``num_workers=0`` (the sampler is the single source of order); checkpoint with
-    :meth:`state_dict` and resume with :meth:`load_state_dict`.
+    The sequence is cut into blocks of ``batch_size`` positions. Under ``torch.distributed`` (or
+    with ``rank`` / ``world_size`` given) rank r takes the blocks b with ``b % world_size == r``;
+    in a ``DataLoader`` with ``num_workers=W`` each worker takes every W-th of its rank's blocks,
+    and since the loader collects the workers' batches round-robin, the batches come out in the
+    sampler's order, exactly as with ``num_workers=0``, provided ``batch_size`` here equals the
+    loader's. Every worker computes the whole (cheap, integer) task sequence and loads only its
+    own blocks' examples.
+
+    Checkpoints: with ``num_workers=0`` the dataset's own :meth:`state_dict` follows the
+    iteration; with workers (which iterate copies), note how many samples this rank has
+    consumed and call :meth:`seek` with it on resume.
 
     Example
     -------
@@ -249,22 +258,82 @@ class MixtureDataset(_iterable_base()):
 
     def __init__(self, sources: Sequence, weights: Sequence[float], total: int,
                  max_epochs: float | None = None, seed: int = 0, names=None,
-                 rare_share: float = 0.05):
+                 rare_share: float = 0.05, batch_size: int = 1, rank: int | None = None,
+                 world_size: int | None = None):
         super().__init__()
+        if int(batch_size) != batch_size or batch_size < 1:
+            raise UserError(f"batch_size must be an integer >= 1, got {batch_size}")
+        rank, world_size = _rank_world(rank, world_size)
         self.sources = list(sources)
+        self.batch_size, self.rank, self.world_size = int(batch_size), rank, world_size
         self.sampler = MixtureSampler(weights, [len(s) for s in self.sources], total,
                                       max_epochs=max_epochs, seed=seed, names=names,
                                       rare_share=rare_share)
+        self._block = 0  # index of the next block of the whole sequence
 
     def __iter__(self):
-        for task, example in self.sampler:
-            yield self.sources[task][example]
+        import torch.utils.data
+
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        if workers > 1 and self.batch_size == 1:
+            raise UserError("MixtureDataset: with num_workers > 1 give batch_size (the "
+                            "DataLoader's), so the batches keep the sampler's order")
+        shards = self.world_size * workers
+        mine = self.rank + self.world_size * worker
+        b = self.batch_size
+        chunk = b * shards * max(1, CHUNK // (b * shards))  # whole rounds of blocks
+        while self.sampler.position < self.sampler.total:
+            rows = self.sampler.take(chunk)  # every shard's positions: the state stays shared
+            blocks = self._block + np.arange(len(rows)) // b
+            self._block += -(-len(rows) // b)
+            for task, example in rows[blocks % shards == mine]:
+                yield self.sources[task][example]
 
     def __len__(self) -> int:
-        return self.sampler.total
+        """Samples this rank yields (all its workers together)."""
+        total, b = self.sampler.total, self.batch_size
+        blocks = -(-total // b)
+        mine = len(range(self.rank, blocks, self.world_size))
+        if mine and (blocks - 1) % self.world_size == self.rank and total % b:
+            return (mine - 1) * b + total % b  # the last, partial block is this rank's
+        return mine * b
+
+    def seek(self, consumed: int) -> None:
+        """Continue after this rank (all its workers) has consumed ``consumed`` samples."""
+        if int(consumed) != consumed or not 0 <= consumed <= len(self):
+            raise UserError(f"seek: expected 0..{len(self)} samples, got {consumed}")
+        done, partial = divmod(int(consumed), self.batch_size)
+        # this rank's next block; a partial block is only ever the last one: then the end
+        block = self.rank + done * self.world_size
+        position = self.sampler.total if partial else min(block * self.batch_size,
+                                                          self.sampler.total)
+        self.sampler.load_state_dict(self.sampler._initial_state())
+        while self.sampler.position < position:
+            self.sampler.tasks(min(CHUNK * 16, position - self.sampler.position))
+        self._block = -(-position // self.batch_size)
 
     def state_dict(self) -> dict:
-        return self.sampler.state_dict()
+        return {**self.sampler.state_dict(), "block": self._block}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
+        block = state.get("block", state["position"] // self.batch_size) \
+            if isinstance(state, dict) else 0
+        if int(block) != block or block < 0:
+            raise UserError("sampler state: block must be an integer >= 0")
+        self._block = int(block)
+
+
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world size): as given, else torch.distributed's when initialised, else (0, 1)."""
+    if rank is None and world_size is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    rank, world_size = int(rank or 0), int(world_size or 1)
+    if not 0 <= rank < world_size:
+        raise UserError(f"rank must be in 0..world_size - 1, got rank {rank} of {world_size}")
+    return rank, world_size
