@@ -196,3 +196,18 @@ def test_render_unknown_format():
     with pytest.raises(UserError, match="unknown 'csv'"):
         render(plan, "csv")
     assert render(plan, "olmo_core.yaml").count("max_repetition_ratio: 1.0") == 16
+
+
+def test_plan_out_refuses_a_directory_another_process_writes(tmp_path, capsys):
+    from raretask.runs import store
+
+    out = tmp_path / "p"
+    with store.run_lock(out):  # what a concurrent `plan`/`analyze`/`fix --out` holds
+        code, stdout, err = run(capsys, "plan", str(EXAMPLES / "tasks.yaml"), "--size", "16",
+                                "--out", str(out))
+    assert code == 2 and stdout == ""
+    assert err == f"error: {out}: another raretask process is running in this directory\n"
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing of the plan written
+    code, _, _ = run(capsys, "plan", str(EXAMPLES / "tasks.yaml"), "--size", "16", "--out",
+                     str(out))
+    assert code == 0 and (out / "plan.json").exists()

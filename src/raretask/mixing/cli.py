@@ -89,8 +89,9 @@ def analyze(
     if out is not None:
         from raretask.runs import store
 
-        rank_frequency_plot(result, out / "rank_frequency.png")
-        store.write_json(out / "analysis.json", result.to_json())
+        with store.run_lock(out):  # a second process writing here refuses: files never mix
+            rank_frequency_plot(result, out / "rank_frequency.png")
+            store.write_json(out / "analysis.json", result.to_json())
     if as_json:
         _print_json(result.to_json())
         return
@@ -255,8 +256,9 @@ def plan(
     if out is not None:
         for fmt in FORMATS:  # render all first: a bad template fails before anything is written
             render(result, fmt, path_template)
-        store.write_json(out / "plan.json", result.to_json())
-        write_all(result, out, path_template)
+        with store.run_lock(out):
+            store.write_json(out / "plan.json", result.to_json())
+            write_all(result, out, path_template)
     if as_json:
         _print_json(result.to_json())
         return
@@ -311,9 +313,12 @@ def fix(
         return
     from raretask.mixing.fix import fix_table, load_fix_config, run_fix_toy, write_fix
 
+    from raretask.runs import store
+
     cfg = load_fix_config(config, overrides or [])
-    plan_, results = run_fix_toy(cfg, progress=None if quiet else _step_progress())
-    write_fix(out, cfg, plan_, results)
+    with store.run_lock(out):  # held while training: a second `fix` on this directory refuses
+        plan_, results = run_fix_toy(cfg, progress=None if quiet else _step_progress())
+        write_fix(out, cfg, plan_, results)
     console.print(fix_table(results, cfg, plan_))
     console.print(f"wrote {out}/results.json, {out}/plan.json")
 

@@ -85,5 +85,6 @@ def run_fix_lm(config: Path, out: Path, overrides: list[str], quiet: bool = True
     runner = runner_for(grid, out)
     runner.run()
     rows = load_summary(out)
-    store.write_json(Path(out) / "fix.json", fix_lm_json(rows))
+    with store.run_lock(Path(out)):  # the grid's own lock is released by now
+        store.write_json(Path(out) / "fix.json", fix_lm_json(rows))
     return fix_lm_table(rows, str(out))
