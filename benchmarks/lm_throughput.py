@@ -58,7 +58,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from raretask.lm.model import PRESETS, ModelConfig, Transformer
-from raretask.lm.trainer import LMTrainer, LMTrainSettings
+from raretask.lm.trainer import ATTENTION_BACKENDS, LMTrainer, LMTrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("raretask", "hf-eager", "hf-compiled")
@@ -250,8 +250,8 @@ def free(device: torch.device) -> None:
 def settings_for(args, device: torch.device, compiled: bool) -> LMTrainSettings:
     total = args.warmup + args.steps
     return LMTrainSettings(steps=total, batch_size=args.batch_size, seq_len=args.seq_len,
-                           device=str(device),
-                           compile=compiled, seed=args.seed)
+                           device=str(device), compile=compiled, seed=args.seed,
+                           compile_mode=args.compile_mode, attention=args.attention)
 
 
 def time_raretask(cfg: ModelConfig, args, device: torch.device, compiled: bool) -> Run:
@@ -354,6 +354,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     ", ".join(VARIANTS))
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile raretask's model (default: on CUDA)")
+    ap.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS,
+                    help="raretask's SDPA backend (auto: PyTorch's choice, as the HF variants)")
+    ap.add_argument("--compile-mode", default="default",
+                    choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                    help="torch.compile mode of the raretask variant")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="peak dense TFLOP/s for MFU (989: H100/H200 SXM bf16)")
     ap.add_argument("--seed", type=int, default=0)
@@ -378,6 +383,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--device: {e}")
     if device.type not in ("cpu", "cuda"):
         ap.error(f"--device: {args.device!r} is neither cpu nor cuda")
+    if args.attention in ("cudnn", "efficient") and device.type != "cuda":
+        ap.error(f"--attention: {args.attention!r} runs on CUDA only")
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device: cuda requested but torch sees no CUDA device")
     if args.preset not in PRESETS:
@@ -518,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "bfloat16 autocast" if cuda else "float32",
         "flops_per_token": flops, "flops_note": FLOPS_NOTE, "peak_tflops": args.peak_tflops,
         "ln_vocab": math.log(cfg.vocab_size), "parity": check, "variants": rows, "ratio": ratio,
+        "raretask_attention": args.attention, "raretask_compile_mode": args.compile_mode,
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out} and {out.with_suffix('.log')}")

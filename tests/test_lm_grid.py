@@ -317,3 +317,25 @@ def test_a_diverging_lm_run_stops_and_is_marked(tmp_path, cache, capsys, one_thr
     _, table, _ = in_process(capsys, "show", str(tmp_path / "run"))
     assert f"div@{step}" in table
     assert f"diverged at step {step}" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_attention_backend_pins_the_kernel_and_cuda_only_ones_are_refused(cache, one_thread,
+                                                                          tmp_path, capsys):
+    """``attention: math`` trains with the math kernel (the same run as PyTorch's own choice up
+    to float32 rounding); ``cudnn`` on a CPU ends with one line before anything is written."""
+    base = dict(size="tiny", vocab_size=512, seq_len=16, batch_size=4, steps=4, warmup=2,
+                task="cmp", instances=2, every=1, probes=False, eval_points=2)
+    rows = {}
+    for backend in ("auto", "math"):
+        trainer, _, _ = build_trainer(LMCell(**base, attention=backend), "cpu")
+        trainer.run()
+        rows[backend] = {(r["step"], r["metric"]): r["value"] for r in trainer.metrics()}
+    assert rows["math"].keys() == rows["auto"].keys()
+    for key, value in rows["auto"].items():
+        assert rows["math"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    out, cfg = tmp_path / "run", tmp_path / "cudnn.yaml"
+    cfg.write_text(json.dumps({**base, "kind": "lm", "device": "cpu", "attention": "cudnn"}))
+    code, stdout, err = in_process(capsys, "run", str(cfg), "--out", str(out), "--quiet")
+    assert code == 2 and stdout == "" and not out.exists()
+    assert err == ("error: attention: 'cudnn' (cell 0) runs on CUDA only, device is 'cpu'; use "
+                   "auto, flash or math\n")

@@ -181,6 +181,8 @@ def test_bad_argument_exits_2_with_one_error_line():
     (["--device", "meta"], "--device: 'meta' is neither cpu nor cuda"),
     (["--device", "tpu"], "--device: Expected one of"),
     (["--batch-size", "two"], "argument --batch-size: invalid int value: 'two'"),
+    (["--attention", "cudnn"], "--attention: 'cudnn' runs on CUDA only"),
+    (["--attention", "fast"], "argument --attention: invalid choice: 'fast'"),
 ])
 def test_each_bad_argument_is_named(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:

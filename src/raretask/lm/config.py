@@ -60,6 +60,9 @@ class LMCell(StrictModel):
         "default", description="torch.compile mode with `compile`: 'reduce-overhead' replays "
         "the step's forward and backward as CUDA graphs (for small models, whose steps are "
         "bound by kernel launches); 'default' fuses kernels only.")
+    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
+        "auto", description="scaled_dot_product_attention backend: PyTorch's choice (auto) or "
+        "one pinned kernel (cudnn and efficient: CUDA only).")
     deterministic: bool = Field(
         False, description="Deterministic kernels only (CUDA: the same cell gives the same "
         "numbers run alone or packed with others on one GPU; a little slower).")

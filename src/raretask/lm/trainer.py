@@ -99,6 +99,7 @@ class LMTrainSettings:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode (lm/config.py LMCell.compile_mode)
     deterministic: bool = False  # deterministic CUDA kernels while training (see LMTrainer.run)
+    attention: str = "auto"  # SDPA backend for the run: auto, flash, cudnn, efficient, math
     seed: int = 0
     fsdp: bool = False  # several processes: shard with FSDP2 instead of DDP (lm/parallel.py)
 
@@ -149,6 +150,13 @@ class LMTrainer:
         world: tuple[int, int] | None = None,
     ):
         self.settings = settings
+        if settings.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention: expected one of {', '.join(ATTENTION_BACKENDS)}, got "
+                             f"{settings.attention!r}")
+        if settings.attention in ("cudnn", "efficient") and \
+                torch.device(settings.device).type != "cuda":
+            raise ValueError(f"attention: {settings.attention!r} runs on CUDA only (device "
+                             f"{settings.device!r}); use auto, flash or math")
         self.rank, self.world = world or _rank_world()
         if settings.batch_size % self.world:
             raise ValueError(f"batch_size {settings.batch_size} is not divisible by the "
@@ -241,7 +249,7 @@ class LMTrainer:
         in the last bits and then drift): the same cell gives the same numbers alone or packed
         beside others on one GPU. The process-wide switch is restored afterwards.
         """
-        with _deterministic(self.settings.deterministic):
+        with _deterministic(self.settings.deterministic), _attention(self.settings.attention):
             self._run(until, callback)
 
     def _run(self, until: int | None, callback: Callable[[int], None] | None) -> None:
@@ -368,6 +376,22 @@ def _deterministic(on: bool) -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+"""``auto``: PyTorch's own choice; the others pin ``scaled_dot_product_attention`` to one kernel
+(``cudnn`` and ``efficient`` exist on CUDA only)."""
+
+
+def _attention(name: str):
+    """A context that pins SDPA to the backend ``name`` (nothing for ``auto``)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel([backend])
 
 
 def chance_levels(task: RareTask, split: str = "test") -> dict[str, float]:

@@ -80,7 +80,8 @@ def build_trainer(cell: LMCell, device: str, stream_world: tuple[int, int] | Non
         warmup=min(cell.warmup, max(cell.steps // 10, 1)),
         eval_steps=(0, *eval_steps(cell.steps, cell.eval_points)),
         device=device, compile=cell.compile, compile_mode=cell.compile_mode, seed=cell.seed,
-        fsdp=fsdp, deterministic=cell.deterministic, probes=cell.probes, probe_k=cell.probe_k,
+        fsdp=fsdp, deterministic=cell.deterministic, attention=cell.attention,
+        probes=cell.probes, probe_k=cell.probe_k,
     )
     trainer = LMTrainer(model_cfg, stream, val_batches, task, schedule, settings,
                         world=(rank, world))
@@ -93,6 +94,10 @@ class LMGridRun(GridRun):
     CHECKPOINT_FILES = ("model.safetensors", "state.pt")
 
     def _check_parallel(self, ranks: Ranks) -> None:
+        for i, cell in enumerate(self.cells):  # before anything is written
+            if cell.attention in ("cudnn", "efficient") and not ranks.device.startswith("cuda"):
+                raise UserError(f"attention: {cell.attention!r} (cell {i}) runs on CUDA only, "
+                                f"device is {ranks.device!r}; use auto, flash or math")
         if not ranks.data_parallel:
             return
         for i, cell in enumerate(self.cells):
