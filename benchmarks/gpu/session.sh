@@ -12,7 +12,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 source benchmarks/gpu/setup.sh || exit 1
 : "${OUT:?set OUT to the folder whose files come back}"
-LM_FAST=(--set device=cuda --set compile=true --set compile_mode=reduce-overhead --quiet)
+# LM_COMPILE_MODE=default falls back to fused kernels without CUDA graphs
+LM_FAST=(--set device=cuda --set compile=true --set "compile_mode=${LM_COMPILE_MODE:-reduce-overhead}" --quiet)
 
 lm_run() {  # NAME CONFIG: one LM grid, its show --json
     local name=$1 config=$2 dir=/tmp/runs/$1
@@ -24,6 +25,8 @@ lm_run() {  # NAME CONFIG: one LM grid, its show --json
 job() {
     case $1 in
         lm_throughput) python3 benchmarks/lm_throughput.py --device cuda --out "$OUT/lm_throughput.json" ;;
+        lm_throughput_cudnn) python3 benchmarks/lm_throughput.py --device cuda --variants raretask \
+                             --attention cudnn --out "$OUT/lm_throughput_cudnn.json" ;;
         lm_pack) python3 benchmarks/lm_pack.py --out /tmp/runs/pack --procs "${PACK_PROCS:-6}" &&
                  cp /tmp/runs/pack/lm_pack.json "$OUT/" ;;
         fig5) lm_run fig5 configs/fig5_lm_heatmap.yaml ;;
