@@ -20,7 +20,7 @@ between multi and one, and between resumed and one, over all steps (bf16 autocas
     python benchmarks/lm_multi_gpu.py --out /tmp/mg --preset 300m --parallel ddp     # 2 GPUs
     python benchmarks/lm_multi_gpu.py --out /tmp/mg --preset 1b --parallel fsdp
     python benchmarks/lm_multi_gpu.py --out /tmp/mg --device cpu --preset tiny --batch-size 8 \\
-        --seq-len 32 --steps 12 --warmup 2 --stop 6 --vocab-size 512                  # CPU check (gloo)
+        --seq-len 32 --steps 12 --warmup 2 --stop 6 --vocab-size 512      # CPU check (gloo)
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def worker(args) -> None:
             })
 
 
-# -- the driver -------------------------------------------------------------------------------------
+# -- the driver ----------------------------------------------------------------------------------
 def _job(args, procs: int, result: Path, log, *extra: str) -> dict:
     base = ["--worker", "--result", str(result), "--device", args.device, "--preset", args.preset,
             "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),

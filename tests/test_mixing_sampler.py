@@ -127,7 +127,8 @@ def test_iterable_dataset_resumes():
         ds4.load_state_dict({"position": 1})
 
 
-SOURCES = [[f"a{i}" for i in range(500)], [f"b{i}" for i in range(300)], [f"c{i}" for i in range(20)]]
+SOURCES = [[f"a{i}" for i in range(500)], [f"b{i}" for i in range(300)],
+           [f"c{i}" for i in range(20)]]
 MIX = dict(weights=[0.7, 0.28, 0.02], total=2003, max_epochs=5, seed=3)  # a partial last block
 
 

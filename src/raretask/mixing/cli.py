@@ -312,7 +312,6 @@ def fix(
         console.print(run_fix_lm(config, out, overrides or [], quiet))
         return
     from raretask.mixing.fix import fix_table, load_fix_config, run_fix_toy, write_fix
-
     from raretask.runs import store
 
     cfg = load_fix_config(config, overrides or [])

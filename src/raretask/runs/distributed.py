@@ -5,9 +5,9 @@
 process group and :class:`Ranks` says what this copy does:
 
 * ``cells``: every rank takes its share of the grid's groups, one at a time, each on its own
-  device (``cuda:LOCAL_RANK`` or the CPU; with more processes than GPUs, ranks share GPUs
-  round-robin: packing small runs onto one GPU), and writes that group's files itself. A rank claims a
-  group with an ``flock`` (:func:`raretask.runs.store.claim`): ranks that finish early take
+  device (``cuda:LOCAL_RANK`` or the CPU; with more processes than GPUs, ranks share the GPUs
+  round-robin, packing small runs onto one GPU), and writes that group's files itself. A rank
+  claims a group with an ``flock`` (:func:`raretask.runs.store.claim`): ranks that finish early take
   unclaimed groups, and a killed rank's claims vanish with it.
 * ``ddp`` / ``fsdp`` (``model``): every rank trains the same cell on its slice of the global batch
   (DDP; FSDP2 ``fully_shard`` for presets of 1b and up on CUDA); rank 0 alone writes files.
