@@ -52,13 +52,12 @@ from datetime import date
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
-from raretask.lm.model import PRESETS, ModelConfig, Transformer
-from raretask.lm.trainer import ATTENTION_BACKENDS, LMTrainer, LMTrainSettings
+from raretask.lm.model import PRESETS, ModelConfig, Transformer, _token_losses
+from raretask.lm.trainer import ATTENTION_BACKENDS, LMTrainer, LMTrainSettings, check_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("raretask", "hf-eager", "hf-compiled")
@@ -186,9 +185,7 @@ class HFWithLoss(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.model(input_ids=idx, use_cache=False).logits  # [B, T, V]
-        b, t, v = logits.shape
-        loss = F.cross_entropy(logits.float().view(b * t, v), targets.reshape(b * t))
-        return logits, loss
+        return logits, _token_losses(logits, targets).mean()  # Transformer.forward's loss
 
 
 @functools.cache
@@ -383,8 +380,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--device: {e}")
     if device.type not in ("cpu", "cuda"):
         ap.error(f"--device: {args.device!r} is neither cpu nor cuda")
-    if args.attention in ("cudnn", "efficient") and device.type != "cuda":
-        ap.error(f"--attention: {args.attention!r} runs on CUDA only")
+    try:
+        check_attention(args.attention, device.type)
+    except ValueError as err:
+        ap.error(f"--{err}")
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device: cuda requested but torch sees no CUDA device")
     if args.preset not in PRESETS:

@@ -337,5 +337,5 @@ def test_attention_backend_pins_the_kernel_and_cuda_only_ones_are_refused(cache,
     cfg.write_text(json.dumps({**base, "kind": "lm", "device": "cpu", "attention": "cudnn"}))
     code, stdout, err = in_process(capsys, "run", str(cfg), "--out", str(out), "--quiet")
     assert code == 2 and stdout == "" and not out.exists()
-    assert err == ("error: attention: 'cudnn' (cell 0) runs on CUDA only, device is 'cpu'; use "
+    assert err == ("error: cell 0: attention: 'cudnn' runs on CUDA only, device is 'cpu'; use "
                    "auto, flash or math\n")

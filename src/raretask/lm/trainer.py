@@ -59,6 +59,10 @@ from raretask.lm import parallel
 from raretask.lm.model import ModelConfig, Transformer
 from raretask.lm.tasks import LABEL_POSITION, N_SYMBOLS, InjectionSchedule, RareTask, inject
 
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+"""``auto``: PyTorch's own choice; the others pin ``scaled_dot_product_attention`` to one kernel."""
+CUDA_ONLY_ATTENTION = ("cudnn", "efficient")
+
 DIVERGE_FACTOR = 2.0
 """A run whose train or validation loss exceeds this multiple of ln(V) (a uniform guess) has
 diverged; NaN/Inf always counts."""
@@ -102,6 +106,9 @@ class LMTrainSettings:
     attention: str = "auto"  # SDPA backend for the run: auto, flash, cudnn, efficient, math
     seed: int = 0
     fsdp: bool = False  # several processes: shard with FSDP2 instead of DDP (lm/parallel.py)
+
+    def __post_init__(self) -> None:
+        check_attention(self.attention, self.device)
 
     def lr_at(self, step: int) -> float:
         """Warm-up then cosine to ``min_lr_ratio * lr`` (step counted from 0)."""
@@ -150,13 +157,6 @@ class LMTrainer:
         world: tuple[int, int] | None = None,
     ):
         self.settings = settings
-        if settings.attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention: expected one of {', '.join(ATTENTION_BACKENDS)}, got "
-                             f"{settings.attention!r}")
-        if settings.attention in ("cudnn", "efficient") and \
-                torch.device(settings.device).type != "cuda":
-            raise ValueError(f"attention: {settings.attention!r} runs on CUDA only (device "
-                             f"{settings.device!r}); use auto, flash or math")
         self.rank, self.world = world or _rank_world()
         if settings.batch_size % self.world:
             raise ValueError(f"batch_size {settings.batch_size} is not divisible by the "
@@ -378,9 +378,14 @@ def _deterministic(on: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(before)
 
 
-ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-"""``auto``: PyTorch's own choice; the others pin ``scaled_dot_product_attention`` to one kernel
-(``cudnn`` and ``efficient`` exist on CUDA only)."""
+def check_attention(name: str, device: str) -> None:
+    """ValueError unless ``name`` is a backend of :data:`ATTENTION_BACKENDS` that ``device`` has."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention: expected one of {', '.join(ATTENTION_BACKENDS)}, got "
+                         f"{name!r}")
+    if name in CUDA_ONLY_ATTENTION and not str(device).startswith("cuda"):
+        raise ValueError(f"attention: {name!r} runs on CUDA only, device is {str(device)!r}; "
+                         "use auto, flash or math")
 
 
 def _attention(name: str):

@@ -94,10 +94,13 @@ class LMGridRun(GridRun):
     CHECKPOINT_FILES = ("model.safetensors", "state.pt")
 
     def _check_parallel(self, ranks: Ranks) -> None:
+        from raretask.lm.trainer import check_attention
+
         for i, cell in enumerate(self.cells):  # before anything is written
-            if cell.attention in ("cudnn", "efficient") and not ranks.device.startswith("cuda"):
-                raise UserError(f"attention: {cell.attention!r} (cell {i}) runs on CUDA only, "
-                                f"device is {ranks.device!r}; use auto, flash or math")
+            try:
+                check_attention(cell.attention, ranks.device)
+            except ValueError as err:
+                raise UserError(f"cell {i}: {err}") from None
         if not ranks.data_parallel:
             return
         for i, cell in enumerate(self.cells):
