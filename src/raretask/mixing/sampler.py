@@ -269,7 +269,6 @@ class MixtureDataset(_iterable_base()):
         self.sampler = MixtureSampler(weights, [len(s) for s in self.sources], total,
                                       max_epochs=max_epochs, seed=seed, names=names,
                                       rare_share=rare_share)
-        self._block = 0  # index of the next block of the whole sequence
 
     def __iter__(self):
         import torch.utils.data
@@ -284,9 +283,10 @@ class MixtureDataset(_iterable_base()):
         b = self.batch_size
         chunk = b * shards * max(1, CHUNK // (b * shards))  # whole rounds of blocks
         while self.sampler.position < self.sampler.total:
+            # positions advance in whole blocks (here and in seek): the next block is position // b
+            first = self.sampler.position // b
             rows = self.sampler.take(chunk)  # every shard's positions: the state stays shared
-            blocks = self._block + np.arange(len(rows)) // b
-            self._block += -(-len(rows) // b)
+            blocks = first + np.arange(len(rows)) // b
             for task, example in rows[blocks % shards == mine]:
                 yield self.sources[task][example]
 
@@ -311,18 +311,12 @@ class MixtureDataset(_iterable_base()):
         self.sampler.load_state_dict(self.sampler._initial_state())
         while self.sampler.position < position:
             self.sampler.tasks(min(CHUNK * 16, position - self.sampler.position))
-        self._block = -(-position // self.batch_size)
 
     def state_dict(self) -> dict:
-        return {**self.sampler.state_dict(), "block": self._block}
+        return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
-        block = state.get("block", state["position"] // self.batch_size) \
-            if isinstance(state, dict) else 0
-        if int(block) != block or block < 0:
-            raise UserError("sampler state: block must be an integer >= 0")
-        self._block = int(block)
 
 
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
