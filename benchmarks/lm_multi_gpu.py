@@ -36,6 +36,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+import torch
+
 SCRIPT = Path(__file__).resolve()
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
             "NVSHMEM_DISABLE_NVLS": "1"}  # NVLink multicast stays off (the machines' rule)
@@ -47,15 +49,11 @@ class BenchError(Exception):
 
 # -- the worker: one job, inside or outside torchrun ----------------------------------------------
 def _sync(device: str) -> None:
-    import torch
-
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
 def worker(args) -> None:
-    import torch
-
     from raretask.lm.config import LMCell
     from raretask.runs import distributed, store
     from raretask.runs.lm_grid import _save_state, build_trainer, load_checkpoint
@@ -154,12 +152,9 @@ def drive(args) -> int:
     if args.batch_size % args.procs:
         raise BenchError(f"--batch-size: {args.batch_size} does not divide by {args.procs} "
                          "processes (it is the global batch)")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if torch.cuda.device_count() < args.procs:
-            raise BenchError(f"--procs: {args.procs} GPUs needed, {torch.cuda.device_count()} "
-                             "visible")
+    if args.device.startswith("cuda") and torch.cuda.device_count() < args.procs:
+        raise BenchError(f"--procs: {args.procs} GPUs needed, {torch.cuda.device_count()} "
+                         "visible")
     out: Path = args.out
     if out.exists() and any(out.iterdir()):
         raise BenchError(f"--out: {out} is not empty")
@@ -178,7 +173,7 @@ def drive(args) -> int:
             "preset": args.preset, "parallel": args.parallel, "procs": args.procs,
             "global_batch": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
             "params": one["params"], "device": _device_name(args.device),
-            "python": platform.python_version(), "torch": _torch_version(),
+            "python": platform.python_version(), "torch": torch.__version__,
             "one_tokens_per_s": one["tokens_per_s"], "multi_tokens_per_s": multi["tokens_per_s"],
             "speedup": multi["tokens_per_s"] / one["tokens_per_s"],
             "one_peak_memory_gib": one["peak_memory_gib"],
@@ -205,17 +200,9 @@ def drive(args) -> int:
 
 
 def _device_name(device: str) -> str:
-    import torch
-
     if device.startswith("cuda"):
         return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores, gloo)"
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
 
 
 def parse(argv: list[str] | None):

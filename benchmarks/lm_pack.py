@@ -36,6 +36,7 @@ from datetime import date
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +166,7 @@ def _bench(args) -> int:
             "packed_tokens_per_s": round(tokens / packed_s, 1),
             "alone": alone, "all_identical": all(a["identical"] for a in alone),
             "device": _device_name(), "python": platform.python_version(),
-            "torch": _torch_version(),
+            "torch": torch.__version__,
         }
         summary = (f"packed: {len(cells)} cells, {tokens / 1e6:.1f}M tokens, {args.procs} "
                    f"processes: {packed_s:.1f} s ({tokens / packed_s / 1e6:.2f}M tokens/s) on "
@@ -200,17 +201,9 @@ def _pick(spec: str, n: int) -> list[int]:
 
 
 def _device_name() -> str:
-    import torch
-
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
 
 
 if __name__ == "__main__":
