@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from raretask.config import load_experiment
 from raretask.runs.toy_grid import build_instances, build_settings
+from raretask.toy.model import batch_gradients, polar_retraction, series_qr_retraction, tf32
 from raretask.toy.trainer import ToyTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,15 +34,127 @@ def ms_per_step(trainer: ToyTrainer, steps: int, warmup: int = 30) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
+def graph_ms(fn, reps: int = 200) -> float:
+    """ms per call of ``fn`` replayed as a CUDA graph (launch overhead excluded)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def phases(trainer: ToyTrainer) -> None:
+    """ms per grid-step of each phase (gradients, Adam, each retraction), per group and all."""
+    trainer.run(until=trainer.step + 20)
+    groups = trainer._groups
+
+    def grads(grs):
+        def fn():
+            for st in trainer._streams.values():
+                st._x = torch.bmm(st.z_buf[:, 0], st.basis.transpose(1, 2))
+            for gr in grs:
+                x = gr.streams._x
+                batch_gradients(gr.params[0], gr.params[1], gr.take(gr.streams.z_buf[:, 0]),
+                                gr.coef_buf[:, 0], gr.sqrt_lam, gr.basis, gr.rotate,
+                                out=(gr.grad[0], gr.grad[1]), x=gr.take(x))
+        return fn
+
+    def retract(grs, name):
+        def fn():
+            for gr in grs:
+                u = gr.params[0]
+                if name == "series_qr":
+                    u.copy_(series_qr_retraction(u, shift=gr.shift))
+                elif name == "polar":
+                    u.copy_(polar_retraction(u, shift=gr.shift))
+                else:
+                    u.copy_(polar_retraction(u, shift=gr.shift, exact_gram=False))
+        return fn
+
+    def variants(gr):
+        """Rewritings of one group's gradient (timing only: same FLOPs, other kernels)."""
+        i_n, dim, n = len(gr.idx), gr.dim, gr.n
+        x = gr.take(torch.bmm(gr.streams.z_buf[:, 0], gr.streams.basis.mT)).contiguous()
+        z = gr.take(gr.streams.z_buf[:, 0]).contiguous()
+        coef, sl, k = gr.coef_buf[:, 0], gr.sqrt_lam, gr.k
+        u, d = gr.params[0], gr.params[1]
+        ut, dt = u.mT.contiguous(), d.mT.contiguous()  # [I, N, d]
+        gu, gd = torch.empty_like(u), torch.empty_like(d)
+        gut, gdt = torch.empty_like(ut), torch.empty_like(dt)
+        b = z.shape[1]
+
+        def resid(e, z, sl, coef):
+            return ((e - z * sl).view(i_n, b, k, dim // k) * coef.unsqueeze(-1)).view(i_n, b, dim)
+        fused = torch.compile(resid, dynamic=False)
+
+        def plain():
+            batch_gradients(u, d, z, coef, sl, None, False, out=(gu, gd), x=x)
+
+        def compiled():
+            h = torch.bmm(x, u)
+            g = fused(torch.bmm(h, d.mT), z, sl, coef)
+            torch.bmm(g.mT, h, out=gd)
+            torch.bmm(x.mT, torch.bmm(g, d), out=gu)
+
+        def transposed():
+            h = torch.bmm(x, ut.mT)
+            g = fused(torch.bmm(h, dt), z, sl, coef)
+            torch.bmm(h.mT, g, out=gdt)
+            torch.bmm(torch.bmm(g, dt.mT).mT, x, out=gut)
+
+        def gemms_only():
+            h = torch.bmm(x, u)
+            e = torch.bmm(h, d.mT)
+            torch.bmm(e.mT, h, out=gd)
+            torch.bmm(x.mT, torch.bmm(e, d), out=gu)
+
+        tag = f"N={n} x {i_n}"
+        return [(f"  grad {tag} x gathered, plain", plain),
+                (f"  grad {tag} fused residual (compiled)", compiled),
+                (f"  grad {tag} transposed params + fused", transposed),
+                (f"  grad {tag} the 5 GEMMs alone", gemms_only)]
+
+    with tf32(True):
+        rows = [("x = z B^T (per seed)", lambda: [torch.bmm(st.z_buf[:, 0], st.basis.mT)
+                                                  for st in trainer._streams.values()])]
+        rows.append(("gradients, all groups", grads(groups)))
+        rows.append(("fused Adam, all groups", trainer._opt.step))
+        for name in ("series_qr", "polar", "polar_tf32"):
+            rows.append((f"retraction {name}, all groups", retract(groups, name)))
+        for gr in groups:
+            tag = f"group N={gr.n} x {len(gr.idx)}"
+            rows.append((f"  gradients {tag}", grads([gr])))
+            for name in ("series_qr", "polar"):
+                rows.append((f"  retraction {name} {tag}", retract([gr], name)))
+            rows.extend(variants(gr))
+        for label, fn in rows:
+            print(f"{label:<52} {graph_ms(fn):8.3f} ms", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(ROOT / "configs" / "fig2_phase.yaml"))
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--time-only", action="store_true", help="graph-replayed time, no profile")
+    ap.add_argument("--phases", action="store_true", help="also time each phase as a graph")
     args = ap.parse_args()
     cells = list(load_experiment(args.config, args.set).cells())
     base = build_settings(cells[0], "cuda")
+    if args.phases:
+        settings = dataclasses.replace(base, steps=100_000, eval_steps=())
+        phases(ToyTrainer(build_instances(cells), settings))
     for graph in (True,) if args.time_only else (False, True):
         settings = dataclasses.replace(base, steps=100_000, eval_steps=(), cuda_graph=graph)
         trainer = ToyTrainer(build_instances(cells), settings)

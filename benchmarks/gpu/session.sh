@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu/session.sh toy_grid fig2
 #   bash benchmarks/gpu/session.sh multi_ddp multi_fsdp         (kind nvidia-h200-x2: issue 10)
 # $OUT returns at most 8 files: a job leaves two or three (JOB.out, a JSON, a log or figure).
+# LM grids also leave NAME.tgz (the run folder): copied to .resume/ here (git ignores it) and
+# carried, the next call resumes a grid that LM_TIMEOUT cut short.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source benchmarks/gpu/setup.sh || exit 1
@@ -15,11 +17,17 @@ source benchmarks/gpu/setup.sh || exit 1
 # LM_COMPILE_MODE=default falls back to fused kernels without CUDA graphs
 LM_FAST=(--set device=cuda --set compile=true --set "compile_mode=${LM_COMPILE_MODE:-reduce-overhead}" --quiet)
 
-lm_run() {  # NAME CONFIG: one LM grid, its show --json
+lm_run() {  # NAME CONFIG: one LM grid (resumed from .resume/NAME.tgz if carried), its show --json
     local name=$1 config=$2 dir=/tmp/runs/$1
-    time python3 -m raretask run "$config" --out "$dir" "${LM_FAST[@]}"
+    mkdir -p /tmp/runs
+    [ -f ".resume/$name.tgz" ] && tar xzf ".resume/$name.tgz" -C /tmp/runs
+    # a grid cut by LM_TIMEOUT (seconds) still returns its finished cells, to resume next call
+    time timeout "${LM_TIMEOUT:-560}" python3 -m raretask run "$config" --out "$dir" "${LM_FAST[@]}"
+    local rc=$?
+    tar czf "$OUT/$name.tgz" -C /tmp/runs "$name"
     python3 -m raretask show "$dir" --json >"$OUT/$name.json"
     python3 -m raretask show "$dir"
+    return $rc
 }
 
 job() {
@@ -36,10 +44,14 @@ job() {
                    cp /tmp/runs/mg_ddp/lm_multi_gpu.json "$OUT/multi_ddp.json" ;;
         multi_fsdp) python3 benchmarks/lm_multi_gpu.py --out /tmp/runs/mg_fsdp --preset 1b --parallel fsdp &&
                     cp /tmp/runs/mg_fsdp/lm_multi_gpu.json "$OUT/multi_fsdp.json" ;;
+        toy_phases) python3 benchmarks/profile_toy_step.py --phases --steps 10 &&
+                    for w in 64 128 256; do python3 benchmarks/profile_toy_step.py --time-only \
+                        --set retraction=polar --set pad_width=$w; done ;;
         toy_grid) python3 benchmarks/toy_grid.py --device cuda --out "$OUT/toy_grid_cuda.log" ;;
-        fig2) time python3 -m raretask run configs/fig2_phase.yaml --out /tmp/runs/fig2 --quiet &&
-              python3 -m raretask show /tmp/runs/fig2 --json >"$OUT/fig2.json" &&
-              cp /tmp/runs/fig2/figures/phase_diagram.png "$OUT/" ;;
+        fig2) time timeout "${TOY_TIMEOUT:-560}" python3 -m raretask run configs/fig2_phase.yaml \
+                  --out /tmp/runs/fig2_phase --quiet; local rc=$?
+              tar czf "$OUT/fig2_phase.tgz" -C /tmp/runs fig2_phase  # show / report here
+              return $rc ;;
         *) echo "error: unknown job $1" >&2; return 2 ;;
     esac
 }

@@ -243,14 +243,17 @@ class ToyCell(StrictModel):
     basis: Literal["random", "identity"] = Field(
         "random", description="Feature blocks: a random orthogonal basis (ours) or the "
         "standard basis.")
-    retraction: Literal["auto", "qr", "cholesky_qr", "series_qr"] = Field(
-        "auto", description="Re-orthonormalisation after each step; all give the Q of the QR "
-        "(auto: Householder 'qr' on CPU, GEMM-only 'series_qr' on CUDA).")
+    retraction: Literal["auto", "qr", "cholesky_qr", "series_qr", "polar"] = Field(
+        "auto", description="Re-orthonormalisation after each step; all but 'polar' give the Q "
+        "of the QR, 'polar' the nearest orthonormal matrix (same span) "
+        "(auto: Householder 'qr' on CPU, GEMM-only 'polar' on CUDA).")
     tf32: bool = Field(True, description="CUDA: TF32 tensor cores for the training matmuls "
                        "(metrics and the retraction's final Gram stay float32/float64).")
     cuda_graph: bool = Field(True, description="CUDA: replay each step as a CUDA graph.")
+    fuse: bool = Field(True, description="CUDA: the training step's masked residual as one "
+                       "kernel compiled by torch.compile.")
     pad_width: int = Field(128, ge=0, description=(
-        "CUDA with the series retraction: widths up to this train as one group, padded with "
+        "CUDA with a GEMM retraction (series_qr, polar): widths up to this train as one group, padded with "
         "inert zero columns to the widest of them (fewer kernels); 0 = one group per width."))
 
     @model_validator(mode="after")

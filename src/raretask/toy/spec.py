@@ -229,14 +229,18 @@ class TrainSettings:
     retraction:
         Name in :data:`raretask.toy.model.RETRACTIONS` mapping the encoder back to orthonormal
         columns after each Adam step (``"qr"``: sign-corrected QR; ``"series_qr"``: the same Q
-        from GEMMs only, the fast choice on GPUs).
+        from GEMMs only; ``"polar"``: the nearest orthonormal matrix from GEMMs only, same span,
+        the fast choice on GPUs).
     tf32:
         CUDA only: TF32 tensor cores for the float32 training matmuls (the retraction's final
         Gram matrix and all metrics stay in full precision).
     cuda_graph:
         CUDA only: replay each step as a CUDA graph (steps with injections run eagerly).
+    fuse:
+        CUDA only: the masked residual of the training step as one kernel compiled by
+        torch.compile (same numbers up to float rounding).
     pad_width:
-        With ``"series_qr"`` only: instances of width <= pad_width (same K, M) train as one
+        With a GEMM retraction (``"series_qr"``, ``"polar"``) only: instances of width <= pad_width (same K, M) train as one
         group, padded with inert zero columns to the widest of them (fewer, larger kernels);
         0 turns it off. Numbers per instance are unchanged up to float rounding.
     """
@@ -255,6 +259,7 @@ class TrainSettings:
     retraction: str = "qr"
     tf32: bool = False
     cuda_graph: bool = True
+    fuse: bool = True
     pad_width: int = 0
 
     def __post_init__(self) -> None:

@@ -87,7 +87,9 @@ from raretask.toy.model import (
     TASK_METRICS,
     batch_gradients,
     exact_metrics,
+    fused_masked_residual,
     random_orthonormal,
+    polar_retraction,
     rare_signal_norm,
     series_qr_retraction,
     tf32,
@@ -105,6 +107,9 @@ MODEL_COLUMNS = (*MODEL_METRICS, "grad_norm_frequent", "grad_norm_rare", "grad_c
 DIVERGE_FACTOR = 100.0
 """An instance whose loss exceeds this multiple of the mean predictor's loss has diverged (a
 healthy run stays below the mean predictor's loss after its first steps; lr = 10 passes 400x)."""
+
+GEMM_RETRACTIONS = {"series_qr": series_qr_retraction, "polar": polar_retraction}
+"""Retractions made of GEMMs only: they take a padding ``shift`` and map U = 0 to 0."""
 
 # Random streams per instance (the first entry of the SeedSequence spawn key).
 _BASIS, _INIT, _TRAIN, _INJECT, _MEASURE = range(5)
@@ -301,6 +306,10 @@ class ToyTrainer:
                     "exp_avg": gr.exp_avg, "exp_avg_sq": gr.exp_avg_sq}
         self._use_graphs = (self.device.type == "cuda" and settings.cuda_graph
                             and settings.retraction != "qr")  # cuSOLVER QR syncs the host
+        # CUDA: the residual and its mask as one compiled kernel (training step only: its
+        # shapes are fixed, so it compiles once per group during the eager warm-up steps)
+        self._residual = (torch.compile(fused_masked_residual, dynamic=False)
+                          if self.device.type == "cuda" and settings.fuse else None)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
         self._eager_warmup = 2  # eager steps on a side stream before the first capture
@@ -316,7 +325,7 @@ class ToyTrainer:
         (on CPU: exact numbers independent of group-mates).
         """
         s = self.settings
-        if not (s.retraction == "series_qr" and s.pad_width):
+        if not (s.retraction in GEMM_RETRACTIONS and s.pad_width):
             return {}
         small: dict[tuple[int, int], set[int]] = {}
         for inst in self.instances:
@@ -507,7 +516,8 @@ class ToyTrainer:
             x = xs.get((gr.k, gr.m)) if not gr.rotate else None
             batch_gradients(gr.params[0], gr.params[1], gr.take(gr.streams.z_buf[:, row]),
                             gr.coef_buf[:, row], gr.sqrt_lam, gr.basis, gr.rotate,
-                            out=(gr.grad[0], gr.grad[1]), x=None if x is None else gr.take(x))
+                            out=(gr.grad[0], gr.grad[1]), x=None if x is None else gr.take(x),
+                            residual=self._residual)
             if inject:
                 self._add_injection(gr, inject)
         if self._opt is not None:
@@ -522,10 +532,10 @@ class ToyTrainer:
                 gr.params.addcdiv_(gr.exp_avg, denom, value=-s.lr / bc1)
         for gr in self._groups:
             if gr.shift is not None:
-                gr.params[0].copy_(series_qr_retraction(gr.params[0], shift=gr.shift))
+                gr.params[0].copy_(GEMM_RETRACTIONS[s.retraction](gr.params[0], shift=gr.shift))
             else:
                 gr.params[0].copy_(self._retract(gr.params[0]))
-            if self.settings.retraction != "series_qr":  # (padding implies series_qr)
+            if s.retraction not in GEMM_RETRACTIONS:  # (padding implies a GEMM retraction)
                 # diverged instances stay at U = D = 0: Householder QR would turn U = 0 back
                 # into orthonormal columns (and Cholesky into NaN); the series maps 0 to 0, so
                 # the GPU path skips this pass over the encoders. D follows: h = x U = 0.
