@@ -4,7 +4,9 @@
 
 Runs the grid's trainer eagerly (no CUDA graph, so kernels are attributed) for a few steps
 under torch.profiler and prints the kernels by total GPU time, then the graph-replayed time per
-step for comparison.
+step for comparison. ``--phases`` first times each phase of a step (gradients, Adam, each
+retraction, per group) and rewritings of the gradient, each replayed as a CUDA graph;
+``--time-only`` prints the graph-replayed step time alone (``--set`` any cell field).
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from torch.profiler import ProfilerActivity, profile
 
 from raretask.config import load_experiment
 from raretask.runs.toy_grid import build_instances, build_settings
-from raretask.toy.model import batch_gradients, polar_retraction, series_qr_retraction, tf32
+from raretask.toy.model import (
+    batch_gradients,
+    fused_masked_residual,
+    polar_retraction,
+    seed_shared_gradients,
+    series_qr_retraction,
+    tf32,
+)
 from raretask.toy.trainer import ToyTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,19 +93,16 @@ def phases(trainer: ToyTrainer) -> None:
 
     def variants(gr):
         """Rewritings of one group's gradient (timing only: same FLOPs, other kernels)."""
-        i_n, dim, n = len(gr.idx), gr.dim, gr.n
+        i_n, n = len(gr.idx), gr.n
         x = gr.take(torch.bmm(gr.streams.z_buf[:, 0], gr.streams.basis.mT)).contiguous()
         z = gr.take(gr.streams.z_buf[:, 0]).contiguous()
-        coef, sl, k = gr.coef_buf[:, 0], gr.sqrt_lam, gr.k
+        coef, sl = gr.coef_buf[:, 0], gr.sqrt_lam
         u, d = gr.params[0], gr.params[1]
         ut, dt = u.mT.contiguous(), d.mT.contiguous()  # [I, N, d]
         gu, gd = torch.empty_like(u), torch.empty_like(d)
         gut, gdt = torch.empty_like(ut), torch.empty_like(dt)
-        b = z.shape[1]
 
-        def resid(e, z, sl, coef):
-            return ((e - z * sl).view(i_n, b, k, dim // k) * coef.unsqueeze(-1)).view(i_n, b, dim)
-        fused = torch.compile(resid, dynamic=False)
+        fused = torch.compile(fused_masked_residual, dynamic=False)
 
         def plain():
             batch_gradients(u, d, z, coef, sl, None, False, out=(gu, gd), x=x)
@@ -119,8 +125,15 @@ def phases(trainer: ToyTrainer) -> None:
             torch.bmm(e.mT, h, out=gd)
             torch.bmm(x.mT, torch.bmm(e, d), out=gu)
 
+        x_seed = torch.bmm(gr.streams.z_buf[:, 0], gr.streams.basis.mT)
+
+        def shared():
+            seed_shared_gradients(u, d, x_seed, gr.streams.z_buf[:, 0], coef, sl, out=(gu, gd),
+                                  residual=fused)
+
         tag = f"N={n} x {i_n}"
-        return [(f"  grad {tag} x gathered, plain", plain),
+        extra = [(f"  grad {tag} seed-shared inputs + fused", shared)] if gr.tiled else []
+        return extra + [(f"  grad {tag} x gathered, plain", plain),
                 (f"  grad {tag} fused residual (compiled)", compiled),
                 (f"  grad {tag} transposed params + fused", transposed),
                 (f"  grad {tag} the 5 GEMMs alone", gemms_only)]

@@ -31,8 +31,8 @@ SIZES = ["tiny", "4m", "20m"]
 EXPECTED = {
     "fig5_lm_heatmap": (24, {"size": SIZES, "task": ["cmp", "add"],
                              "frequency": [1 / 128, 1 / 256, 1 / 512, 1 / 1024]}),
-    "fig6_lm_schedule": (18, {"size": SIZES, "frequency": [1 / 2048, 1 / 8192],
-                              "every": [1, 4, 16]}),
+    "fig6_lm_schedule": (18, {"size": SIZES, "frequency": [1 / 512, 1 / 1024],
+                              "every": [1, 2, 4]}),
     "fig9_lm_gradients": (9, {"size": SIZES, "seed": [0, 1, 2]}),
 }
 
@@ -117,8 +117,8 @@ def test_fig6_delivers_the_same_count_in_bursts_as_spread():
             last_burst = max(s for s in range(c.steps) if sched.per_step(s))
             assert c.steps - 1 - last_burst == c.every - 1
         totals[c.size, c.frequency][c.every] = total
-    assert totals["4m", 1 / 2048] == {1: 4092, 4: 4080, 16: 4032}
-    assert totals["4m", 1 / 8192] == {1: 1023, 4: 1020, 16: 1008}
+    assert totals["4m", 1 / 512] == {1: 16368, 2: 16352, 4: 16320}
+    assert totals["4m", 1 / 1024] == {1: 8184, 2: 8176, 4: 8160}
     assert len(totals) == 6
 
 
@@ -169,7 +169,7 @@ def test_frequency_with_every_rejects_what_it_cannot_deliver(fields, message):
 
 
 def test_bad_every_in_a_config_is_one_line_naming_the_field(tmp_path):
-    with pytest.raises(UserError, match=r"fig6_lm_schedule\.yaml: every: a burst of 256 "
+    with pytest.raises(UserError, match=r"fig6_lm_schedule\.yaml: every: a burst of 1024 "
                        r"instances"):
         load_experiment(CONFIGS / "fig6_lm_schedule.yaml", ["every=64"])
 

@@ -8,8 +8,8 @@
 #   bash benchmarks/gpu/session.sh toy_grid fig2
 #   bash benchmarks/gpu/session.sh multi_ddp multi_fsdp         (kind nvidia-h200-x2: issue 10)
 # $OUT returns at most 8 files: a job leaves two or three (JOB.out, a JSON, a log or figure).
-# LM grids also leave NAME.tgz (the run folder): copied to .resume/ here (git ignores it) and
-# carried, the next call resumes a grid that LM_TIMEOUT cut short.
+# LM grids also leave NAME.tgz (the run folder, ~30 KB): committed to benchmarks/results/resume/,
+# the next call (any session) resumes a grid that LM_TIMEOUT cut short.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source benchmarks/gpu/setup.sh || exit 1
@@ -17,10 +17,11 @@ source benchmarks/gpu/setup.sh || exit 1
 # LM_COMPILE_MODE=default falls back to fused kernels without CUDA graphs
 LM_FAST=(--set device=cuda --set compile=true --set "compile_mode=${LM_COMPILE_MODE:-reduce-overhead}" --quiet)
 
-lm_run() {  # NAME CONFIG: one LM grid (resumed from .resume/NAME.tgz if carried), its show --json
+lm_run() {  # NAME CONFIG: one LM grid (resumed from benchmarks/results/resume/NAME.tgz), show --json
     local name=$1 config=$2 dir=/tmp/runs/$1
     mkdir -p /tmp/runs
-    [ -f ".resume/$name.tgz" ] && tar xzf ".resume/$name.tgz" -C /tmp/runs
+    local saved=benchmarks/results/resume/$name.tgz
+    [ -f "$saved" ] && tar xzf "$saved" -C /tmp/runs
     # a grid cut by LM_TIMEOUT (seconds) still returns its finished cells, to resume next call
     time timeout "${LM_TIMEOUT:-560}" python3 -m raretask run "$config" --out "$dir" "${LM_FAST[@]}"
     local rc=$?

@@ -252,9 +252,13 @@ class ToyCell(StrictModel):
     cuda_graph: bool = Field(True, description="CUDA: replay each step as a CUDA graph.")
     fuse: bool = Field(True, description="CUDA: the training step's masked residual as one "
                        "kernel compiled by torch.compile.")
+    share_inputs: bool = Field(False, description="Multiply each seed's shared inputs once by "
+                               "all its instances' encoders side by side instead of copying "
+                               "the inputs per instance (off until measured on a GPU).")
     pad_width: int = Field(128, ge=0, description=(
-        "CUDA with a GEMM retraction (series_qr, polar): widths up to this train as one group, padded with "
-        "inert zero columns to the widest of them (fewer kernels); 0 = one group per width."))
+        "CUDA with a GEMM retraction (series_qr, polar): widths up to this train as one "
+        "group, padded with inert zero columns to the widest of them (fewer kernels); "
+        "0 = one group per width."))
 
     @model_validator(mode="after")
     def _consistent(self) -> ToyCell:

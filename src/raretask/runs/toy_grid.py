@@ -37,7 +37,8 @@ from raretask.runs.grid import GridRun, Group, load_summary  # noqa: F401 (re-ex
 from raretask.theory import TaskSet, Theory
 
 SHAPE_FIELDS = ("tasks", "features", "steps", "batch_size", "lr", "eval_points",
-                "trace_every", "basis", "retraction", "tf32", "cuda_graph", "fuse", "pad_width")
+                "trace_every", "basis", "retraction", "tf32", "cuda_graph", "fuse", "share_inputs",
+                "pad_width")
 """Cells must agree on these to train in one optimizer step."""
 
 
@@ -102,6 +103,7 @@ def build_settings(cell: ToyCell, device: str):
         trace_every=cell.trace_every, basis=cell.basis, device=device,
         retraction=resolve_retraction(cell.retraction, device),
         tf32=cell.tf32 and device.startswith("cuda"), cuda_graph=cell.cuda_graph, fuse=cell.fuse,
+        share_inputs=cell.share_inputs,
         pad_width=cell.pad_width,
     )
 

@@ -209,14 +209,14 @@ the Q of the QR; "polar" gives the polar factor (same span). Add faster ones her
 
 # -- the batch gradient -------------------------------------------------------------------------
 def masked_residual(e: Tensor, z: Tensor, sqrt_lam: Tensor, coef: Tensor) -> Tensor:
-    """dL/dp [I, B, d]: the residual p - y of every task, kept on each sample's own task.
+    """dL/dp [..., B, d]: the residual p - y of every task, kept on each sample's own task.
 
-    ``e`` [I, B, d] holds the predictions and is overwritten (eager: two passes over it).
+    ``e`` [..., B, d] holds the predictions and is overwritten (eager: two passes over it);
+    ``z``, ``sqrt_lam`` and ``coef`` [..., B, K] broadcast against it.
     """
-    i, b, dim = e.shape
     k = coef.shape[-1]
     e.addcmul_(z, sqrt_lam, value=-1.0)
-    return (e.view(i, b, k, dim // k) * coef.unsqueeze(-1)).view(i, b, dim)
+    return (e.unflatten(-1, (k, -1)) * coef.unsqueeze(-1)).flatten(-2)
 
 
 def fused_masked_residual(e: Tensor, z: Tensor, sqrt_lam: Tensor, coef: Tensor) -> Tensor:
@@ -225,10 +225,44 @@ def fused_masked_residual(e: Tensor, z: Tensor, sqrt_lam: Tensor, coef: Tensor) 
     Compiled it is one kernel reading e, z and coef once: measured on one H200 for the Fig. 2
     grid's 45 padded encoders of width 128, their gradient fell from 0.384 to 0.289 ms.
     """
-    i, b, dim = e.shape
     k = coef.shape[-1]
-    r = (e - z * sqrt_lam).view(i, b, k, dim // k)
-    return (r * coef.unsqueeze(-1)).view(i, b, dim)
+    r = (e - z * sqrt_lam).unflatten(-1, (k, -1))
+    return (r * coef.unsqueeze(-1)).flatten(-2)
+
+
+def seed_shared_gradients(
+    u: Tensor,
+    d: Tensor,
+    x: Tensor,
+    z: Tensor,
+    coef: Tensor,
+    sqrt_lam: Tensor,
+    out: tuple[Tensor, Tensor],
+    residual: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`batch_gradients` for I = J * S instances that read S seeds' inputs, tiled.
+
+    Instance ``j * S + s`` reads seed s's ``x[s]`` and ``z[s]`` ([S, B, d]): the layout a grid
+    with the seed as its fastest axis gives. Instead of copying the inputs once per instance
+    (2 x [I, B, d]), the two products with x run once per seed over the J encoders' columns
+    side by side (x @ [U_1 .. U_J], x^T @ [gh_1 .. gh_J]), and the residual reads z broadcast:
+    what is copied is the encoders and their gradients ([I, d, N]) and h, gh ([I, B, N]).
+    Same sums as :func:`batch_gradients` (each output entry sums the same products).
+    """
+    i, dim, n = u.shape
+    s_n, b, _ = x.shape
+    j_n = i // s_n
+    gu_out, gd_out = out
+    u_cat = u.view(j_n, s_n, dim, n).permute(1, 2, 0, 3).reshape(s_n, dim, j_n * n)
+    h = torch.bmm(x, u_cat).view(s_n, b, j_n, n).permute(2, 0, 1, 3).reshape(i, b, n)
+    e = torch.bmm(h, d.transpose(1, 2)).view(j_n, s_n, b, dim)
+    g = (residual or masked_residual)(e, z.unsqueeze(0), sqrt_lam.view(j_n, s_n, 1, dim),
+                                      coef.view(j_n, s_n, b, -1)).view(i, b, dim)
+    torch.bmm(g.transpose(1, 2), h, out=gd_out)
+    gh = torch.bmm(g, d).view(j_n, s_n, b, n).permute(1, 2, 0, 3).reshape(s_n, b, j_n * n)
+    gu_cat = torch.bmm(x.transpose(1, 2), gh).view(s_n, dim, j_n, n)
+    gu_out.view(j_n, s_n, dim, n).copy_(gu_cat.permute(2, 0, 1, 3))
+    return gu_out, gd_out
 
 
 def batch_gradients(
@@ -273,8 +307,6 @@ def batch_gradients(
     -------
     (gU, gD), each [I, d, N]. The loss itself is sum_b sum_k coef/2 * ||e_bk||^2.
     """
-    i, b, dim = z.shape
-    k = coef.shape[-1]
     gu_out, gd_out = out if out is not None else (None, None)
     if x is not None:
         h = torch.bmm(x, u)

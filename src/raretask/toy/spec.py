@@ -239,10 +239,16 @@ class TrainSettings:
     fuse:
         CUDA only: the masked residual of the training step as one kernel compiled by
         torch.compile (same numbers up to float rounding).
+    share_inputs:
+        Where instances read the inputs x = B z of a seed they share, laid out with the seed
+        fastest (a grid's usual order), multiply x once per seed by their encoders side by
+        side instead of copying x and z per instance (:func:`raretask.toy.model.
+        seed_shared_gradients`). Same numbers up to float rounding. Off until measured on a GPU.
     pad_width:
-        With a GEMM retraction (``"series_qr"``, ``"polar"``) only: instances of width <= pad_width (same K, M) train as one
-        group, padded with inert zero columns to the widest of them (fewer, larger kernels);
-        0 turns it off. Numbers per instance are unchanged up to float rounding.
+        With a GEMM retraction (``"series_qr"``, ``"polar"``) only: instances of width
+        <= pad_width (same K, M) train as one group, padded with inert zero columns to the
+        widest of them (fewer, larger kernels); 0 turns it off. Numbers per instance are
+        unchanged up to float rounding.
     """
 
     steps: int
@@ -260,6 +266,7 @@ class TrainSettings:
     tf32: bool = False
     cuda_graph: bool = True
     fuse: bool = True
+    share_inputs: bool = False
     pad_width: int = 0
 
     def __post_init__(self) -> None:

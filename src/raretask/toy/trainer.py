@@ -88,9 +88,10 @@ from raretask.toy.model import (
     batch_gradients,
     exact_metrics,
     fused_masked_residual,
-    random_orthonormal,
     polar_retraction,
+    random_orthonormal,
     rare_signal_norm,
+    seed_shared_gradients,
     series_qr_retraction,
     tf32,
 )
@@ -189,6 +190,7 @@ class _Group:
     streams: _Streams
     sid: Tensor  # [I] int64: each instance's row in ``streams``
     sid_is_all: bool  # sid == arange(S): read the streams' tensors without copying
+    tiled: bool  # sid == arange(S) repeated J > 1 times: seed_shared_gradients applies
     sqrt_lam: Tensor  # [I, 1, d]            training dtype
     lam64: Tensor  # [I, K, M]               float64
     priors64: Tensor  # [I, K]
@@ -401,6 +403,8 @@ class ToyTrainer:
             streams=streams,
             sid=sid,
             sid_is_all=rows == list(range(len(streams.seeds))),
+            tiled=(len(rows) > len(streams.seeds) and len(rows) % len(streams.seeds) == 0
+                   and rows == list(range(len(streams.seeds))) * (len(rows) // len(streams.seeds))),
             sqrt_lam=lam64.sqrt().reshape(i_n, 1, dim).to(dt),
             lam64=lam64,
             priors64=stack([x.frequencies for x in insts]),
@@ -514,10 +518,15 @@ class ToyTrainer:
         for gr, inject in zip(self._groups, injects, strict=True):
             gr.seen += gr.count_buf[:, row]
             x = xs.get((gr.k, gr.m)) if not gr.rotate else None
-            batch_gradients(gr.params[0], gr.params[1], gr.take(gr.streams.z_buf[:, row]),
-                            gr.coef_buf[:, row], gr.sqrt_lam, gr.basis, gr.rotate,
-                            out=(gr.grad[0], gr.grad[1]), x=None if x is None else gr.take(x),
-                            residual=self._residual)
+            if x is not None and gr.tiled and s.share_inputs:
+                seed_shared_gradients(gr.params[0], gr.params[1], x, gr.streams.z_buf[:, row],
+                                      gr.coef_buf[:, row], gr.sqrt_lam,
+                                      out=(gr.grad[0], gr.grad[1]), residual=self._residual)
+            else:
+                batch_gradients(gr.params[0], gr.params[1], gr.take(gr.streams.z_buf[:, row]),
+                                gr.coef_buf[:, row], gr.sqrt_lam, gr.basis, gr.rotate,
+                                out=(gr.grad[0], gr.grad[1]), x=None if x is None else gr.take(x),
+                                residual=self._residual)
             if inject:
                 self._add_injection(gr, inject)
         if self._opt is not None:
