@@ -33,6 +33,7 @@ the batch size only.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -94,6 +95,13 @@ def _series_constants(n: int, dtype: torch.dtype, device: torch.device) -> tuple
     return _CONSTANTS[key]
 
 
+def _gram_error(u: Tensor, exact_gram: bool, shift: Tensor | None) -> Tensor:
+    """E = U^T U + shift (default -I) in one kernel; in full float32 when ``exact_gram``."""
+    shift = _series_constants(u.shape[-1], u.dtype, u.device)[1] if shift is None else shift
+    with tf32(False) if exact_gram else contextlib.nullcontext():
+        return torch.baddbmm(shift, u.mT, u)
+
+
 def _series_cholqr_pass(u: Tensor, order: int, exact_gram: bool, shift: Tensor | None) -> Tensor:
     """One Cholesky-QR pass U R^-1 with R and R^-1 from truncated series (GEMMs only).
 
@@ -105,14 +113,8 @@ def _series_cholqr_pass(u: Tensor, order: int, exact_gram: bool, shift: Tensor |
     ``shift`` replaces -I in E = U^T U + shift ([I, N, N]; zero diagonal entries mark padding
     columns, which are zero and stay zero).
     """
-    n = u.shape[-1]
-    w, neg_eye = _series_constants(n, u.dtype, u.device)
-    shift = neg_eye if shift is None else shift
-    if exact_gram:
-        with tf32(False):
-            e = torch.baddbmm(shift, u.mT, u)
-    else:
-        e = torch.baddbmm(shift, u.mT, u)
+    w, _ = _series_constants(u.shape[-1], u.dtype, u.device)
+    e = _gram_error(u, exact_gram, shift)
     s = e * w
     for _ in range(order - 1):
         s = torch.baddbmm(e, s.mT, s, alpha=-1.0).mul_(w)
@@ -153,13 +155,7 @@ def _polar_pass(u: Tensor, exact_gram: bool, shift: Tensor | None) -> Tensor:
     alpha the square) and the product (one baddbmm adding U). Leaves U^T U - I at about
     |E|^3; zero (padding) columns stay zero because E is zero on their rows and columns.
     """
-    _, neg_eye = _series_constants(u.shape[-1], u.dtype, u.device)
-    shift = neg_eye if shift is None else shift
-    if exact_gram:
-        with tf32(False):
-            e = torch.baddbmm(shift, u.mT, u)
-    else:
-        e = torch.baddbmm(shift, u.mT, u)
+    e = _gram_error(u, exact_gram, shift)
     c = torch.baddbmm(e, e, e, beta=-0.5, alpha=0.375)
     return torch.baddbmm(u, u, c)
 
