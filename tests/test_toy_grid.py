@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import yaml
 from rich.console import Console
 
 from raretask.config import load_experiment
@@ -122,6 +123,21 @@ def test_another_experiment_in_the_same_directory_is_refused(tiny_config, refere
     res = cli("run", str(tiny_config), "--out", str(reference), "--set", "lr=0.02")
     assert res.returncode == 2 and res.stdout == ""
     assert "holds another experiment (lr: 0.01 there, 0.02 now)" in res.stderr
+
+
+def test_a_run_from_before_a_field_existed_resumes(tiny_config, tmp_path):
+    """A run directory whose config.yaml predates a field (here share_inputs) is the same
+    experiment when the field is at its default, and another one when it is not."""
+    out = tmp_path / "old"
+    assert cli("run", str(tiny_config), "--out", str(out), "--quiet").returncode == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    del cfg["share_inputs"]
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert cli("run", str(tiny_config), "--out", str(out), "--quiet").returncode == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["share_inputs"] is False  # recorded
+    res = cli("run", str(tiny_config), "--out", str(out), "--set", "share_inputs=true")
+    assert res.returncode == 2
+    assert "holds another experiment (share_inputs: False there, True now)" in res.stderr
 
 
 @pytest.mark.parametrize(

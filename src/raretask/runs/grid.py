@@ -202,7 +202,10 @@ class GridRun:
         path = self.out / "config.yaml"
         if path.exists():
             old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            fields = self.grid.cell_model.model_fields
             for key in sorted(set(old) | set(resolved)):
+                if key not in old and key in fields and resolved[key] == fields[key].default:
+                    continue  # a field added since that run, at its default: the same experiment
                 if old.get(key) != resolved.get(key) and key != "device":
                     raise UserError(
                         f"{path}: this directory holds another experiment ({key}: "
