@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -69,32 +70,26 @@ def phases(trainer: ToyTrainer) -> None:
     groups = trainer._groups
 
     def grads(grs):
-        def fn():
-            for st in trainer._streams.values():
-                st._x = torch.bmm(st.z_buf[:, 0], st.basis.transpose(1, 2))
+        def fn():  # the trainer's own gradient pass (its dispatch, settings and buffers)
+            xs = trainer._inputs(0)
             for gr in grs:
-                x = gr.streams._x
-                batch_gradients(gr.params[0], gr.params[1], gr.take(gr.streams.z_buf[:, 0]),
-                                gr.coef_buf[:, 0], gr.sqrt_lam, gr.basis, gr.rotate,
-                                out=(gr.grad[0], gr.grad[1]), x=gr.take(x))
+                trainer._group_gradients(gr, xs, 0)
         return fn
+
+    retractions = {"series_qr": series_qr_retraction, "polar": polar_retraction,
+                   "polar_tf32": functools.partial(polar_retraction, exact_gram=False)}
 
     def retract(grs, name):
         def fn():
             for gr in grs:
-                u = gr.params[0]
-                if name == "series_qr":
-                    u.copy_(series_qr_retraction(u, shift=gr.shift))
-                elif name == "polar":
-                    u.copy_(polar_retraction(u, shift=gr.shift))
-                else:
-                    u.copy_(polar_retraction(u, shift=gr.shift, exact_gram=False))
+                gr.params[0].copy_(retractions[name](gr.params[0], shift=gr.shift))
         return fn
 
     def variants(gr):
         """Rewritings of one group's gradient (timing only: same FLOPs, other kernels)."""
         i_n, n = len(gr.idx), gr.n
-        x = gr.take(torch.bmm(gr.streams.z_buf[:, 0], gr.streams.basis.mT)).contiguous()
+        x_seed = trainer._inputs(0)[(gr.k, gr.m)]
+        x = gr.take(x_seed).contiguous()
         z = gr.take(gr.streams.z_buf[:, 0]).contiguous()
         coef, sl = gr.coef_buf[:, 0], gr.sqrt_lam
         u, d = gr.params[0], gr.params[1]
@@ -125,8 +120,6 @@ def phases(trainer: ToyTrainer) -> None:
             torch.bmm(e.mT, h, out=gd)
             torch.bmm(x.mT, torch.bmm(e, d), out=gu)
 
-        x_seed = torch.bmm(gr.streams.z_buf[:, 0], gr.streams.basis.mT)
-
         def shared():
             seed_shared_gradients(u, d, x_seed, gr.streams.z_buf[:, 0], coef, sl, out=(gu, gd),
                                   residual=fused)
@@ -139,11 +132,10 @@ def phases(trainer: ToyTrainer) -> None:
                 (f"  grad {tag} the 5 GEMMs alone", gemms_only)]
 
     with tf32(True):
-        rows = [("x = z B^T (per seed)", lambda: [torch.bmm(st.z_buf[:, 0], st.basis.mT)
-                                                  for st in trainer._streams.values()])]
+        rows = [("x = z B^T (per seed)", lambda: trainer._inputs(0))]
         rows.append(("gradients, all groups", grads(groups)))
         rows.append(("fused Adam, all groups", trainer._opt.step))
-        for name in ("series_qr", "polar", "polar_tf32"):
+        for name in retractions:
             rows.append((f"retraction {name}, all groups", retract(groups, name)))
         for gr in groups:
             tag = f"group N={gr.n} x {len(gr.idx)}"

@@ -192,11 +192,16 @@ class tf32:
         torch.backends.cuda.matmul.allow_tf32 = self._old
 
 
-RETRACTIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "qr": qr_retraction,
-    "cholesky_qr": cholesky_qr_retraction,
+GEMM_RETRACTIONS: dict[str, Callable[..., Tensor]] = {
     "series_qr": series_qr_retraction,
     "polar": polar_retraction,
+}
+"""Retractions made of GEMMs only: they take a padding ``shift`` and map U = 0 to 0."""
+
+RETRACTIONS: dict[str, Callable[..., Tensor]] = {
+    "qr": qr_retraction,
+    "cholesky_qr": cholesky_qr_retraction,
+    **GEMM_RETRACTIONS,
 }
 """Retractions by name (``TrainSettings.retraction``); each maps [I, d, N] to orthonormal
 columns and must be continuous at orthonormal inputs (the identity on them). All but "polar" give

@@ -84,17 +84,16 @@ import torch
 
 from raretask.errors import UserError
 from raretask.toy.model import (
+    GEMM_RETRACTIONS,
     MODEL_METRICS,
     RETRACTIONS,
     TASK_METRICS,
     batch_gradients,
     exact_metrics,
     fused_masked_residual,
-    polar_retraction,
     random_orthonormal,
     rare_signal_norm,
     seed_shared_gradients,
-    series_qr_retraction,
     tf32,
 )
 from raretask.toy.spec import ToyInstance, TrainSettings
@@ -110,9 +109,6 @@ MODEL_COLUMNS = (*MODEL_METRICS, "grad_norm_frequent", "grad_norm_rare", "grad_c
 DIVERGE_FACTOR = 100.0
 """An instance whose loss exceeds this multiple of the mean predictor's loss has diverged (a
 healthy run stays below the mean predictor's loss after its first steps; lr = 10 passes 400x)."""
-
-GEMM_RETRACTIONS = {"series_qr": series_qr_retraction, "polar": polar_retraction}
-"""Retractions made of GEMMs only: they take a padding ``shift`` and map U = 0 to 0."""
 
 # Random streams per instance (the first entry of the SeedSequence spawn key).
 _BASIS, _INIT, _TRAIN, _INJECT, _MEASURE = range(5)
@@ -371,6 +367,7 @@ class ToyTrainer:
         streams = self._streams[(k, m)]
         rows = [self._stream_of[i][1] for i in idx]
         sid = torch.tensor(rows, dtype=torch.int64, device=dev)
+        seeds = list(range(len(streams.seeds)))  # the streams' rows
         # CPU keeps the per-instance cost rule (numbers independent of group-mates, bit-exact);
         # on CUDA the seed's x = z B^T is computed once per step for all its instances.
         rotate = s.basis == "random" and 2 * n < bsz and dev.type == "cpu"
@@ -404,9 +401,8 @@ class ToyTrainer:
             basis=basis,
             streams=streams,
             sid=sid,
-            sid_is_all=rows == list(range(len(streams.seeds))),
-            tiled=(len(rows) > len(streams.seeds) and len(rows) % len(streams.seeds) == 0
-                   and rows == list(range(len(streams.seeds))) * (len(rows) // len(streams.seeds))),
+            sid_is_all=rows == seeds,
+            tiled=len(rows) > len(seeds) and rows == seeds * (len(rows) // len(seeds)),
             sqrt_lam=lam64.sqrt().reshape(i_n, 1, dim).to(dt),
             lam64=lam64,
             priors64=stack([x.frequencies for x in insts]),
@@ -513,22 +509,10 @@ class ToyTrainer:
         update number) is used by the CPU Adam only.
         """
         s = self.settings
-        xs = {}
-        for key, st in self._streams.items():
-            if st.x_used:  # x = z B^T once per seed, shared by every group reading it
-                xs[key] = torch.bmm(st.z_buf[:, row], st.basis.transpose(1, 2))
+        xs = self._inputs(row)
         for gr, inject in zip(self._groups, injects, strict=True):
             gr.seen += gr.count_buf[:, row]
-            x = xs.get((gr.k, gr.m)) if not gr.rotate else None
-            if x is not None and gr.tiled and s.share_inputs:
-                seed_shared_gradients(gr.params[0], gr.params[1], x, gr.streams.z_buf[:, row],
-                                      gr.coef_buf[:, row], gr.sqrt_lam,
-                                      out=(gr.grad[0], gr.grad[1]), residual=self._residual)
-            else:
-                batch_gradients(gr.params[0], gr.params[1], gr.take(gr.streams.z_buf[:, row]),
-                                gr.coef_buf[:, row], gr.sqrt_lam, gr.basis, gr.rotate,
-                                out=(gr.grad[0], gr.grad[1]), x=None if x is None else gr.take(x),
-                                residual=self._residual)
+            self._group_gradients(gr, xs, row)
             if inject:
                 self._add_injection(gr, inject)
         if self._opt is not None:
@@ -541,16 +525,33 @@ class ToyTrainer:
                 gr.exp_avg_sq.mul_(b2).addcmul_(gr.grad, gr.grad, value=1.0 - b2)
                 denom = (gr.exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(s.eps)
                 gr.params.addcdiv_(gr.exp_avg, denom, value=-s.lr / bc1)
+        gemm = s.retraction in GEMM_RETRACTIONS  # (padding implies a GEMM retraction)
         for gr in self._groups:
-            if gr.shift is not None:
-                gr.params[0].copy_(GEMM_RETRACTIONS[s.retraction](gr.params[0], shift=gr.shift))
-            else:
-                gr.params[0].copy_(self._retract(gr.params[0]))
-            if s.retraction not in GEMM_RETRACTIONS:  # (padding implies a GEMM retraction)
+            u = gr.params[0]
+            u.copy_(self._retract(u, shift=gr.shift) if gemm else self._retract(u))
+            if not gemm:
                 # diverged instances stay at U = D = 0: Householder QR would turn U = 0 back
                 # into orthonormal columns (and Cholesky into NaN); the series maps 0 to 0, so
                 # the GPU path skips this pass over the encoders. D follows: h = x U = 0.
                 gr.params[0].masked_fill_(gr.dead[0], 0.0)
+
+    def _inputs(self, row: int) -> dict[tuple[int, int], Tensor]:
+        """x = z B^T of row ``row``, once per seed, for the streams some group reads it from."""
+        return {key: torch.bmm(st.z_buf[:, row], st.basis.transpose(1, 2))
+                for key, st in self._streams.items() if st.x_used}
+
+    def _group_gradients(self, gr: _Group, xs: dict[tuple[int, int], Tensor], row: int) -> None:
+        """gr.grad <- the gradient of row ``row``'s ordinary batch (no injections)."""
+        x = xs.get((gr.k, gr.m)) if not gr.rotate else None
+        if x is not None and gr.tiled and self.settings.share_inputs:
+            seed_shared_gradients(gr.params[0], gr.params[1], x, gr.streams.z_buf[:, row],
+                                  gr.coef_buf[:, row], gr.sqrt_lam,
+                                  out=(gr.grad[0], gr.grad[1]), residual=self._residual)
+        else:
+            batch_gradients(gr.params[0], gr.params[1], gr.take(gr.streams.z_buf[:, row]),
+                            gr.coef_buf[:, row], gr.sqrt_lam, gr.basis, gr.rotate,
+                            out=(gr.grad[0], gr.grad[1]), x=None if x is None else gr.take(x),
+                            residual=self._residual)
 
     def _add_injection(self, gr: _Group, inject: tuple[int, ...]) -> None:
         """Add the gradient of this step's injected rare samples to ``gr.grad``.
