@@ -23,7 +23,12 @@ lm_run() {  # NAME CONFIG: one LM grid (resumed from benchmarks/results/resume/N
     local saved=benchmarks/results/resume/$name.tgz
     [ -f "$saved" ] && tar xzf "$saved" -C /tmp/runs
     # a grid cut by LM_TIMEOUT (seconds) still returns its finished cells, to resume next call
-    time timeout "${LM_TIMEOUT:-560}" python3 -m raretask run "$config" --out "$dir" "${LM_FAST[@]}"
+    # LM_PROCS processes share the GPU, each taking the next unclaimed cell (--parallel cells):
+    # a small model alone leaves the GPU waiting on the host (launches, the n-gram sampler)
+    local run=(python3 -m raretask run)
+    [ "${LM_PROCS:-6}" -gt 1 ] && run=(python3 -m torch.distributed.run --standalone
+        "--nproc_per_node=${LM_PROCS:-6}" -m raretask run)
+    time timeout "${LM_TIMEOUT:-560}" "${run[@]}" "$config" --out "$dir" --parallel cells "${LM_FAST[@]}"
     local rc=$?
     tar czf "$OUT/$name.tgz" -C /tmp/runs "$name"
     python3 -m raretask show "$dir" --json >"$OUT/$name.json"
