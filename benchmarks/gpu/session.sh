@@ -53,6 +53,11 @@ job() {
         toy_phases) python3 benchmarks/profile_toy_step.py --phases --steps 10 &&
                     for w in 64 128 256; do python3 benchmarks/profile_toy_step.py --time-only \
                         --set retraction=polar --set pad_width=$w; done ;;
+        toy_opts) for o in "" "share_inputs=true" "retraction=polar_tf32" "pad_width=64"; do
+                      python3 benchmarks/profile_toy_step.py --time-only ${o:+--set $o}
+                      [ "$o" ] && python3 benchmarks/profile_toy_step.py --time-only --set \
+                          share_inputs=true --set retraction=polar_tf32 ${o:+--set $o}
+                  done ;;
         toy_grid) python3 benchmarks/toy_grid.py --device cuda --out "$OUT/toy_grid_cuda.log" ;;
         fig2) time timeout "${TOY_TIMEOUT:-560}" python3 -m raretask run configs/fig2_phase.yaml \
                   --out /tmp/runs/fig2_phase --quiet; local rc=$?

@@ -243,9 +243,11 @@ class ToyCell(StrictModel):
     basis: Literal["random", "identity"] = Field(
         "random", description="Feature blocks: a random orthogonal basis (ours) or the "
         "standard basis.")
-    retraction: Literal["auto", "qr", "cholesky_qr", "series_qr", "polar"] = Field(
-        "auto", description="Re-orthonormalisation after each step; all but 'polar' give the Q "
-        "of the QR, 'polar' the nearest orthonormal matrix (same span) "
+    retraction: Literal["auto", "qr", "cholesky_qr", "series_qr", "polar",
+                        "polar_tf32"] = Field(
+        "auto", description="Re-orthonormalisation after each step; the first three give the Q "
+        "of the QR, 'polar' the nearest orthonormal matrix (same span), 'polar_tf32' the same "
+        "with its last Gram under TF32 (orthonormal to ~3e-5) "
         "(auto: Householder 'qr' on CPU, GEMM-only 'polar' on CUDA).")
     tf32: bool = Field(True, description="CUDA: TF32 tensor cores for the training matmuls "
                        "(metrics and the retraction's final Gram stay float32/float64).")
