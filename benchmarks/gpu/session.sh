@@ -41,8 +41,9 @@ job() {
         lm_throughput) python3 benchmarks/lm_throughput.py --device cuda --out "$OUT/lm_throughput.json" ;;
         lm_throughput_cudnn) python3 benchmarks/lm_throughput.py --device cuda --variants raretask \
                              --attention cudnn --out "$OUT/lm_throughput_cudnn.json" ;;
-        lm_pack) python3 benchmarks/lm_pack.py --out /tmp/runs/pack --procs "${PACK_PROCS:-6}" &&
-                 cp /tmp/runs/pack/lm_pack.json "$OUT/" ;;
+        lm_pack) python3 benchmarks/lm_pack.py --out /tmp/runs/pack --procs "${PACK_PROCS:-6}" \
+                 --alone "${PACK_ALONE:-first,last}" --timeout "${PACK_TIMEOUT:-3600}" &&
+                 cp /tmp/runs/pack/lm_pack.json /tmp/runs/pack/lm_pack.log "$OUT/" ;;
         fig5) lm_run fig5 configs/fig5_lm_heatmap.yaml ;;
         fig6) lm_run fig6 configs/fig6_lm_schedule.yaml ;;
         fig9) lm_run fig9 configs/fig9_lm_gradients.yaml ;;
@@ -53,11 +54,10 @@ job() {
         toy_phases) python3 benchmarks/profile_toy_step.py --phases --steps 10 &&
                     for w in 64 128 256; do python3 benchmarks/profile_toy_step.py --time-only \
                         --set retraction=polar --set pad_width=$w; done ;;
-        toy_opts) for o in "" "share_inputs=true" "retraction=polar_tf32" "pad_width=64"; do
-                      python3 benchmarks/profile_toy_step.py --time-only ${o:+--set $o}
-                      [ "$o" ] && python3 benchmarks/profile_toy_step.py --time-only --set \
-                          share_inputs=true --set retraction=polar_tf32 ${o:+--set $o}
-                  done ;;
+        toy_opts) for o in "" "share_inputs=true" "retraction=polar_tf32"; do
+                      python3 benchmarks/profile_toy_step.py --time-only ${o:+--set $o}; done
+                  python3 benchmarks/profile_toy_step.py --time-only --set share_inputs=true \
+                      --set retraction=polar_tf32 ;;
         toy_grid) python3 benchmarks/toy_grid.py --device cuda --out "$OUT/toy_grid_cuda.log" ;;
         fig2) time timeout "${TOY_TIMEOUT:-560}" python3 -m raretask run configs/fig2_phase.yaml \
                   --out /tmp/runs/fig2_phase --quiet; local rc=$?
