@@ -44,6 +44,7 @@ job() {
         lm_pack) python3 benchmarks/lm_pack.py --out /tmp/runs/pack --procs "${PACK_PROCS:-6}" \
                  --alone "${PACK_ALONE:-first,last}" --timeout "${PACK_TIMEOUT:-3600}" &&
                  cp /tmp/runs/pack/lm_pack.json /tmp/runs/pack/lm_pack.log "$OUT/" ;;
+        pack_grid) lm_run pack_grid benchmarks/lm_pack_grid.yaml ;;  # resumable, LM_PROCS=12
         fig5) lm_run fig5 configs/fig5_lm_heatmap.yaml ;;
         fig6) lm_run fig6 configs/fig6_lm_schedule.yaml ;;
         fig9) lm_run fig9 configs/fig9_lm_gradients.yaml ;;
@@ -58,7 +59,7 @@ job() {
                       python3 benchmarks/profile_toy_step.py --time-only ${o:+--set $o}; done
                   python3 benchmarks/profile_toy_step.py --time-only --set share_inputs=true \
                       --set retraction=polar_tf32 ;;
-        toy_grid) python3 benchmarks/toy_grid.py --device cuda --out "$OUT/toy_grid_cuda.log" ;;
+        toy_grid) python3 benchmarks/toy_grid.py --device cuda --out "$OUT/toy_grid_cuda.log" ${TOY_SET:-} ;;
         fig2) time timeout "${TOY_TIMEOUT:-560}" python3 -m raretask run configs/fig2_phase.yaml \
                   --out /tmp/runs/fig2_phase --quiet; local rc=$?
               tar czf "$OUT/fig2_phase.tgz" -C /tmp/runs fig2_phase  # show / report here
