@@ -134,10 +134,10 @@ def test_a_run_from_before_a_field_existed_resumes(tiny_config, tmp_path):
     del cfg["share_inputs"]
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert cli("run", str(tiny_config), "--out", str(out), "--quiet").returncode == 0
-    assert yaml.safe_load((out / "config.yaml").read_text())["share_inputs"] is False  # recorded
-    res = cli("run", str(tiny_config), "--out", str(out), "--set", "share_inputs=true")
+    assert yaml.safe_load((out / "config.yaml").read_text())["share_inputs"] is True  # recorded
+    res = cli("run", str(tiny_config), "--out", str(out), "--set", "share_inputs=false")
     assert res.returncode == 2
-    assert "holds another experiment (share_inputs: False there, True now)" in res.stderr
+    assert "holds another experiment (share_inputs: True there, False now)" in res.stderr
 
 
 @pytest.mark.parametrize(

@@ -248,15 +248,15 @@ class ToyCell(StrictModel):
         "auto", description="Re-orthonormalisation after each step; the first three give the Q "
         "of the QR, 'polar' the nearest orthonormal matrix (same span), 'polar_tf32' the same "
         "with its last Gram under TF32 (orthonormal to ~3e-5) "
-        "(auto: Householder 'qr' on CPU, GEMM-only 'polar' on CUDA).")
+        "(auto: Householder 'qr' on CPU, GEMM-only 'polar_tf32' on CUDA).")
     tf32: bool = Field(True, description="CUDA: TF32 tensor cores for the training matmuls "
                        "(metrics and the retraction's final Gram stay float32/float64).")
     cuda_graph: bool = Field(True, description="CUDA: replay each step as a CUDA graph.")
     fuse: bool = Field(True, description="CUDA: the training step's masked residual as one "
                        "kernel compiled by torch.compile.")
-    share_inputs: bool = Field(False, description="Multiply each seed's shared inputs once by "
-                               "all its instances' encoders side by side instead of copying "
-                               "the inputs per instance (off until measured on a GPU).")
+    share_inputs: bool = Field(True, description="CUDA: multiply each seed's shared inputs "
+                               "once by all its instances' encoders side by side instead of "
+                               "copying the inputs per instance.")
     pad_width: int = Field(128, ge=0, description=(
         "CUDA with a GEMM retraction (series_qr, polar): widths up to this train as one "
         "group, padded with inert zero columns to the widest of them (fewer kernels); "
