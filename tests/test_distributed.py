@@ -25,7 +25,7 @@ from raretask.config import load_experiment
 from raretask.errors import UserError
 from raretask.lm.config import LMCell
 from raretask.runs import store
-from raretask.runs.distributed import choose_mode, rank_device
+from raretask.runs.distributed import choose_mode, rank_device, share_compile_workers
 from raretask.runs.grid import runner_for
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -122,6 +122,15 @@ def test_rank_device_packs_cells_onto_fewer_gpus():
         rank_device("cuda", 2, 1, "ddp", gpus=1)
     with pytest.raises(UserError, match="device: 'cuda:1' pins one GPU"):
         rank_device("cuda:1", 2, 0, "cells", gpus=2)
+
+
+def test_packed_ranks_split_the_compile_workers(monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "compile_threads", inductor.compile_threads)  # restored after
+    assert share_compile_workers(6, cpus=16) == 2 and inductor.compile_threads == 2
+    assert share_compile_workers(1, cpus=16) == 16 and inductor.compile_threads == 16
+    assert share_compile_workers(32, cpus=16) == 1 and inductor.compile_threads == 1
 
 
 # -- user errors: one line, exit 2, nothing written -----------------------------------------
