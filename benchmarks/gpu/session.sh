@@ -3,11 +3,14 @@
 # under $OUT.
 # One device call runs one or more jobs within its 10 minutes; carry .whl (benchmarks/gpu/wheels.sh):
 #   bash benchmarks/gpu/session.sh lm_throughput fig5          (~8 min on one H200)
-#   bash benchmarks/gpu/session.sh lm_pack                     (the target: <= 10 min)
+#   PACK_PROCS=6 PACK_ALONE=first bash benchmarks/gpu/session.sh lm_pack   (target <= 10 min: a whole call)
+#   bash benchmarks/gpu/session.sh toy_opts                    (the toy step under each setting, ~2 min)
 #   bash benchmarks/gpu/session.sh fig6 fig9
 #   bash benchmarks/gpu/session.sh toy_grid fig2
 #   bash benchmarks/gpu/session.sh multi_ddp multi_fsdp         (kind nvidia-h200-x2: issue 10)
-# $OUT returns at most 8 files: a job leaves two or three (JOB.out, a JSON, a log or figure).
+# $OUT returns at most 8 files: a job leaves two to four (JOB.out, a JSON, a log, NAME.tgz); count
+# them before a call (tar the .out files together at the end, as session 6 did).
+# LM grids run packed: LM_PROCS (default 6) processes share the GPU, --parallel cells.
 # LM grids also leave NAME.tgz (the run folder, ~30 KB): committed to benchmarks/results/resume/,
 # the next call (any session) resumes a grid that LM_TIMEOUT cut short.
 set -uo pipefail
