@@ -124,13 +124,16 @@ def test_rank_device_packs_cells_onto_fewer_gpus():
         rank_device("cuda:1", 2, 0, "cells", gpus=2)
 
 
-def test_packed_ranks_split_the_compile_workers(monkeypatch):
+def test_packed_ranks_split_the_compile_workers():
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor, "compile_threads", inductor.compile_threads)  # restored after
-    assert share_compile_workers(6, cpus=16) == 2 and inductor.compile_threads == 2
-    assert share_compile_workers(1, cpus=16) == 16 and inductor.compile_threads == 16
-    assert share_compile_workers(32, cpus=16) == 1 and inductor.compile_threads == 1
+    saved = inductor.compile_threads  # restored by hand: monkeypatch's undo deletes the option
+    try:
+        assert share_compile_workers(6, cpus=16) == 2 and inductor.compile_threads == 2
+        assert share_compile_workers(1, cpus=16) == 16 and inductor.compile_threads == 16
+        assert share_compile_workers(32, cpus=16) == 1 and inductor.compile_threads == 1
+    finally:
+        inductor.compile_threads = saved
 
 
 # -- user errors: one line, exit 2, nothing written -----------------------------------------
