@@ -47,7 +47,7 @@ job() {
         lm_pack) python3 benchmarks/lm_pack.py --out /tmp/runs/pack --procs "${PACK_PROCS:-6}" \
                  --alone "${PACK_ALONE:-first,last}" --timeout "${PACK_TIMEOUT:-3600}" &&
                  cp /tmp/runs/pack/lm_pack.json /tmp/runs/pack/lm_pack.log "$OUT/" ;;
-        pack_grid) lm_run pack_grid benchmarks/lm_pack_grid.yaml ;;  # resumable, LM_PROCS=12
+        pack_grid) lm_run pack_grid benchmarks/lm_pack_grid.yaml ;;  # lm_pack's grid, resumable, untimed
         fig5) lm_run fig5 configs/fig5_lm_heatmap.yaml ;;
         fig6) lm_run fig6 configs/fig6_lm_schedule.yaml ;;
         fig9) lm_run fig9 configs/fig9_lm_gradients.yaml ;;

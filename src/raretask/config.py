@@ -258,8 +258,8 @@ class ToyCell(StrictModel):
                                "once by all its instances' encoders side by side instead of "
                                "copying the inputs per instance.")
     pad_width: int = Field(128, ge=0, description=(
-        "CUDA with a GEMM retraction (series_qr, polar): widths up to this train as one "
-        "group, padded with inert zero columns to the widest of them (fewer kernels); "
+        "CUDA with a GEMM retraction (series_qr, polar, polar_tf32): widths up to this train "
+        "as one group, padded with inert zero columns to the widest of them (fewer kernels); "
         "0 = one group per width."))
 
     @model_validator(mode="after")

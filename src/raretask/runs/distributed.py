@@ -43,15 +43,18 @@ _CONTROL_TIMEOUT = timedelta(days=7)
 _control: Any = None  # the gloo group for control messages, while a session is open
 
 
+def _env_int(name: str, default: int) -> int:
+    """An integer torchrun sets in the environment; ``default`` outside torchrun."""
+    try:
+        return int(os.environ.get(name, str(default)))
+    except ValueError:
+        raise UserError(f"{name} must be an integer (set by torchrun)") from None
+
+
 def env_ranks() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) outside it."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-    except ValueError:
-        raise UserError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (set by torchrun)") \
-            from None
+    world, rank, local = (_env_int(n, d) for n, d in
+                          (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     return rank, max(world, 1), local
 
 
@@ -140,9 +143,9 @@ def share_compile_workers(local_world: int, cpus: int | None = None) -> int:
     """Set torch.compile's worker count for this process to its share of the node's CPUs.
 
     Inductor starts up to one compile worker per CPU in every process that compiles; P ranks on
-    one node would start P times that (12 packed ranks on a 16-core H200 host spent a third of
-    their CPU time in the kernel and finished no cell in 170 s, measured 2026-12-02). Returns the
-    count set: ``cpus // local_world``, at least 1.
+    one node would start P times that (the suspected cause of what was measured on 2026-12-02:
+    12 packed ranks on a 16-core H200 host spent a third of their CPU time in the kernel and
+    finished no cell in 170 s). Returns the count set: ``cpus // local_world``, at least 1.
     """
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -165,7 +168,7 @@ def session(mode: Mode, device: str) -> Iterator[None]:
     import torch.distributed as dist
 
     if mode != "single":  # several processes on this node share its CPUs
-        share_compile_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        share_compile_workers(_env_int("LOCAL_WORLD_SIZE", 1))
     if mode == "single" or dist.is_initialized():
         if mode != "single" and _control is None:
             _control = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
