@@ -124,6 +124,20 @@ def test_loss_mask_selects_positions():
     assert model(x, y, torch.zeros_like(mask))[1].item() == 0.0
 
 
+def test_fused_projections_compute_the_split_model_exactly():
+    """One GEMM for q/k/v and one for gate/up: same parameters, logits and gradients (float64)."""
+    fused, split = tiny().double(), tiny(fuse_projections=False).double()
+    assert fused.state_dict().keys() == split.state_dict().keys()
+    split.load_state_dict(fused.state_dict())
+    idx = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
+    outs = [m(idx[:, :-1], targets=idx[:, 1:]) for m in (fused, split)]
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=1e-12)
+    for (_, loss) in outs:
+        loss.backward()
+    for (name, a), b in zip(fused.named_parameters(), split.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12, msg=name)
+
+
 def test_too_long_sequence_rejected():
     with pytest.raises(ValueError, match="sequence length 65 exceeds max_seq_len 64"):
         tiny()(torch.zeros(1, 65, dtype=torch.long))

@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raretask.toy.model import polar_retraction, qr_retraction, series_qr_retraction
+from raretask.toy.model import (
+    polar_once_retraction,
+    polar_retraction,
+    qr_retraction,
+    series_qr_retraction,
+)
 
 
 def _perturbed(i: int, d: int, n: int, size: float, dtype, seed: int = 0) -> torch.Tensor:
@@ -86,3 +91,45 @@ def test_polar_keeps_orthonormal_encoders_and_padding():
     assert torch.allclose(got[0, :, :5], _svd_polar(u[0, :, :5]), atol=1e-13)
     assert torch.allclose(got[1], _svd_polar(u[1]), atol=1e-13)
     assert torch.equal(polar_retraction(torch.zeros(1, 6, 3)), torch.zeros(1, 6, 3))  # 0 -> 0
+
+
+@pytest.mark.parametrize("size", [0.01, 0.04, 0.08])
+def test_polar_once_leaves_the_fourth_power_of_the_gram_error(size):
+    """One third-order pass: U'^T U' - I = -(35/64) E^4 + O(E^5), in float64."""
+    u = _perturbed(3, 64, 24, size, torch.float64, seed=2)
+    e = u.mT @ u - torch.eye(24, dtype=torch.float64)
+    e_norm = float(torch.linalg.matrix_norm(e, ord=2).max())
+    q = polar_once_retraction(u)
+    err = float(torch.linalg.matrix_norm(q.mT @ q - torch.eye(24, dtype=torch.float64),
+                                         ord=2).max())
+    assert err <= 0.6 * e_norm**4 * (1 + 2 * e_norm)
+    assert err >= 0.4 * e_norm**4 * (1 - 2 * e_norm)  # the series really stops at E^3
+    # the same subspace as the polar factor (a right factor does not change the span)
+    p = _svd_polar(u)
+    proj = q @ torch.linalg.solve(q.mT @ q, q.mT)  # the projector onto span(q)
+    assert float((proj - p @ p.mT).abs().max()) < 1e-12
+
+
+def test_polar_once_does_not_accumulate_error_over_steps():
+    """Adam-like steps of |E| ~ 0.1, each followed by one pass: the error stays at ~|E|^4."""
+    g = torch.Generator().manual_seed(3)
+    u = qr_retraction(torch.randn(2, 64, 16, generator=g, dtype=torch.float64))
+    worst = 0.0
+    for _ in range(50):
+        step = torch.randn(u.shape, generator=g, dtype=torch.float64)
+        u = polar_once_retraction(u + 0.05 * step / torch.linalg.matrix_norm(step, ord=2,
+                                                                             keepdim=True))
+        worst = max(worst, _err(u))
+    assert worst < 1e-4  # 0.6 * 0.1^4 = 6e-5 per step, not 50 times that
+
+
+def test_polar_once_keeps_orthonormal_encoders_and_padding():
+    q = qr_retraction(_perturbed(1, 40, 8, 0.1, torch.float64))
+    assert torch.allclose(polar_once_retraction(q), q, atol=1e-14)  # a fixed point
+    u = _perturbed(2, 48, 12, 0.02, torch.float64)
+    valid = (torch.arange(12) < torch.tensor([5, 12])[:, None]).double()
+    u = u * valid[:, None, :]
+    got = polar_once_retraction(u, shift=-torch.diag_embed(valid))
+    assert torch.equal(got[0, :, 5:], torch.zeros(48, 7, dtype=torch.float64))
+    torch.testing.assert_close(got[0, :, :5], polar_once_retraction(u[:1, :, :5])[0])
+    assert torch.equal(polar_once_retraction(torch.zeros(1, 6, 3)), torch.zeros(1, 6, 3))

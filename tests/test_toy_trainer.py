@@ -127,10 +127,14 @@ def test_retractions_agree_and_are_continuous(name):
     q = RETRACTIONS[name](step)
     if name.startswith("polar"):  # the polar factor, not the Q: the same span, Q rotated
         q_qr = qr_retraction(step)
-        torch.testing.assert_close(q @ q.mT, q_qr @ q_qr.mT, rtol=0, atol=1e-10)
+        proj = q @ torch.linalg.solve(q.mT @ q, q.mT)  # onto span(q), exact for polar_once too
+        torch.testing.assert_close(proj, q_qr @ q_qr.mT, rtol=0, atol=1e-10)
     else:
         torch.testing.assert_close(q, qr_retraction(step), rtol=0, atol=1e-10)
-    torch.testing.assert_close(q.mT @ q, torch.eye(6, dtype=torch.float64).expand(2, 6, 6))
+    # one pass leaves ~0.55 |E|^4 (|E| ~ 0.06 here: 7e-6); the others converge to rounding
+    ortho_tol = 2e-5 if name == "polar_once" else 1e-7
+    torch.testing.assert_close(q.mT @ q, torch.eye(6, dtype=torch.float64).expand(2, 6, 6),
+                               rtol=0, atol=ortho_tol)
     torch.testing.assert_close(RETRACTIONS[name](u), u, rtol=0, atol=1e-12)  # no sign flips
 
 

@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu/session.sh lm_throughput fig5          (~8 min on one H200)
 #   PACK_PROCS=6 PACK_ALONE=first bash benchmarks/gpu/session.sh lm_pack   (target <= 10 min: a whole call)
 #   bash benchmarks/gpu/session.sh toy_opts                    (the toy step under each setting, ~2 min)
+#   bash benchmarks/gpu/session.sh lm_profile toy_once         (LM kernels by category; toy retractions)
 #   bash benchmarks/gpu/session.sh fig6 fig9
 #   bash benchmarks/gpu/session.sh toy_grid fig2
 #   bash benchmarks/gpu/session.sh multi_ddp multi_fsdp         (kind nvidia-h200-x2: issue 10)
@@ -44,6 +45,8 @@ job() {
         lm_throughput) python3 benchmarks/lm_throughput.py --device cuda --out "$OUT/lm_throughput.json" ;;
         lm_throughput_cudnn) python3 benchmarks/lm_throughput.py --device cuda --variants raretask \
                              --attention cudnn --out "$OUT/lm_throughput_cudnn.json" ;;
+        lm_profile) python3 benchmarks/profile_lm_step.py &&  # kernels by category, fused projections
+                    python3 benchmarks/profile_lm_step.py --set fuse_projections=false ;;
         lm_pack) python3 benchmarks/lm_pack.py --out /tmp/runs/pack --procs "${PACK_PROCS:-6}" \
                  --alone "${PACK_ALONE:-first,last}" --timeout "${PACK_TIMEOUT:-3600}" &&
                  cp /tmp/runs/pack/lm_pack.json /tmp/runs/pack/lm_pack.log "$OUT/" ;;
@@ -62,6 +65,8 @@ job() {
                       python3 benchmarks/profile_toy_step.py --time-only ${o:+--set $o}; done
                   python3 benchmarks/profile_toy_step.py --time-only --set share_inputs=true \
                       --set retraction=polar_tf32 ;;
+        toy_once) for r in polar_tf32 polar_once; do  # one third-order polar pass vs two
+                      python3 benchmarks/profile_toy_step.py --time-only --set retraction=$r; done ;;
         toy_grid) python3 benchmarks/toy_grid.py --device cuda --out "$OUT/toy_grid_cuda.log" ${TOY_SET:-} ;;
         fig2) time timeout "${TOY_TIMEOUT:-560}" python3 -m raretask run configs/fig2_phase.yaml \
                   --out /tmp/runs/fig2_phase --quiet; local rc=$?

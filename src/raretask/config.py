@@ -244,10 +244,11 @@ class ToyCell(StrictModel):
         "random", description="Feature blocks: a random orthogonal basis (ours) or the "
         "standard basis.")
     retraction: Literal["auto", "qr", "cholesky_qr", "series_qr", "polar",
-                        "polar_tf32"] = Field(
+                        "polar_tf32", "polar_once"] = Field(
         "auto", description="Re-orthonormalisation after each step; the first three give the Q "
         "of the QR, 'polar' the nearest orthonormal matrix (same span), 'polar_tf32' the same "
-        "with its last Gram under TF32 (orthonormal to ~3e-5) "
+        "with its last Gram under TF32 (orthonormal to ~3e-5), 'polar_once' one third-order "
+        "pass of it (orthonormal to O(|E|^4), re-corrected each step) "
         "(auto: Householder 'qr' on CPU, GEMM-only 'polar_tf32' on CUDA).")
     tf32: bool = Field(True, description="CUDA: TF32 tensor cores for the training matmuls "
                        "(metrics and the retraction's final Gram stay float32/float64).")
@@ -258,7 +259,8 @@ class ToyCell(StrictModel):
                                "once by all its instances' encoders side by side instead of "
                                "copying the inputs per instance.")
     pad_width: int = Field(128, ge=0, description=(
-        "CUDA with a GEMM retraction (series_qr, polar, polar_tf32): widths up to this train "
+        "CUDA with a GEMM retraction (series_qr, polar, polar_tf32, polar_once): widths up "
+        "to this train "
         "as one group, padded with inert zero columns to the widest of them (fewer kernels); "
         "0 = one group per width."))
 

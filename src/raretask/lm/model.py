@@ -82,6 +82,10 @@ class ModelConfig(BaseModel):
         False, description="Share the embedding and LM-head matrix (OLMo 2: untied)."
     )
     init_std: float = Field(0.02, gt=0, description="Std of every weight matrix at init.")
+    fuse_projections: bool = Field(
+        True, description="Implementation only: q, k, v as one GEMM over their weights side by "
+        "side, and gate, up as another (the same function and parameters; fewer, larger GEMMs "
+        "and one read of the input instead of three).")
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
@@ -214,13 +218,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c, c, bias=False)
         self.q_norm = RMSNorm(c, cfg.norm_eps)  # over all heads at once, as OLMo 2
         self.k_norm = RMSNorm(c, cfg.norm_eps)
+        self.fused = cfg.fuse_projections
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         b, t, c = x.shape  # [B, T, C]
         h = self.n_heads
-        q = self.q_norm(self.q_proj(x)).view(b, t, h, c // h).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_norm(self.k_proj(x)).view(b, t, h, c // h).transpose(1, 2)  # [B, H, T, D]
-        v = self.v_proj(x).view(b, t, h, c // h).transpose(1, 2)  # [B, H, T, D]
+        if self.fused:  # one [B, T, 3C] GEMM; the weights stay three parameters
+            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            q, k, v = F.linear(x, w).split(c, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q).view(b, t, h, c // h).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_norm(k).view(b, t, h, c // h).transpose(1, 2)  # [B, H, T, D]
+        v = v.reshape(b, t, h, c // h).transpose(1, 2)  # [B, H, T, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, D]
         return self.o_proj(y.transpose(1, 2).reshape(b, t, c))  # [B, T, C]
@@ -234,9 +244,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+        self.fused = cfg.fuse_projections
 
     def forward(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, T, C]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:  # one [B, T, 2 hidden] GEMM over gate and up side by side
+            w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+            gate, up = F.linear(x, w).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

@@ -230,7 +230,9 @@ class TrainSettings:
         Name in :data:`raretask.toy.model.RETRACTIONS` mapping the encoder back to orthonormal
         columns after each Adam step (``"qr"``: sign-corrected QR; ``"series_qr"``: the same Q
         from GEMMs only; ``"polar"``: the nearest orthonormal matrix from GEMMs only, same span;
-        ``"polar_tf32"``: the same with its last Gram under TF32, the fast choice on GPUs).
+        ``"polar_tf32"``: the same with its last Gram under TF32, the fast choice on GPUs;
+        ``"polar_once"``: one third-order pass of it, orthonormal to O(|E|^4) and corrected
+        again at every step).
     tf32:
         CUDA only: TF32 tensor cores for the float32 training matmuls (the retraction's final
         Gram matrix and all metrics stay in full precision).
