@@ -17,7 +17,10 @@ times each variant:
   learning-rate schedule, clipping at 1.0, bf16 autocast on CUDA and float32 on CPU, and the same
   loss (float32 cross-entropy of the logits).
 * **hf-compiled**: the same under ``torch.compile``, over the same scope as raretask's compiled
-  forward (model and loss).
+  forward (model and loss). One difference is by design: the trainer asks its model for the loss
+  alone (``return_logits=False``), while HF's forward returns the logits, as a plain HF loop
+  gets them; a compiled graph that outputs the logits also receives a [B, T, V] zero gradient
+  for them in the backward pass.
 
 Each variant runs ``--warmup`` untimed steps (compilation happens there), then ``--steps`` timed
 steps between two ``torch.cuda.synchronize`` calls. It reports tokens/s, MFU =

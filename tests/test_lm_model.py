@@ -138,6 +138,15 @@ def test_fused_projections_compute_the_split_model_exactly():
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12, msg=name)
 
 
+def test_loss_without_logits_is_the_same_loss():
+    model = tiny()
+    idx = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    logits, loss = model(idx[:, :-1], targets=idx[:, 1:])
+    none, same = model(idx[:, :-1], targets=idx[:, 1:], return_logits=False)
+    assert logits.shape == (2, 8, 256) and none is None
+    assert torch.equal(loss, same)
+
+
 def test_too_long_sequence_rejected():
     with pytest.raises(ValueError, match="sequence length 65 exceeds max_seq_len 64"):
         tiny()(torch.zeros(1, 65, dtype=torch.long))

@@ -174,6 +174,25 @@ def test_share_inputs_trains_like_per_instance_copies():
     assert all(b[i, 40, -1, "loss"] < 0.9 * b[i, 0, -1, "loss"] for i in range(4))  # it trained
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a GPU")
+def test_group_streams_train_like_one_stream_on_cuda():
+    """Three width groups on three streams inside the step's CUDA graph: the same numbers as
+    one stream (only independent kernels are reordered), injections (eager steps) included."""
+    insts = [inst(w, seed=sd, schedule=Schedule("matched", gap=5) if w == 8 else Schedule())
+             for w in (2, 5, 8) for sd in (0, 1)]
+    base = dict(steps=60, batch_size=32, lr=1e-2, eval_steps=(0, 30, 60), device="cuda",
+                retraction="polar_once", share_inputs=True)
+    runs = []
+    for streams in (False, True):
+        tr = ToyTrainer(insts, Settings(**base, group_streams=streams))
+        assert len(tr._groups) == 3 and (tr._group_streams is not None) == streams
+        tr.run()
+        runs.append(table(tr))
+    a, b = runs
+    x, y = np.array(list(a.values())), np.array([b[k] for k in a])
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
 # -- the trainer --------------------------------------------------------------------------------
 def test_metrics_rows_match_numpy_and_start_at_mean_predictor():
     tr = ToyTrainer([inst(3), inst(6, seed=1)],

@@ -249,7 +249,7 @@ class ToyCell(StrictModel):
         "of the QR, 'polar' the nearest orthonormal matrix (same span), 'polar_tf32' the same "
         "with its last Gram under TF32 (orthonormal to ~3e-5), 'polar_once' one third-order "
         "pass of it (orthonormal to O(|E|^4), re-corrected each step) "
-        "(auto: Householder 'qr' on CPU, GEMM-only 'polar_tf32' on CUDA).")
+        "(auto: Householder 'qr' on CPU, GEMM-only 'polar_once' on CUDA).")
     tf32: bool = Field(True, description="CUDA: TF32 tensor cores for the training matmuls "
                        "(metrics and the retraction's final Gram stay float32/float64).")
     cuda_graph: bool = Field(True, description="CUDA: replay each step as a CUDA graph.")
@@ -258,6 +258,9 @@ class ToyCell(StrictModel):
     share_inputs: bool = Field(True, description="CUDA: multiply each seed's shared inputs "
                                "once by all its instances' encoders side by side instead of "
                                "copying the inputs per instance.")
+    group_streams: bool = Field(True, description="CUDA: each width group's gradient and "
+                                "retraction on its own stream, so the groups' small kernels "
+                                "run side by side (same numbers).")
     pad_width: int = Field(128, ge=0, description=(
         "CUDA with a GEMM retraction (series_qr, polar, polar_tf32, polar_once): widths up "
         "to this train "

@@ -231,7 +231,7 @@ class LMTrainer:
         if self._graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with self._autocast:
-            _, loss = self.train_model(idx, targets=targets)
+            _, loss = self.train_model(idx, targets=targets, return_logits=False)
         loss.backward()
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)

@@ -230,9 +230,9 @@ class TrainSettings:
         Name in :data:`raretask.toy.model.RETRACTIONS` mapping the encoder back to orthonormal
         columns after each Adam step (``"qr"``: sign-corrected QR; ``"series_qr"``: the same Q
         from GEMMs only; ``"polar"``: the nearest orthonormal matrix from GEMMs only, same span;
-        ``"polar_tf32"``: the same with its last Gram under TF32, the fast choice on GPUs;
-        ``"polar_once"``: one third-order pass of it, orthonormal to O(|E|^4) and corrected
-        again at every step).
+        ``"polar_tf32"``: the same with its last Gram under TF32;
+        ``"polar_once"``: one third-order pass of it, the fast choice on GPUs, orthonormal to
+        O(|E|^4) and corrected again at every step).
     tf32:
         CUDA only: TF32 tensor cores for the float32 training matmuls (the retraction's final
         Gram matrix and all metrics stay in full precision).
@@ -247,6 +247,10 @@ class TrainSettings:
         side instead of copying x and z per instance (:func:`raretask.toy.model.
         seed_shared_gradients`). Same numbers up to float rounding. Off by default here; a
         grid config turns it on for CUDA (one H200, Fig. 2 grid: 1.70 -> 1.67 ms per step).
+    group_streams:
+        CUDA only: each group's gradient and retraction on its own CUDA stream, so the small
+        kernels of several groups run side by side (joined before Adam and at the step's end).
+        Same numbers: only the order of independent kernels changes.
     pad_width:
         With a GEMM retraction (``"series_qr"``, ``"polar"``) only: instances of width
         <= pad_width (same K, M) train as one group, padded with inert zero columns to the
@@ -270,6 +274,7 @@ class TrainSettings:
     cuda_graph: bool = True
     fuse: bool = True
     share_inputs: bool = False
+    group_streams: bool = False
     pad_width: int = 0
 
     def __post_init__(self) -> None:

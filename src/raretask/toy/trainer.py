@@ -74,6 +74,7 @@ Choices (documented here once)
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -310,6 +311,9 @@ class ToyTrainer:
         # shapes are fixed, so it compiles once per group during the eager warm-up steps)
         self._residual = (torch.compile(fused_masked_residual, dynamic=False)
                           if self.device.type == "cuda" and settings.fuse else None)
+        self._group_streams = ([torch.cuda.Stream(self.device) for _ in self._groups]
+                               if self.device.type == "cuda" and settings.group_streams
+                               and len(self._groups) > 1 else None)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
         self._eager_warmup = 2  # eager steps on a side stream before the first capture
@@ -509,12 +513,14 @@ class ToyTrainer:
         update number) is used by the CPU Adam only.
         """
         s = self.settings
-        xs = self._inputs(row)
-        for gr, inject in zip(self._groups, injects, strict=True):
-            gr.seen += gr.count_buf[:, row]
-            self._group_gradients(gr, xs, row)
-            if inject:
-                self._add_injection(gr, inject)
+        xs = self._inputs(row)  # alive to the end: the group streams read it
+        with self._fork() as on_stream:
+            for i, (gr, inject) in enumerate(zip(self._groups, injects, strict=True)):
+                with on_stream(i):
+                    gr.seen += gr.count_buf[:, row]
+                    self._group_gradients(gr, xs, row)
+                    if inject:
+                        self._add_injection(gr, inject)
         if self._opt is not None:
             self._opt.step()
         else:
@@ -526,14 +532,42 @@ class ToyTrainer:
                 denom = (gr.exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(s.eps)
                 gr.params.addcdiv_(gr.exp_avg, denom, value=-s.lr / bc1)
         gemm = s.retraction in GEMM_RETRACTIONS  # (padding implies a GEMM retraction)
-        for gr in self._groups:
-            u = gr.params[0]
-            u.copy_(self._retract(u, shift=gr.shift) if gemm else self._retract(u))
-            if not gemm:
-                # diverged instances stay at U = D = 0: Householder QR would turn U = 0 back
-                # into orthonormal columns (and Cholesky into NaN); the series maps 0 to 0, so
-                # the GPU path skips this pass over the encoders. D follows: h = x U = 0.
-                gr.params[0].masked_fill_(gr.dead[0], 0.0)
+        with self._fork() as on_stream:
+            for i, gr in enumerate(self._groups):
+                with on_stream(i):
+                    u = gr.params[0]
+                    u.copy_(self._retract(u, shift=gr.shift) if gemm else self._retract(u))
+                    if not gemm:
+                        # diverged instances stay at U = D = 0: Householder QR would turn U = 0
+                        # back into orthonormal columns (and Cholesky into NaN); the series maps
+                        # 0 to 0, so the GPU path skips this pass. D follows: h = x U = 0.
+                        gr.params[0].masked_fill_(gr.dead[0], 0.0)
+
+    @contextlib.contextmanager
+    def _fork(self):
+        """Run each group's work on its own CUDA stream, joined at the end (group_streams).
+
+        A group's kernels are small (the Fig. 2 grid's Gram of 45 encoders of width 128 is 45
+        output tiles for 132 SMs), so one group alone leaves most of the GPU idle; the groups
+        are independent until Adam, so their kernels may run side by side. Captured into the
+        step's CUDA graph as a fork and a join. Yields ``on_stream(i)`` for group i, a context
+        manager (a no-op without group streams: one stream, the same order as before).
+        """
+        if not self._group_streams:
+            yield lambda i: contextlib.nullcontext()
+            return
+        main = torch.cuda.current_stream(self.device)
+        used = []
+
+        def on_stream(i: int):
+            stream = self._group_streams[i]
+            stream.wait_stream(main)
+            used.append(stream)
+            return torch.cuda.stream(stream)
+
+        yield on_stream
+        for stream in used:
+            main.wait_stream(stream)
 
     def _inputs(self, row: int) -> dict[tuple[int, int], Tensor]:
         """x = z B^T of row ``row``, once per seed, for the streams some group reads it from."""
