@@ -67,9 +67,13 @@ job() {
                       --set retraction=polar_tf32 ;;
         toy_once) for r in polar_tf32 polar_once; do  # one third-order polar pass vs two
                       python3 benchmarks/profile_toy_step.py --time-only --set retraction=$r; done ;;
+        toy_check) python3 -m pytest -q -p no:cacheprovider tests/test_toy_trainer.py \
+                       -k "group_streams or share_inputs or retraction" ;;  # the CUDA-only tests
+        toy_streams) for v in false true; do  # width groups on one stream vs one stream each
+                         python3 benchmarks/profile_toy_step.py --time-only --set group_streams=$v; done ;;
         toy_grid) python3 benchmarks/toy_grid.py --device cuda --out "$OUT/toy_grid_cuda.log" ${TOY_SET:-} ;;
         fig2) time timeout "${TOY_TIMEOUT:-560}" python3 -m raretask run configs/fig2_phase.yaml \
-                  --out /tmp/runs/fig2_phase --quiet; local rc=$?
+                  --out /tmp/runs/fig2_phase --quiet ${FIG2_SET:-}; local rc=$?
               tar czf "$OUT/fig2_phase.tgz" -C /tmp/runs fig2_phase  # show / report here
               return $rc ;;
         *) echo "error: unknown job $1" >&2; return 2 ;;
