@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu/session.sh toy_opts                    (the toy step under each setting, ~2 min)
 #   bash benchmarks/gpu/session.sh lm_profile toy_once         (LM kernels by category; toy retractions)
 #   bash benchmarks/gpu/session.sh fig6 fig9
-#   bash benchmarks/gpu/session.sh toy_grid fig2
+#   bash benchmarks/gpu/session.sh toy_check toy_grid fig2     (CUDA-only toy tests; ~4.5 min)
 #   bash benchmarks/gpu/session.sh multi_ddp multi_fsdp         (kind nvidia-h200-x2: issue 10)
 # $OUT returns at most 8 files: a job leaves two to four (JOB.out, a JSON, a log, NAME.tgz); count
 # them before a call (tar the .out files together at the end, as session 6 did).
@@ -67,8 +67,8 @@ job() {
                       --set retraction=polar_tf32 ;;
         toy_once) for r in polar_tf32 polar_once; do  # one third-order polar pass vs two
                       python3 benchmarks/profile_toy_step.py --time-only --set retraction=$r; done ;;
-        toy_check) python3 -m pytest -q -p no:cacheprovider tests/test_toy_trainer.py \
-                       -k "group_streams or share_inputs or retraction" ;;  # the CUDA-only tests
+        toy_check) python3 -m pytest -p no:cacheprovider tests/test_toy_trainer.py \
+                       -k "group_streams or share_inputs or retraction" ;;  # CUDA-only tests; addopts has -q (a second hides the count)
         toy_streams) for v in false true; do  # width groups on one stream vs one stream each
                          python3 benchmarks/profile_toy_step.py --time-only --set group_streams=$v; done ;;
         toy_grid) python3 benchmarks/toy_grid.py --device cuda --out "$OUT/toy_grid_cuda.log" ${TOY_SET:-} ;;
