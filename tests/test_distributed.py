@@ -298,11 +298,8 @@ def test_second_job_on_a_locked_directory_refuses(tmp_path):
     cfg = _config(tmp_path, "toy", TOY)
     out = tmp_path / "run"
     with store.run_lock(out):  # another raretask process holds the directory
-        started = time.monotonic()
-        proc = _torchrun(cfg, out)
-        took = time.monotonic() - started
+        proc = _torchrun(cfg, out)  # returns at all: neither rank waits for the other
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: {out}: another raretask process is running in this directory"] * 2
     assert not (out / "config.yaml").exists()
-    assert took < 60  # both ranks quit; neither waits for the other
