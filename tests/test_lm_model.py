@@ -60,6 +60,8 @@ PINNED = {
     "tiny": (164_416, 131_648),
     "4m": (24_041_664, 4_724_928),
     "20m": (57_520_512, 18_887_040),
+    "60m": (129_951_360, 65_562_240),
+    "150m": (228_311_808, 151_044_864),
     "300m": (371_524_608, 268_502_016),
     "1b": (1_279_920_128, 1_073_874_944),
     "4b": (4_707_323_904, 4_295_233_536),
@@ -78,7 +80,8 @@ def test_preset_param_counts_pinned(name):
 
 def test_preset_names_match_their_size():
     """Non-embedding counts land within 20% of the paper's names."""
-    target = {"4m": 4e6, "20m": 20e6, "300m": 300e6, "1b": 1e9, "4b": 4e9}
+    target = {"4m": 4e6, "20m": 20e6, "60m": 60e6, "150m": 150e6, "300m": 300e6, "1b": 1e9,
+              "4b": 4e9}
     for name, n in target.items():
         assert abs(PINNED[name][1] / n - 1) < 0.2, name
     assert PINNED["tiny"][0] < 1_000_000
@@ -246,3 +249,14 @@ def test_compiles_without_graph_breaks():
     mask = torch.ones(2, 16, dtype=torch.bool)
     _, loss = compiled(idx[:, :-1], idx[:, 1:], mask)
     torch.testing.assert_close(loss, model(idx[:, :-1], idx[:, 1:], mask)[1])
+
+
+def test_scaled_fig5_presets_span_25x_past_100m_with_gpu_friendly_shapes():
+    """Issue 19: 4m .. 150m span >= 25x in N up to >= 100M; the new shapes have head_dim 64
+    and widths that are multiples of 128 (full tensor-core tiles)."""
+    n = {name: PINNED[name][1] for name in ("4m", "20m", "60m", "150m")}
+    assert n["150m"] >= 100e6 and n["150m"] / n["4m"] >= 25
+    assert list(n.values()) == sorted(n.values())
+    for name in ("60m", "150m"):
+        cfg = ModelConfig.preset(name)
+        assert cfg.head_dim == 64 and cfg.d_model % 128 == 0 and cfg.mlp_hidden == 4 * cfg.d_model

@@ -39,6 +39,11 @@ class LMCell(StrictModel):
     seq_len: int = Field(128, ge=8, le=1 << 16, description="Tokens per sequence.")
     lr: float = Field(3e-3, gt=0, le=1, allow_inf_nan=False, description="Peak AdamW rate.")
     warmup: int = Field(100, ge=0, description="Linear warm-up steps, then cosine to 10%.")
+    weight_decay: float = Field(
+        0.1, ge=0, le=10, allow_inf_nan=False,
+        description="AdamW decoupled weight decay on the weight matrices (embedding, "
+        "projections, LM head; norms are never decayed). Ours: 0.1 (OLMo 2's); a larger value "
+        "is the usual lever for grokking T_ADD.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Init and data order.")
     task_seed: int = Field(0, ge=0, le=2**31 - 1,
                            description="Which 100 symbols, the hidden order/map and the split.")
@@ -54,6 +59,16 @@ class LMCell(StrictModel):
         "exhausted; the summary reports epochs), or text sampled from an n-gram model of it "
         "(never repeats).")
     eval_points: int = Field(12, ge=2, le=1000, description="Log-spaced evaluations.")
+    trace_windows: int = Field(
+        0, ge=0, le=1000, description="Injection windows traced densely (Fig. 8): besides the "
+        "log-spaced evaluations, evaluate just before an injection, just after it and every "
+        "`trace_stride` steps until just before the next, for this many injections spread "
+        "evenly over the run (lm/schedule.py). 0: log-spaced only.")
+    trace_stride: int = Field(
+        1, ge=1, description="Steps between evaluations inside a traced window.")
+    save_model: bool = Field(
+        False, description="Keep the cell's final weights as groups/gNNNN/final.safetensors "
+        "(for `raretask export-hf`); off by default: a 150m cell's weights are 0.6 GB.")
     compile: bool = Field(False, description="torch.compile the model's training forward "
                           "and backward (CUDA; on a CPU it compiles too, slowly).")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(

@@ -150,14 +150,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     #   tiny  64    2   4   256             131,648         164,416  (V = 256, for tests)
     #   4m    192   8   3   768           4,724,928      24,041,664
     #   20m   384   8   6   1536         18,887,040      57,520,512
+    #   60m   640   10  10  2560         65,562,240     129,951,360
+    #   150m  768   16  12  3072        151,044,864     228,311,808
     #   300m  1024  16  16  4096        268,502,016     371,524,608
     #   1b    2048  16  16  8192      1,073,874,944   1,279,920,128  (OLMo-2 1B's dimensions)
     #   4b    4096  16  32  16384     4,295,233,536   4,707,323,904
     # Depths follow the paper (8 at 4M, 16 at 4B); widths are ours (the paper's appendix with its
-    # exact shapes is unread), chosen so N lands near the name.
+    # exact shapes is unread), chosen so N lands near the name. 60m and 150m fill the span the
+    # scaled Fig. 5 needs (4m .. 150m: 32x in N) with GPU-friendly shapes: widths multiples of
+    # 128, head_dim 64, depth between 20m's 8 and 300m's 16.
     "tiny": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, mlp_hidden=256, max_seq_len=64),
     "4m": dict(d_model=192, n_layers=8, n_heads=3, mlp_hidden=768),
     "20m": dict(d_model=384, n_layers=8, n_heads=6, mlp_hidden=1536),
+    "60m": dict(d_model=640, n_layers=10, n_heads=10, mlp_hidden=2560),
+    "150m": dict(d_model=768, n_layers=16, n_heads=12, mlp_hidden=3072),
     "300m": dict(d_model=1024, n_layers=16, n_heads=16, mlp_hidden=4096),
     "1b": dict(d_model=2048, n_layers=16, n_heads=16, mlp_hidden=8192),
     "4b": dict(d_model=4096, n_layers=16, n_heads=32, mlp_hidden=16384),

@@ -24,7 +24,6 @@ from raretask.lm.config import LMCell
 from raretask.runs import distributed, store
 from raretask.runs.distributed import Ranks
 from raretask.runs.grid import GridRun, Group, Progress
-from raretask.runs.toy_grid import eval_steps
 
 TASK_ROW_METRICS = ("test_accuracy", "train_accuracy", "task_loss", "task_test_loss",
                     "val_loss", "train_loss", "tokens", "instances", "epochs")
@@ -47,6 +46,7 @@ def build_trainer(cell: LMCell, device: str, stream_world: tuple[int, int] | Non
     """
     from raretask.lm.data import BackgroundConfig
     from raretask.lm.model import ModelConfig
+    from raretask.lm.schedule import eval_schedule
     from raretask.lm.tasks import Frequency, InjectionSchedule, RareTask
     from raretask.lm.trainer import LMTrainer, LMTrainSettings
 
@@ -78,7 +78,7 @@ def build_trainer(cell: LMCell, device: str, stream_world: tuple[int, int] | Non
     settings = LMTrainSettings(
         steps=cell.steps, batch_size=cell.batch_size, seq_len=cell.seq_len, lr=cell.lr,
         warmup=min(cell.warmup, max(cell.steps // 10, 1)),
-        eval_steps=(0, *eval_steps(cell.steps, cell.eval_points)),
+        eval_steps=eval_schedule(cell), weight_decay=cell.weight_decay,
         device=device, compile=cell.compile, compile_mode=cell.compile_mode, seed=cell.seed,
         fsdp=fsdp, deterministic=cell.deterministic, attention=cell.attention,
         probes=cell.probes, probe_k=cell.probe_k,

@@ -1,0 +1,233 @@
+"""Language-model cells over seeds: mean +- sd, whether the seeds agree, where each size learns.
+
+The scaled Fig. 5 runs every (size, task, frequency, schedule) with several seeds. This module
+folds the seeds of one such setting into a :class:`SeedCell` and finds, per size, the lowest
+frequency the size learns and the bracket the true boundary lies in (:func:`learned_boundaries`).
+
+Definitions (ours; the paper shows heatmaps and states no threshold):
+
+* **learned** (one seed): final ``test_accuracy`` >= (1 + ``chance_format``) / 2, halfway from
+  the accuracy of a model that knows only the format to a perfect one: 0.7527 for T_CMP at task
+  seed 0 (``chance_format`` 0.5053), 0.505 for T_ADD (0.01). :data:`LEARNED_FRACTION` sets
+  "halfway". A diverged seed counts as not learned.
+* **a setting is learned** when a strict majority of its seeds learned (2 of 3);
+  **its seeds disagree** when some learned and some did not (the heatmaps mark those cells).
+* **mean +- sd**: over the seeds' final values; sd is the sample standard deviation (ddof 1),
+  None for a single seed.
+* **lowest learned frequency** of a size (per task and schedule): the lowest tested frequency
+  whose setting is learned; its **bracket** is (the next lower tested frequency, it]: the
+  boundary lies above the first and at or below the second. ``None`` as the lower end: learned
+  at the lowest tested frequency (the boundary is below the grid). No learned frequency: the
+  lowest learned frequency is None and the bracket is (the highest tested frequency, None).
+  ``monotone`` says whether every tested frequency above it is learned too.
+
+Example::
+
+    >>> rows = [dict(cell=i, size="4m", params=4, task="cmp", schedule="spread",
+    ...              frequency=1 / 512, seed=i, test_accuracy=a, chance_format=0.5)
+    ...         for i, a in enumerate([0.9, 0.8, 0.6])]
+    >>> (c,) = seed_cells(rows)
+    >>> c.learned, c.disagree, round(c.mean["test_accuracy"], 4)
+    (True, True, 0.7667)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+METRICS = ("test_accuracy", "train_accuracy", "task_loss", "task_test_loss", "val_loss")
+"""Final values aggregated over seeds: accuracy, task loss (training instances), held-out task
+loss (test instances), background validation loss."""
+LEARNED_FRACTION = 0.5
+"""A seed learned the task at test accuracy >= chance_format + this x (1 - chance_format)."""
+
+
+def learned_threshold(row: dict) -> float:
+    """The test accuracy at which ``row``'s seed counts as having learned its task."""
+    chance = row.get("chance_format")
+    if chance is None:
+        chance = 0.01 if row.get("task") == "add" else 0.5
+    return chance + LEARNED_FRACTION * (1.0 - chance)
+
+
+def seed_learned(row: dict) -> bool:
+    """One seed's verdict (module docstring)."""
+    acc = row.get("test_accuracy")
+    if acc is None or row.get("diverged_step") is not None or not math.isfinite(acc):
+        return False
+    return acc >= learned_threshold(row)
+
+
+def nominal_frequency(row: dict, cells: dict[int, dict] | None = None) -> float:
+    """The frequency the cell asked for (instances per token), to 4 significant digits: its
+    config's ``frequency`` (or ``requested_frequency`` in the row), or instances / (every x
+    batch x seq_len); the delivered rate when nothing else is known. Seeds of one setting
+    share it exactly (their delivered rates may differ by a burst)."""
+    c = (cells or {}).get(row["cell"], {})
+    if c.get("frequency") is not None:
+        f = float(c["frequency"])
+    elif c.get("instances") is not None:
+        f = c["instances"] / (c.get("every", 1) * c["batch_size"] * c["seq_len"])
+    elif row.get("requested_frequency") is not None:
+        f = float(row["requested_frequency"])
+    else:
+        f = float(row["frequency"])
+    return float(f"{f:.4g}")
+
+
+def schedule_family(row: dict, cells: dict[int, dict] | None = None) -> str:
+    """'spread', or 'every G MODE': the schedule without its injection size (which grows with
+    the frequency), so one size's frequencies line up."""
+    c = (cells or {}).get(row["cell"], {})
+    label = row.get("schedule", "spread")
+    if c:
+        if c.get("frequency") is not None and c.get("every", 1) == 1:
+            return "spread"
+        return f"every {c.get('every', 1)} {c.get('mode', 'burst')}"
+    if label in ("spread", "none"):
+        return label
+    size_every, mode = label.split()
+    return f"every {size_every.split('/')[1]} {mode}"
+
+
+@dataclass(frozen=True)
+class SeedCell:
+    """One (size, task, frequency, schedule) setting over its seeds."""
+
+    size: str
+    params: int
+    task: str
+    frequency: float
+    schedule: str
+    """:func:`schedule_family`."""
+    seeds: tuple[int, ...]
+    cells: tuple[int, ...]
+    mean: dict[str, float | None]
+    """Per metric of :data:`METRICS`: the mean over the seeds that have it (None if none)."""
+    sd: dict[str, float | None]
+    """Per metric: sample sd (ddof 1) over those seeds; None with fewer than two."""
+    learned_seeds: tuple[bool, ...]
+    """:func:`seed_learned` per seed, in ``seeds`` order."""
+
+    @property
+    def n_learned(self) -> int:
+        return sum(self.learned_seeds)
+
+    @property
+    def learned(self) -> bool:
+        """A strict majority of the seeds learned the task."""
+        return 2 * self.n_learned > len(self.learned_seeds)
+
+    @property
+    def disagree(self) -> bool:
+        """Some seeds learned the task and some did not."""
+        return 0 < self.n_learned < len(self.learned_seeds)
+
+    def text(self, metric: str, fmt: str = ".3f") -> str:
+        """'mean +- sd' (or the mean alone for one seed, '-' without values)."""
+        m, s = self.mean.get(metric), self.sd.get(metric)
+        if m is None:
+            return "-"
+        return f"{m:{fmt}}" if s is None else f"{m:{fmt}} +- {s:{fmt}}"
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var)
+
+
+def seed_cells(rows: list[dict], cells: dict[int, dict] | None = None,
+               metrics: Sequence[str] = METRICS) -> list[SeedCell]:
+    """Fold the summary rows of an LM run (``raretask show DIR --json``) over seeds.
+
+    ``cells`` (cell id -> fields, as in ``cells.json``) gives each row its configured frequency
+    and schedule; without it they come from the rows. Rows of ``task: none`` are skipped.
+    Settings come back ordered by task, size (parameters), schedule, frequency (descending).
+    """
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get("task", "none") == "none":
+            continue
+        key = (r["task"], r["size"], schedule_family(r, cells), nominal_frequency(r, cells))
+        groups[key].append(r)
+    out = []
+    for (task, size, sched, freq), rs in groups.items():
+        rs = sorted(rs, key=lambda r: (r.get("seed", 0), r["cell"]))
+        mean, sd = {}, {}
+        for metric in metrics:
+            vals = [float(r[metric]) for r in rs if r.get(metric) is not None
+                    and math.isfinite(float(r[metric]))]
+            mean[metric], sd[metric] = _mean_sd(vals)
+        out.append(SeedCell(
+            size=size, params=int(rs[0]["params"]), task=task, frequency=freq, schedule=sched,
+            seeds=tuple(int(r.get("seed", 0)) for r in rs), cells=tuple(r["cell"] for r in rs),
+            mean=mean, sd=sd, learned_seeds=tuple(seed_learned(r) for r in rs)))
+    return sorted(out, key=lambda c: (c.task, c.params, c.size, c.schedule, -c.frequency))
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Where one size learns one task under one schedule (module docstring)."""
+
+    size: str
+    params: int
+    task: str
+    schedule: str
+    lowest_learned: float | None
+    """The lowest tested frequency whose setting is learned; None if none is."""
+    bracket: tuple[float | None, float | None]
+    """(highest tested frequency below it, it): the boundary lies in (lo, hi]."""
+    monotone: bool
+    """Every tested frequency above ``lowest_learned`` is learned too."""
+    frequencies: tuple[float, ...]
+    """The tested frequencies, ascending."""
+
+    def text(self) -> str:
+        lo, hi = self.bracket
+        if hi is None:
+            return f"not learned (boundary above {lo:.3g})"
+        if lo is None:
+            return f"{hi:.3g} (boundary at or below it: the lowest tested)"
+        return f"{hi:.3g} (boundary in ({lo:.3g}, {hi:.3g}])"
+
+
+def learned_boundaries(settings: list[SeedCell]) -> list[Boundary]:
+    """Per (task, size, schedule): the lowest learned frequency and its bracket."""
+    groups: dict[tuple, list[SeedCell]] = defaultdict(list)
+    for c in settings:
+        groups[(c.task, c.params, c.size, c.schedule)].append(c)
+    out = []
+    for (task, params, size, sched), cs in sorted(groups.items()):
+        cs = sorted(cs, key=lambda c: c.frequency)
+        freqs = tuple(c.frequency for c in cs)
+        learned = [i for i, c in enumerate(cs) if c.learned]
+        if not learned:
+            out.append(Boundary(size, params, task, sched, None, (freqs[-1], None), True, freqs))
+            continue
+        i = learned[0]
+        lo = freqs[i - 1] if i > 0 else None
+        monotone = all(c.learned for c in cs[i:])
+        out.append(Boundary(size, params, task, sched, freqs[i], (lo, freqs[i]), monotone, freqs))
+    return out
+
+
+__all__ = [
+    "LEARNED_FRACTION",
+    "METRICS",
+    "Boundary",
+    "SeedCell",
+    "learned_boundaries",
+    "learned_threshold",
+    "nominal_frequency",
+    "schedule_family",
+    "seed_cells",
+    "seed_learned",
+]

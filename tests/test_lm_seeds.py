@@ -1,0 +1,98 @@
+"""Seed aggregation of LM runs (raretask.report.lm_seeds) on the committed H200 runs: Fig. 9 has
+3 seeds per size, Fig. 5 one seed per (size, task, frequency)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raretask.report.lm_seeds import (
+    learned_boundaries,
+    learned_threshold,
+    schedule_family,
+    seed_cells,
+    seed_learned,
+)
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def load(name: str) -> tuple[list[dict], dict[int, dict]]:
+    rows = json.loads((RESULTS / name / "summary.json").read_text())
+    cells = {c["cell"]: c for c in json.loads((RESULTS / name / "cells.json").read_text())}
+    return rows, cells
+
+
+def test_fig9_three_seeds_mean_and_sd_pinned():
+    settings = seed_cells(*load("fig9_lm_gradients"))
+    assert [(c.size, c.seeds, c.schedule, c.frequency) for c in settings] == [
+        (s, (0, 1, 2), "every 4 burst", 0.0009766) for s in ("tiny", "4m", "20m")]
+    tiny, m4, m20 = settings
+    # test accuracies per seed (benchmarks/RESULTS.md): tiny .1018 .0184 .0226, 4m .8284 .8246
+    # .8834, 20m .9022 .9210 .9332; sd with ddof 1
+    assert tiny.mean["test_accuracy"] == pytest.approx(0.04760, abs=5e-5)
+    assert tiny.sd["test_accuracy"] == pytest.approx(0.04700, abs=5e-5)
+    assert m4.mean["test_accuracy"] == pytest.approx(0.84547, abs=5e-5)
+    assert m4.sd["test_accuracy"] == pytest.approx(0.03292, abs=5e-5)
+    assert m20.mean["test_accuracy"] == pytest.approx(0.91880, abs=5e-5)
+    assert m20.sd["test_accuracy"] == pytest.approx(0.01562, abs=5e-5)
+    assert m20.text("task_loss", ".4f") == "0.2878 +- 0.0536"
+    assert m20.text("task_test_loss", ".4f") == "0.4765 +- 0.0796"  # held-out instances
+    assert m4.text("val_loss", ".4f") == "3.9787 +- 0.0038"
+    assert [c.learned_seeds for c in settings] == [(False,) * 3, (True,) * 3, (True,) * 3]
+    assert not any(c.disagree for c in settings)
+
+
+def test_fig9_boundaries_one_frequency_brackets_open_ends():
+    b = {x.size: x for x in learned_boundaries(seed_cells(*load("fig9_lm_gradients")))}
+    assert b["tiny"].lowest_learned is None and b["tiny"].bracket == (0.0009766, None)
+    assert b["4m"].lowest_learned == 0.0009766 and b["4m"].bracket == (None, 0.0009766)
+    assert b["tiny"].text() == "not learned (boundary above 0.000977)"
+
+
+def test_fig5_lowest_learned_frequency_and_bracket_per_size():
+    b = {(x.task, x.size): x for x in learned_boundaries(seed_cells(*load("fig5_lm_heatmap")))}
+    # T_CMP: tiny learns a row in 2 (0.762) but not in 4 (0.165); 4m and 20m learn a row in 4,
+    # not in 8 (0.095, 0.559: above the format's 0.505 but below the 0.753 threshold)
+    assert b[("cmp", "tiny")].bracket == (0.001953, 0.003906)
+    assert b[("cmp", "4m")].bracket == (0.0009766, 0.001953)
+    assert b[("cmp", "20m")].bracket == (0.0009766, 0.001953)
+    assert all(b[("cmp", s)].monotone for s in ("tiny", "4m", "20m"))
+    for s in ("tiny", "4m", "20m"):  # T_ADD never learned at this budget
+        assert b[("add", s)].lowest_learned is None
+        assert b[("add", s)].bracket == (0.007812, None)
+    assert b[("cmp", "4m")].text() == "0.00195 (boundary in (0.000977, 0.00195])"
+
+
+def row(cell, acc, seed=0, freq=1 / 512, size="4m", **kw):
+    return dict(cell=cell, size=size, params=4, task="cmp", schedule="spread", frequency=freq,
+                seed=seed, test_accuracy=acc, chance_format=0.5053, **kw)
+
+
+def test_threshold_is_halfway_between_format_chance_and_one():
+    assert learned_threshold(row(0, 0.0)) == pytest.approx(0.75265)
+    assert learned_threshold(dict(task="add", chance_format=0.01)) == pytest.approx(0.505)
+    assert seed_learned(row(0, 0.7527)) and not seed_learned(row(0, 0.7526))
+    assert not seed_learned(row(0, 0.99, diverged_step=12))
+
+
+def test_disagreeing_seeds_are_flagged_and_majority_decides():
+    (two_of_three,) = seed_cells([row(i, a, seed=i) for i, a in enumerate([0.9, 0.8, 0.6])])
+    assert two_of_three.disagree and two_of_three.learned and two_of_three.n_learned == 2
+    (one_of_three,) = seed_cells([row(i, a, seed=i) for i, a in enumerate([0.9, 0.6, 0.6])])
+    assert one_of_three.disagree and not one_of_three.learned
+    (single,) = seed_cells([row(0, 0.9)])
+    assert single.sd["test_accuracy"] is None and single.text("test_accuracy") == "0.900"
+
+
+def test_non_monotone_frequencies_are_reported():
+    rows = [row(0, 0.9, freq=1 / 128), row(1, 0.1, freq=1 / 256), row(2, 0.9, freq=1 / 512)]
+    (b,) = learned_boundaries(seed_cells(rows))
+    assert b.lowest_learned == 0.001953 and b.bracket == (None, 0.001953) and not b.monotone
+
+
+def test_schedule_family_from_labels_without_cells():
+    assert schedule_family({"cell": 0, "schedule": "32/4 burst"}) == "every 4 burst"
+    assert schedule_family({"cell": 0, "schedule": "spread"}) == "spread"
