@@ -11,7 +11,7 @@ import errno
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -19,6 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from raretask.errors import UserError
+
+if TYPE_CHECKING:
+    from raretask.studies.base import ShowTable
 
 try:  # typer >= 0.20 vendors click; older typer (e.g. on the GPU image) depends on it
     from typer._click import exceptions as _click_errors
@@ -50,11 +53,14 @@ def _pct(x: float) -> str:
 
 @app.command()
 def predict(
-    width: Annotated[int, typer.Option("--width", "-N", help="Model width N (shared neurons).")],
+    width: Annotated[int | None, typer.Option(
+        "--width", "-N", help="Model width N (shared neurons); theory mode.")] = None,
     tasks: Annotated[int | None, typer.Option("--tasks", "-K", help="Number of tasks K.")] = None,
     features: Annotated[int | None, typer.Option(help="Features per task M.")] = None,
-    alpha: Annotated[float, typer.Option(help="Spectrum decay: lambda_j = j^-alpha.")] = 2.0,
-    beta: Annotated[float, typer.Option(help="Frequency decay: pi_k ∝ k^-beta.")] = 1.5,
+    alpha: Annotated[float | None, typer.Option(
+        help="Spectrum decay: lambda_j = j^-alpha (default 2).")] = None,
+    beta: Annotated[float | None, typer.Option(
+        help="Frequency decay: pi_k ∝ k^-beta (default 1.5).")] = None,
     task_file: Annotated[
         Path | None,
         typer.Option("--task-file", "-f",
@@ -63,13 +69,43 @@ def predict(
     frequent_mass: Annotated[
         float | None, typer.Option(help="Prior mass of the frequent set F (default 0.8).")
     ] = None,
+    calibration: Annotated[Path | None, typer.Option(
+        help="A `raretask calibrate` file: predict from its fitted law instead of the theory.")]
+    = None,
+    task: Annotated[str | None, typer.Option(
+        help="Calibrated mode: the task (default: the calibration's fitted one).")] = None,
+    size: Annotated[str | None, typer.Option(
+        help="Calibrated mode: a preset name (LM) or a size (parameters; toy: width).")] = None,
+    tokens: Annotated[float | None, typer.Option(
+        help="Calibrated mode: training budget (LM tokens; toy samples = steps x batch).")]
+    = None,
+    frequency: Annotated[float | None, typer.Option(
+        "--frequency", help="Calibrated mode: the task's rate (LM: instances per token; toy: "
+        "share of samples). Omitted: only the required frequency.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Which tasks a width-N model learns (Theorem 3) and the frequency each one needs."""
+    """Which tasks a width-N model learns (Theorem 3) and the frequency each one needs; with
+    --calibration, P(learned) of one task at a size, budget and frequency from a fitted law."""
     from raretask.config import load_task_file
     from raretask.predict import predict as run_predict
     from raretask.theory import DEFAULT_FREQUENT_MASS, TaskSet
 
+    calibrated = {"--task": task, "--size": size, "--tokens": tokens, "--frequency": frequency}
+    if calibration is not None:
+        theory = {"--width": width, "--tasks": tasks, "--features": features, "--alpha": alpha,
+                  "--beta": beta, "--task-file": task_file, "--frequent-mass": frequent_mass}
+        for name, v in theory.items():
+            if v is not None:
+                raise UserError(f"{name}: a theory option; not used with --calibration")
+        _predict_calibrated(calibration, task, size, tokens, frequency, as_json)
+        return
+    for name, v in calibrated.items():
+        if v is not None:
+            raise UserError(f"{name}: needs --calibration (the theory takes --width)")
+    if width is None:
+        raise UserError("--width: required (the model width N), or give --calibration")
+    alpha = 2.0 if alpha is None else alpha
+    beta = 1.5 if beta is None else beta
     if task_file is not None:
         if tasks is not None or features is not None:
             raise UserError("--task-file: give either a task file or --tasks/--features, not both")
@@ -105,6 +141,106 @@ def predict(
             f"{factor:.2f}", "[green]yes[/]" if r.learned else "[red]no[/]",
         )
     console.print(table)
+
+
+def _resolve_size(size: str | None, kind: str) -> float:
+    """--size as a number: a parameter count (toy: width), or an LM preset's non-embedding
+    parameters (looked up at run time, so new presets work)."""
+    import math
+
+    if size is None:
+        raise UserError("--size: required with --calibration (a preset name or a size)")
+    try:
+        n = float(size)
+    except ValueError:
+        if kind != "lm":
+            raise UserError(f"--size: a toy calibration's size is a width N, got {size!r}") \
+                from None
+        from raretask.lm.model import PRESETS, ModelConfig
+
+        if size not in PRESETS:
+            raise UserError(f"--size: unknown size {size!r} (presets: {', '.join(PRESETS)}; or "
+                            "a parameter count)") from None
+        return float(ModelConfig.preset(size).num_params(include_embedding=False))
+    if not (math.isfinite(n) and n > 0):
+        raise UserError(f"--size: expected a number > 0 or a preset name, got {size!r}")
+    return n
+
+
+def _predict_calibrated(path: Path, task: str | None, size: str | None, tokens: float | None,
+                        frequency: float | None, as_json: bool) -> None:
+    """`predict --calibration`: one task at one (size, budget, frequency), from the law."""
+    import math
+
+    from raretask.mixing.calibrate import load_calibration
+
+    cal = load_calibration(path)
+    law = cal.law(task)
+    params = _resolve_size(size, cal.kind)
+    if tokens is None:
+        lo, hi = law.ranges.tokens
+        if lo != hi:
+            raise UserError(f"--tokens: required; the calibration saw budgets {lo:.3g}..{hi:.3g} "
+                            f"({cal.units.budget})")
+        tokens = lo
+    if not (math.isfinite(tokens) and tokens > 0):
+        raise UserError(f"--tokens: expected a number > 0, got {tokens:g}")
+    if frequency is not None and not (math.isfinite(frequency) and 0 < frequency <= 1):
+        raise UserError(f"--frequency: expected a rate in (0, 1] ({cal.units.frequency}), got "
+                        f"{frequency:g}")
+    outside = law.extrapolation(params, tokens, frequency)
+    prob = learned = req = None
+    interval: list[float | None] = [None, None]
+    if law.kind == "logistic":
+        req, lo, hi = law.required_frequency(params, tokens)
+        interval = [None if math.isinf(x) else x for x in (lo, hi)]
+        req = None if math.isinf(req) else req
+        if frequency is not None:
+            prob = float(law.probability(params, tokens, frequency)[0])
+            learned = prob >= 0.5
+        elif req is not None:
+            outside += [f"required {x}" for x in law.extrapolation(params, tokens, req)
+                        if x.startswith("frequency")]
+    else:  # a bound: only what the grids showed, by monotonicity
+        r = law.ranges
+        within = params <= r.params[1] and tokens <= r.tokens[1]
+        never = law.learned_cells == 0
+        if never and within:
+            interval = [r.frequency[1], None]  # needs more than the most it saw
+            learned = None if frequency is None else (False if frequency <= r.frequency[1]
+                                                      else None)
+        elif not never and params >= r.params[0] and tokens >= r.tokens[0]:
+            interval = [None, r.frequency[0]]
+            learned = None if frequency is None else (True if frequency >= r.frequency[0]
+                                                      else None)
+    obj = {"task": law.task, "size": size, "params": params, "tokens": tokens,
+           "frequency": frequency, "learned_probability": prob, "learned": learned,
+           "required_frequency": req, "required_frequency_interval": interval,
+           "extrapolated": bool(outside)}
+    if as_json:
+        _print_json(obj)
+        return
+    unit = cal.units.frequency
+    lines = [f"{law.task} at size {size} ({params:.4g} {cal.units.size}), budget {tokens:.4g} "
+             f"({cal.units.budget}); law: {law.threshold_law() if law.kind == 'logistic' else 'none'}"]
+    if law.kind == "bound":
+        lines.append(f"no threshold: {law.learned_cells} of {law.cells} cells learned "
+                     f"(scores {law.worst_score:.3g}..{law.best_score:.3g}); "
+                     + (f"needs more than {interval[0]:.3g} {unit}" if interval[0] is not None
+                        else f"learned from {interval[1]:.3g} {unit}" if interval[1] is not None
+                        else "nothing can be said here"))
+    else:
+        fmt = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
+        lines.append(f"required frequency {fmt(req)} {unit} (90% interval {fmt(interval[0])} .. "
+                     f"{fmt(interval[1])})")
+    if frequency is not None:
+        p = "-" if prob is None else f"{prob:.3f}"
+        verdict = {True: "[green]learned[/]", False: "[red]not learned[/]", None: "unknown"}
+        lines.append(f"at {frequency:.3g} {unit}: P(learned) {p}: {verdict[learned]}")
+    if outside:
+        lines.append(f"[yellow]warning: extrapolated: {'; '.join(outside)}[/]")
+    for line in lines:
+        console.print(line, highlight=False)
 
 
 # -- scaling -----------------------------------------------------------------------------------
@@ -189,6 +325,11 @@ def run(
     checkpoint_seconds: Annotated[
         float, typer.Option(help="Checkpoint the running group at most this often.")
     ] = 60.0,
+    profile: Annotated[
+        Path | None, typer.Option("--profile", help="Execution profile YAML (device, precision, "
+                                  "graphs, compile...; docs: raretask.runs.profile); "
+                                  "--set profile.FIELD=VALUE overrides one field.")
+    ] = None,
     parallel: Annotated[
         str, typer.Option(help="Under torchrun: 'cells' (each process takes its share of the "
                           "cells), 'model' (all train each cell together: DDP, FSDP2 for 1b+ "
@@ -205,17 +346,20 @@ def run(
 
     from raretask.config import load_experiment
     from raretask.runs.distributed import PARALLEL_CHOICES, env_ranks
-    from raretask.runs.grid import runner_for
+    from raretask.runs.grid import GridRun
 
     if parallel not in PARALLEL_CHOICES:
         raise UserError(f"--parallel: expected one of {', '.join(PARALLEL_CHOICES)}, "
                         f"got {parallel!r}")
-    grid = load_experiment(config, overrides or [])
+    grid = load_experiment(config, overrides or [], profile_file=profile)
     if dry_run:
         sys.stdout.write(yaml.safe_dump(grid.resolved(), sort_keys=False))
+        sys.stdout.write("# execution profile (unset fields: the device's defaults)\n")
+        sys.stdout.write(yaml.safe_dump({"profile": grid.profile.model_dump(exclude_none=True)},
+                                        sort_keys=False))
         return
     quiet = quiet or env_ranks()[0] != 0  # one display per torchrun job: rank 0's
-    runner = runner_for(grid, out, checkpoint_seconds=checkpoint_seconds)
+    runner = GridRun(grid, out, checkpoint_seconds=checkpoint_seconds)
     with _GridProgress(quiet) as progress:
         runner.run(progress=progress, parallel=parallel)
     if not quiet:
@@ -232,6 +376,7 @@ def show(
 ) -> None:
     """Final per-cell, per-task metrics of a run, compared with Theorem 3."""
     from raretask.runs.grid import load_summary
+    from raretask.studies import study_of_rows
 
     rows = load_summary(out)
     if as_json:
@@ -241,87 +386,21 @@ def show(
         console.print(f"{out}: no finished cells yet")
         return
     try:  # rows edited outside raretask may lack a field or hold the wrong type
-        table = _show_table(rows, str(out), all_tasks)
+        table = study_of_rows(rows, str(out)).table(rows, str(out), all_tasks)
     except (KeyError, TypeError, ValueError, StopIteration, ZeroDivisionError) as err:
         raise UserError(f"{out}: malformed summary rows ({type(err).__name__}: {err})") from None
-    console.print(table)
+    console.print(rich_table(table))
 
 
-def _show_table(rows: list[dict], title: str, all_tasks: bool) -> Table:
-    if rows[0].get("kind") == "lm":
-        return _lm_table(rows, title)
-    if all_tasks:
-        table = Table(title=f"{title}: final metrics per cell and task")
-        cols = ("cell", "width", "beta", "alpha", "seed", "task", "frequency", "signal", "loss",
-                "learned", "predicted_learned")
-        for c in cols:
-            table.add_column(c, justify="right")
-        for r in rows:
-            table.add_row(*(_fmt(r[c]) for c in cols))
-        return table
-    return _digest_table(rows, title)
-
-
-def _fmt(v) -> str:
-    from raretask.report.analysis import format_cell  # lazy: keeps `raretask --help` fast
-
-    return format_cell(v)
-
-
-def _lm_table(rows: list[dict], title: str) -> Table:
-    """One line per language-model run."""
-    table = Table(title=f"{title}: language models with an injected task", box=box.SIMPLE_HEAD,
-                  pad_edge=False, padding=(0, 0, 0, 1))
-    cols = ("cell", "size", "params", "task", "freq/tok", "schedule", "acc", "task L",
-            "val L", "epochs")
-    for c in cols:
-        table.add_column(c, justify="right", no_wrap=True, min_width=len(c))
-    for r in rows:
-        acc = r.get("test_accuracy")
-        acc_text = "-" if acc is None else f"{acc:.3f}"
-        if r.get("diverged_step") is not None:
-            acc_text = f"div@{r['diverged_step']}"
-        table.add_row(
-            str(r["cell"]), r["size"], f"{r['params'] / 1e6:.2f}M", r["task"],
-            f"{r['frequency']:.2e}", r["schedule"], acc_text,
-            _fmt(r.get("task_loss")), _fmt(r.get("val_loss")), f"{r.get('epochs', 0):.2f}",
-        )
-    table.caption = ("acc: test accuracy, argmax over the vocabulary at LABEL, held-out 5K "
-                     "instances; task L: loss at LABEL on the training instances; val L: "
-                     "background validation loss")
-    return table
-
-
-def _digest_table(rows: list[dict], title: str) -> Table:
-    """One line per cell: tasks learned / predicted, agreement, the rare task's signal."""
-    table = Table(title=f"{title}: tasks learned (s~ >= threshold) vs Theorem 3",
-                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
-    for c in ("cell", "N", "beta", "alpha", "seed", "schedule", "learned", "agree", "rare s~",
-              "thm"):
-        table.add_column(c, justify="right", no_wrap=True, min_width=len(c))
-    by_cell: dict[int, list[dict]] = {}
-    for r in rows:
-        by_cell.setdefault(r["cell"], []).append(r)
-    for cell, rs in by_cell.items():
-        r0 = rs[0]
-        rare = next(r for r in rs if r["rare"])
-        agree = sum(r["agree"] for r in rs) / len(rs)
-        sched = r0["schedule"] + (f" {r0['gap']}" if r0["schedule"] != "iid" else "")
-        table.add_row(
-            str(cell), str(r0["width"]), _fmt(r0["beta"]), _fmt(r0["alpha"]), str(r0["seed"]),
-            sched, f"{sum(r['learned'] for r in rs)}/{sum(r['predicted_learned'] for r in rs)}",
-            f"{100 * agree:.0f}%",
-            f"{rare['signal']:+.3f}" if r0.get("diverged_step") is None
-            else f"diverged@{r0['diverged_step']}", _fmt(rare["predicted_learned"]),
-        )
-    total = sum(r["agree"] for r in rows) / len(rows)
-    n_div = sum(rs[0].get("diverged_step") is not None for rs in by_cell.values())
-    table.caption = (f"learned: tasks learned / predicted; thm: rare task predicted learned. "
-                     f"Agreement over all (cell, task) "
-                     f"pairs: {100 * total:.1f}%. --all: every task; --json: rows"
-                     + (f". {n_div} cell{'s' * (n_div > 1)} diverged (diverged@step: NaN/Inf or "
-                        "exploding loss; counted as learning nothing)" if n_div else ""))
-    return table
+def rich_table(table: ShowTable) -> Table:
+    """A study's :class:`~raretask.studies.base.ShowTable` as rich draws it."""
+    out = Table(title=table.title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1))
+    for c in table.columns:
+        out.add_column(c, justify="right", no_wrap=True, min_width=len(c))
+    for row in table.rows:
+        out.add_row(*row)
+    out.caption = table.caption or None
+    return out
 
 
 # -- report ------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""`raretask calibrate`: the share a task needs to be learned, as a function of model size.
+"""`raretask calibrate`: the learnability law of :mod:`raretask.mixing.learnability`, pooled
+from any number of finished grids, cross-validated, and written to a calibration file
+(:func:`calibrate_runs`, :class:`CalibrationFile`, :func:`load_calibration`).
 
-Reads a finished grid (toy or LM, :func:`raretask.runs.grid.load_summary`), and for each curve
+Below that, the per-size brackets this module started with, kept for the toy's comparison with
+Theorem 3 (:func:`calibrate_rows`). It reads a finished grid (toy or LM, :func:`raretask.runs.grid.load_summary`), and for each curve
 (cells that differ only in size, seed and task frequency) and each size finds the frequency
 threshold that best separates learned from not-learned (task, seed) points: the cut with fewest
 misclassifications; the bracket ``[low, high]`` runs from the most frequent task below the cut to
@@ -24,11 +27,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from raretask.errors import UserError
-from raretask.mixing.thresholds import CalibratedThreshold
+from raretask.mixing.learnability import PRIOR_SD, Law, Score
+from raretask.runs.grid import load_summary  # the one place calibration reads rows from
 
 TOY_CURVE_KEYS = ("tasks", "features_per_task", "alpha", "beta", "frequent_mass", "schedule",
                   "gap")
@@ -176,42 +182,217 @@ def calibrate_rows(rows: list[dict], learned_accuracy: float = 0.9) -> tuple[str
     return kind, curves
 
 
-def calibration_json(kind: str, source: str, curves: list[Curve], learned: str) -> dict:
-    return {"kind": kind, "source": source, "size_unit": "params" if kind == "lm" else "width",
-            "frequency_unit": "instances per token" if kind == "lm" else "share of samples",
-            "learned": learned,
-            "curves": [{"name": c.name, "key": c.key, "points": [asdict(p) for p in c.points],
-                        "fit": asdict(c.fit) if c.fit else None,
-                        "theory_fit": asdict(c.theory_fit) if c.theory_fit else None}
-                       for c in curves]}
+# -- the calibration file (format 2: the learnability law) --------------------------------------
+
+FORMAT = "raretask-calibration-2"
+LM_TOKENS_PER_INSTANCE = 4  # TOK1 TOK2 LABEL EOD (raretask.lm.tasks)
 
 
-def load_calibration(path: str | Path, curve: str | None = None) -> CalibratedThreshold:
-    """A :class:`CalibratedThreshold` from a calibration file (``curve``: name or index)."""
+class Units(BaseModel):
+    """What the numbers of a calibration mean."""
+
+    model_config = ConfigDict(extra="forbid")
+    size: str
+    budget: str
+    frequency: str
+    tokens_per_instance: float | None
+
+
+class HeldOut(BaseModel):
+    """One held-out cell: what it measured and what the law said."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str
+    task: str
+    size: str
+    params: float
+    tokens: float
+    frequency: float
+    schedule: str
+    seed: int
+    score: float
+    learned: bool
+    probability: float | None
+    verdict: str
+
+
+class CalibrationFile(BaseModel):
+    """Everything `raretask calibrate` writes; `predict` and `plan` read it back."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["raretask-calibration-2"]
+    kind: Literal["lm", "toy"]
+    sources: list[str]
+    units: Units
+    learned: str
+    prior_sd: float
+    duplicates_dropped: int
+    excluded_sizes: list[str]
+    laws: list[Law]
+    cross_validation: list[Score]
+    holdout_sources: list[str]
+    holdout: list[HeldOut]
+    holdout_scores: list[Score]
+    theory: list[dict]
+    warnings: list[str]
+
+    def law(self, task: str | None, option: str = "--task") -> Law:
+        """The law of ``task`` (None: the only one, or the only fitted one)."""
+        names = [law.task for law in self.laws]
+        if task is None:
+            fitted = [law for law in self.laws if law.kind == "logistic"]
+            if len(self.laws) == 1:
+                return self.laws[0]
+            if len(fitted) == 1:
+                return fitted[0]
+            raise UserError(f"{option}: required, the calibration has {len(names)} tasks "
+                            f"({', '.join(names)})")
+        for law in self.laws:
+            if law.task == task:
+                return law
+        raise UserError(f"{option}: unknown task {task!r} (calibrated: {', '.join(names)})")
+
+
+def _observations(run_dir: Path, learned_accuracy: float) -> tuple[str, list[dict], list]:
+    from raretask.config import load_yaml
+    from raretask.mixing.learnability import lm_observations, toy_observations
+
+    rows = load_summary(run_dir)
+    if not rows:
+        raise UserError(f"{run_dir}: the run has no finished cells")
+    kind = "lm" if rows[0].get("kind") == "lm" else "toy"
+    try:
+        if kind == "lm":
+            return kind, rows, lm_observations(rows, str(run_dir), learned_accuracy)
+        cfg = load_yaml(run_dir / "config.yaml")
+        steps, batch = cfg["steps"], cfg["batch_size"]
+        if not all(isinstance(v, int) and v > 0 for v in (steps, batch)):
+            raise UserError(f"{run_dir}/config.yaml: steps and batch_size must be integers > 0")
+        return kind, rows, toy_observations(rows, str(run_dir), float(steps * batch))
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError) as err:  # rows edited outside raretask
+        raise UserError(f"{run_dir}: malformed summary rows ({type(err).__name__}: {err})") \
+            from None
+
+
+def calibrate_runs(run_dirs: list[Path], learned_accuracy: float = 0.9,
+                   prior_sd: float = PRIOR_SD, holdout: list[Path] | None = None,
+                   exclude_sizes: list[str] | None = None) -> CalibrationFile:
+    """Fit the law on ``run_dirs`` (pooled: seeds, grids and schedules), cross-validate it, and
+    score it on the ``holdout`` grids, which never enter the fit."""
+    from raretask.mixing.learnability import (
+        contradictions,
+        cross_validate,
+        dedupe,
+        fit_laws,
+        predict_obs,
+        score,
+        toy_theory_check,
+    )
+
+    if not run_dirs:
+        raise UserError("calibrate: give at least one finished run directory")
+    if not 0 < learned_accuracy <= 1:
+        raise UserError(f"--learned-accuracy must be in (0, 1], got {learned_accuracy}")
+    if not (math.isfinite(prior_sd) and prior_sd > 0):
+        raise UserError(f"--prior-sd must be a number > 0, got {prior_sd}")
+    excluded = [str(x) for x in exclude_sizes or []]
+    kinds, obs, toy_rows, test = set(), [], [], []
+    for d in run_dirs:
+        kind, rows, o = _observations(Path(d), learned_accuracy)
+        kinds.add(kind)
+        obs += o
+        toy_rows += rows if kind == "toy" else []
+    for d in holdout or []:
+        kind, _, o = _observations(Path(d), learned_accuracy)
+        kinds.add(kind)
+        test += o
+    if len(kinds) > 1:
+        raise UserError("calibrate: the runs mix toy and LM grids; calibrate each kind alone")
+    (kind,) = kinds
+    sizes = {o.size for o in obs}
+    for x in excluded:
+        if x not in sizes:
+            raise UserError(f"--exclude-size: {x!r} is not a size of these grids "
+                            f"({', '.join(sorted(sizes, key=_size_order))})")
+    obs = [o for o in obs if o.size not in excluded]
+    obs, dropped = dedupe(obs)
+    if not obs:
+        raise UserError("calibrate: no cells left to fit")
+    fit_keys = {o.key for o in obs}
+    test = [o for o in dedupe(test)[0] if o.key not in fit_keys]  # never score a fitted cell
+    laws = fit_laws(obs, prior_sd)
+    warnings = contradictions(obs)
+    for law in laws:
+        if law.kind == "bound":
+            warnings.append(f"{law.task}: {law.learned_cells} of {law.cells} cells learned: no "
+                            "threshold can be fitted (predict reports the bound)")
+            continue
+        _, bn, bx, _ = law.coef
+        if bn <= 0:
+            warnings.append(f"{law.task}: the fitted probability does not rise with size "
+                            f"(bN = {bn:.3g})")
+        if bx <= 0:
+            warnings.append(f"{law.task}: the fitted probability does not rise with frequency "
+                            f"(bX = {bx:.3g})")
+    theory = []
+    if kind == "toy":
+        for law in laws:
+            t, notes = toy_theory_check(law, [r for r in toy_rows
+                                              if str(r["width"]) not in excluded])
+            theory.append(t)
+            warnings += notes
+    calls = predict_obs(laws, test)
+    held = [HeldOut(source=c.obs.source, task=c.obs.task, size=c.obs.size, params=c.obs.params,
+                    tokens=c.obs.tokens, frequency=c.obs.frequency, schedule=c.obs.schedule,
+                    seed=c.obs.seed, score=c.obs.score, learned=c.obs.learned,
+                    probability=c.probability, verdict=c.verdict) for c in calls]
+    held_scores = [score(t, "held out", [c for c in calls if c.obs.task == t])
+                   for t in sorted({c.obs.task for c in calls})]
+    lm = kind == "lm"
+    units = Units(size="non-embedding parameters" if lm else "width N",
+                  budget="training tokens" if lm else "training samples (steps x batch)",
+                  frequency="instances per token" if lm else "share of samples",
+                  tokens_per_instance=LM_TOKENS_PER_INSTANCE if lm else None)
+    learned = (f"test accuracy >= {learned_accuracy:g}" if lm
+               else "normalised signal >= the grid's learned_threshold")
+    return CalibrationFile(
+        format=FORMAT, kind=kind, sources=[str(d) for d in run_dirs], units=units,
+        learned=learned, prior_sd=prior_sd, duplicates_dropped=dropped, excluded_sizes=excluded,
+        laws=laws, cross_validation=cross_validate(obs, prior_sd),
+        holdout_sources=[str(d) for d in holdout or []], holdout=held, holdout_scores=held_scores,
+        theory=theory, warnings=warnings)
+
+
+def _size_order(size: str) -> tuple:
+    try:
+        return (0, float(size))
+    except ValueError:
+        return (1, size)
+
+
+def load_calibration(path: str | Path) -> CalibrationFile:
+    """A calibration file, checked; anything else is a one-line UserError naming it."""
+    from pydantic import ValidationError
+
     from raretask.runs import store
 
     path = Path(path)
     try:
         data = store.read_json(path)
-        curves = data["curves"]
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{path}: not a calibration file written by raretask calibrate") from None
-    fitted = [c for c in curves if c.get("fit")]
-    if not fitted:
-        raise UserError(f"{path}: no curve has a fit (each needs two sizes with a threshold)")
-    if curve is None:
-        if len(fitted) > 1:
-            raise UserError(f"{path}: {len(fitted)} curves; choose one with --curve (names: "
-                            f"{', '.join(c['name'] for c in fitted)})")
-        chosen = fitted[0]
-    else:
-        match = [c for i, c in enumerate(fitted) if c["name"] == curve or str(i) == curve]
-        if not match:
-            raise UserError(f"--curve: {curve!r} is not a fitted curve of {path}")
-        chosen = match[0]
-    f = chosen["fit"]
-    sigma = float(np.sqrt(max(f["cov"][0][0], 0.0)))
-    return CalibratedThreshold(f["log10_c"], f["slope"], label=f"{path.name} [{chosen['name']}]",
-                               log10_sigma=sigma)
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected a calibration file") from None
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path}: not JSON") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise UserError(f"{path}: not a calibration file written by raretask calibrate (format "
+                        f"{FORMAT}; re-run raretask calibrate)")
+    try:
+        return CalibrationFile.model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        where = ".".join(str(x) for x in e["loc"]) or "file"
+        raise UserError(f"{path}: {where}: {e['msg']}") from None

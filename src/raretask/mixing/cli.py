@@ -7,6 +7,7 @@ anything, so a user error (exit 2, one ``error:`` line) never leaves partial out
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -29,24 +30,37 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.3g}%"
 
 
-def _threshold(names, size, calibration, curve, alpha, features, spectra=None):
+def _threshold(names, size, calibration, curve, alpha, features, spectra=None,
+               unit="examples", budget=None, tokens_per_example=None):
+    """Theorem 3, or the calibrated law converted to shares of ``unit``; ``budget`` is the
+    training budget in the law's unit (None: the one budget the law saw, else refused)."""
     import math
 
     from raretask.mixing.calibrate import load_calibration
-    from raretask.mixing.thresholds import TheoryThreshold
+    from raretask.mixing.thresholds import LawThreshold, TheoryThreshold
 
     if not (math.isfinite(size) and size > 0):
         raise UserError(f"--size must be a finite number > 0, got {size}")
 
     if calibration is not None:
-        return load_calibration(calibration, curve)
+        cal = load_calibration(calibration)
+        law = cal.law(curve, "--curve")
+        if budget is None:
+            lo, hi = law.ranges.tokens
+            if lo != hi:
+                raise UserError(f"--budget: needed with {calibration.name}: its law saw budgets "
+                                f"{lo:.3g}..{hi:.3g} ({cal.units.budget})")
+            budget = lo
+        return LawThreshold(law, cal.kind, unit, budget, tokens_per_example,
+                            label=calibration.name)
     return TheoryThreshold(names, spectra=spectra, alpha=alpha, features=features)
 
 
 Size = Annotated[float | None, typer.Option(
     "--size", "-N", help="Model size: the theory's width N, or the calibration's size unit.")]
 Calib = Annotated[Path | None, typer.Option(help="Calibration file from `raretask calibrate`.")]
-Curve = Annotated[str | None, typer.Option(help="Curve of the calibration (name or index).")]
+Curve = Annotated[str | None, typer.Option(
+    help="Task of the calibration whose law stands for every task (default: its fitted one).")]
 Alpha = Annotated[float, typer.Option(help="Theory: spectrum decay of every task.")]
 Features = Annotated[int, typer.Option(help="Theory: features per task.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
@@ -127,67 +141,89 @@ def analyze(
 
 
 def calibrate(
-    run_dir: Annotated[Path, typer.Argument(help="A finished toy or LM grid (raretask run).")],
+    run_dirs: Annotated[list[Path], typer.Argument(
+        help="Finished toy or LM grids (raretask run), pooled.")],
     out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="Calibration file to write (default RUN_DIR/calibration.json).")]
+        "--out", "-o", help="Calibration file to write (default FIRST_RUN_DIR/calibration.json).")]
     = None,
     learned_accuracy: Annotated[float, typer.Option(
         help="LM grids: test accuracy at which the task counts as learned.")] = 0.9,
+    holdout: Annotated[list[Path] | None, typer.Option(
+        "--holdout", help="A finished grid to predict, never fitted (repeat).")] = None,
+    exclude_size: Annotated[list[str] | None, typer.Option(
+        "--exclude-size", help="Leave this size (preset or width) out of the fit (repeat).")]
+    = None,
+    prior_sd: Annotated[float, typer.Option(
+        help="Prior sd of each coefficient, per log10 unit (keeps separable grids finite).")]
+    = 10.0,
     as_json: AsJson = False,
 ) -> None:
-    """Fit the frequency a task needs against model size (toy: checked against the theory)."""
-    from raretask.mixing.calibrate import calibrate_rows, calibration_json
+    """Fit P(learned | size, budget, frequency) per task, cross-validate it, score held-out grids."""
+    from raretask.mixing.calibrate import calibrate_runs
     from raretask.runs import store
-    from raretask.runs.grid import load_summary
 
-    if not 0 < learned_accuracy <= 1:
-        raise UserError(f"--learned-accuracy must be in (0, 1], got {learned_accuracy}")
-    rows = load_summary(run_dir)
-    try:
-        kind, curves = calibrate_rows(rows, learned_accuracy)
-    except UserError:
-        raise
-    except (KeyError, TypeError, ValueError, StopIteration, ZeroDivisionError) as err:
-        # rows edited outside raretask: a missing field or a wrong type
-        raise UserError(f"{run_dir}: malformed summary rows ({type(err).__name__}: {err})") \
-            from None
-    learned = (f"test accuracy >= {learned_accuracy:g}" if kind == "lm"
-               else "normalised signal >= the grid's learned_threshold")
-    obj = calibration_json(kind, str(run_dir), curves, learned)
-    store.write_json(out or run_dir / "calibration.json", obj)
+    cal = calibrate_runs(run_dirs, learned_accuracy, prior_sd, holdout, exclude_size)
+    path = out or run_dirs[0] / "calibration.json"
+    obj = cal.model_dump(mode="json")
+    store.write_json(path, obj)
     if as_json:
         _print_json(obj)
         return
-    for c in curves:
-        table = Table(title=f"{c.name}", box=box.SIMPLE_HEAD)
-        cols = ["size", "threshold", "bracket", "errors"]
-        if kind == "toy":
-            cols += ["theory bracket", "agrees"]
-        for col in cols:
-            table.add_column(col, justify="right")
-        for p in c.points:
-            bracket = f"{_pct(p.low)} .. {_pct(p.high)}"
-            row = [f"{p.size:g}", p.censored or _pct(p.threshold), bracket, f"{p.errors}/{p.n}"]
-            if kind == "toy":
-                row += [f"{_pct(p.theory_low)} .. {_pct(p.theory_high)}",
-                        "yes" if p.agrees else "[red]no[/]"]
-            table.add_row(*row)
-        notes = []
-        if c.fit is not None:
-            notes.append(f"fit: f* = 10^{c.fit.log10_c:.3f} x size^{c.fit.slope:.3f} "
-                         f"(slope ± {c.fit.cov[1][1] ** 0.5:.3f})")
-        if c.theory_fit is not None:
-            notes.append(f"theory: slope {c.theory_fit.slope:.3f}")
-        table.caption = "; ".join(notes)
+    for table in calibration_tables(cal):
         console.print(table)
-    console.print(f"wrote {out or run_dir / 'calibration.json'}")
+    for w in cal.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    console.print(f"wrote {path}")
+
+
+def calibration_tables(cal) -> list[Table]:
+    """The law, its ranges and its held-out accuracy, as `calibrate` prints them."""
+    u = cal.units
+    laws = Table(title=f"learnability law ({cal.kind}; learned: {cal.learned}; f in "
+                 f"{u.frequency}, N {u.size}, D {u.budget})", box=box.SIMPLE_HEAD)
+    for c in ("task", "cells", "learned", "law", "sizes N", "budgets D", "frequencies f"):
+        laws.add_column(c, justify="left" if c in ("task", "law") else "right")
+    for law in cal.laws:
+        r = law.ranges
+        text = law.threshold_law() if law.kind == "logistic" else \
+            f"no threshold: scores {law.worst_score:.3g}..{law.best_score:.3g}"
+        laws.add_row(law.task, str(law.cells), str(law.learned_cells), text,
+                     f"{r.params[0]:.3g}..{r.params[1]:.3g}",
+                     f"{r.tokens[0]:.3g}..{r.tokens[1]:.3g}",
+                     f"{r.frequency[0]:.3g}..{r.frequency[1]:.3g}")
+    laws.caption = "; ".join(law.formula() for law in cal.laws if law.kind == "logistic")
+    tables = [laws]
+    acc = Table(title="held-out accuracy (cells whose P(learned) is in 0.4-0.6 counted apart)",
+                box=box.SIMPLE_HEAD)
+    for c in ("task", "scheme", "called right"):
+        acc.add_column(c, justify="left")
+    for sc in [*cal.cross_validation, *cal.holdout_scores]:
+        scheme = sc.scheme if sc.scheme != "held out" else \
+            f"held out: {', '.join(cal.holdout_sources)}"
+        acc.add_row(sc.task, scheme, sc.text())
+    tables.append(acc)
+    if cal.theory:
+        th = Table(title="toy: the law's size exponent vs Theorem 3", box=box.SIMPLE_HEAD)
+        for c in ("task", "widths", "law", "90% interval", "Theorem 3", "agrees"):
+            th.add_column(c, justify="left" if c == "task" else "right")
+        for t in cal.theory:
+            if t["slope"] is None:
+                th.add_row(t["task"], "-", "-", "-", "-", "-")
+                continue
+            lo, hi = t["slope_interval"]
+            th.add_row(t["task"], f"{min(t['widths']):g}..{max(t['widths']):g}",
+                       f"{t['slope']:.3f}", f"[{lo:.3f}, {hi:.3f}]", f"{t['theory_slope']:.3f}",
+                       "yes" if t["agrees"] else "[red]no[/]")
+        tables.append(th)
+    return tables
 
 
 # -- plan --------------------------------------------------------------------------------------
 
 
 def _plan_inputs(source: Path, unit: str):
-    """(names, natural shares, available, spectra or None) from an analysis or a task file."""
+    """(names, natural shares, available, spectra or None, tokens per example or None) from an
+    analysis or a task file."""
     from raretask.config import load_task_file
     from raretask.mixing.analyze import Analysis
     from raretask.runs import store
@@ -209,13 +245,16 @@ def _plan_inputs(source: Path, unit: str):
             avail = [float(t.tokens) for t in a.tasks]
         else:
             avail = [float(t.count) for t in a.tasks]
-        return names, avail, avail, None
+        tpe = None
+        if a.tokens is not None and all(t.tokens is not None and t.count > 0 for t in a.tasks):
+            tpe = [t.tokens / t.count for t in a.tasks]
+        return names, avail, avail, None, tpe
     spec = load_task_file(source)
     names = [t.name for t in spec.tasks]
     weights = [t.weight for t in spec.tasks]
     avail = [float(t.count) for t in spec.tasks] if all(t.count is not None for t in spec.tasks) \
         else None
-    return names, weights, avail, [t.spectrum() for t in spec.tasks]
+    return names, weights, avail, [t.spectrum() for t in spec.tasks], None
 
 
 def plan(
@@ -249,23 +288,49 @@ def plan(
 
     if unit not in ("examples", "tokens"):
         raise UserError(f"--unit must be 'examples' or 'tokens', got {unit!r}")
-    names, natural, avail, spectra = _plan_inputs(source, unit)
-    thr = _threshold(names, size, calibration, curve, alpha, features, spectra)
+    names, natural, avail, spectra, tpe = _plan_inputs(source, unit)
+    thr = _threshold(names, size, calibration, curve, alpha, features, spectra, unit,
+                     _law_budget(calibration, budget, avail, unit, tpe), tpe)
     result = make_plan(names, natural, thr, size, targets=target, margin=margin,
                        available=avail, budget=budget, max_epochs=max_epochs, unit=unit)
+    obj = result.to_json()
+    if calibration is not None:
+        obj["extrapolated"] = _plan_extrapolation(result, thr)
     if out is not None:
         for fmt in FORMATS:  # render all first: a bad template fails before anything is written
             render(result, fmt, path_template)
         with store.run_lock(out):
-            store.write_json(out / "plan.json", result.to_json())
+            store.write_json(out / "plan.json", obj)
             write_all(result, out, path_template)
     if as_json:
-        _print_json(result.to_json())
+        _print_json(obj)
         return
-    console.print(plan_table(result, out))
+    console.print(plan_table(result, out, obj.get("extrapolated")))
 
 
-def plan_table(result, out: Path | None = None) -> Table:
+def _law_budget(calibration, budget, avail, unit, tpe) -> float | None:
+    """The plan's budget in the law's unit (LM: tokens; toy: samples = examples). An example
+    budget becomes tokens through the data's mean tokens per example; None: not known here."""
+    if calibration is None:
+        return None
+    b = budget if budget is not None else (None if avail is None else float(sum(avail)))
+    if b is None or unit == "tokens" or tpe is None:
+        return b
+    return b * float(sum(a * t for a, t in zip(avail, tpe, strict=True)) / sum(avail)) \
+        if avail is not None and sum(avail) > 0 else None
+
+
+def _plan_extrapolation(result, thr) -> list[str]:
+    """Where the plan leans on the law outside what it was fitted on (one phrase each)."""
+    out = [f"plan size: {x}" for x in thr.extrapolation(result.size)]
+    for name, n in (("natural mix needs", result.natural_size_needed),
+                    ("natural mix needs at least", result.natural_size_minimum)):
+        if n is not None and math.isfinite(n) and n != result.size:
+            out += [f"{name}: {x}" for x in thr.extrapolation(n)]
+    return out
+
+
+def plan_table(result, out: Path | None = None, extrapolated: list[str] | None = None) -> Table:
     table = Table(title=f"plan at size {result.size:g}: KL(plan || natural) = {result.kl:.4g} "
                   f"nats", box=box.SIMPLE_HEAD)
     for c in ("task", "natural", "planned", "change", "needs", "cap", "learned", "target"):
@@ -285,6 +350,8 @@ def plan_table(result, out: Path | None = None) -> Table:
         notes.append(f"the natural mix would need size {result.natural_size_needed:.4g} "
                      f"({ratio:.2f}x) for every target with the same margin (at least "
                      f"{result.natural_size_minimum:.4g} without)")
+    if extrapolated:
+        notes.append(f"[yellow]warning: extrapolated ({'; '.join(extrapolated)})[/]")
     if out is not None:
         notes.append(f"wrote {out}/plan.json and exports")
     table.caption = "; ".join(notes)

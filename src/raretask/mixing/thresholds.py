@@ -6,8 +6,10 @@ Two models with one small API (``required``, ``learned``, ``size_needed``, ``des
   explicit task file); the size is the width N; Theorem 3 decides. The required share of task k
   is :meth:`raretask.theory.Theory.required_frequency` at the current mix (others keep their
   proportions), so it depends on the whole mix.
-* :class:`CalibratedThreshold`: a curve ``f*(size) = 10**log10_c * size**slope`` fitted by
-  :mod:`raretask.mixing.calibrate` on a finished grid; the same for every task.
+* :class:`LawThreshold`: the learnability law of a `raretask calibrate` file
+  (:mod:`raretask.mixing.learnability`) at the plan's budget, its rate converted to the plan's
+  unit (share of tokens or of examples); the same law for every task.
+* :class:`CalibratedThreshold`: a bare curve ``f*(size) = 10**log10_c * size**slope``.
 """
 
 from __future__ import annotations
@@ -136,3 +138,90 @@ class CalibratedThreshold:
     def describe(self) -> str:
         return (f"{self.label}: f*(size) = 10^{self.log10_c:.3f} * size^{self.slope:.3f}"
                 f" (±{self.log10_sigma:.2f} in log10)")
+
+
+class LawThreshold:
+    """A calibrated law as the share a task needs, in the plan's unit.
+
+    The law's rate f is instances per token (LM) or a share of samples (toy). A dataset's
+    example of task k is one instance, so with ``t_k`` tokens per example:
+
+    * share of tokens: ``s_k = f_k t_k`` (exact);
+    * share of examples: ``q_k = f_k * sum_j q_j t_j`` (the mix's mean tokens per example,
+      taken at the current weights: the plan iterates until it stops moving).
+
+    Parameters
+    ----------
+    law:
+        A fitted :class:`~raretask.mixing.learnability.Law` (a bound has no threshold: refused).
+    kind:
+        "lm" or "toy" (the calibration's kind).
+    unit:
+        The plan's unit, "examples" or "tokens".
+    budget:
+        Training budget in the law's unit (LM: tokens; toy: samples).
+    tokens_per_example:
+        Tokens per example of each task (LM calibrations need it; None: refused).
+    label:
+        Names the calibration in messages and tables.
+    """
+
+    def __init__(self, law, kind: str, unit: str, budget: float,
+                 tokens_per_example: Sequence[float] | None = None, label: str = "calibration"):
+        if law.kind != "logistic":
+            raise UserError(f"--curve: task {law.task!r} of {label} has no threshold "
+                            f"({law.learned_cells} of {law.cells} cells learned); choose a "
+                            "fitted task")
+        if kind == "lm" and tokens_per_example is None:
+            raise UserError(f"--calibration: {label} is in instances per token; converting it to "
+                            f"shares of {unit} needs each task's tokens per example (analyze "
+                            "with a text field or --tokens-field)")
+        if kind == "lm" and np.any(np.asarray(tokens_per_example, float) <= 0):
+            raise UserError(f"--calibration: converting {label} needs tokens per example > 0 "
+                            "for every task (a task has examples without tokens)")
+        if kind == "toy" and unit == "tokens":
+            raise UserError(f"--unit tokens: {label} is a toy calibration (share of samples); "
+                            "use --unit examples")
+        if not (np.isfinite(budget) and budget > 0):
+            raise UserError(f"--budget: the calibrated law needs a training budget > 0, got "
+                            f"{budget}")
+        self.law, self.kind, self.unit, self.budget, self.label = law, kind, unit, budget, label
+        self.tpe = None if tokens_per_example is None else np.asarray(tokens_per_example, float)
+
+    def _factor(self, shares: np.ndarray) -> np.ndarray:
+        """Share in the plan's unit per unit of the law's rate, for every task."""
+        q = np.asarray(shares, float)
+        if self.kind == "toy":
+            return np.ones(q.size)
+        if self.unit == "tokens":
+            return self.tpe
+        return np.full(q.size, float(np.sum(q / q.sum() * self.tpe)))
+
+    def at(self, size: float) -> float:
+        """The law's f*(size) at the budget, in its own unit."""
+        if not size > 0:
+            raise UserError(f"--size must be > 0, got {size:g}")
+        return self.law.required_frequency(size, self.budget)[0]
+
+    def required(self, shares: np.ndarray, size: float) -> np.ndarray:
+        return np.minimum(1.0, self.at(size) * self._factor(shares))
+
+    def learned(self, shares: np.ndarray, size: float) -> np.ndarray:
+        return np.asarray(shares) >= self.required(shares, size)
+
+    def size_needed(self, shares: np.ndarray, task: int, margin: float = 1.0) -> float:
+        """Size at which ``margin`` times the required share falls to this task's share."""
+        s = float(shares[task]) / margin
+        if s <= 0:
+            return float("inf")
+        return self.law.size_for(s / float(self._factor(shares)[task]), self.budget)
+
+    def frequent(self, shares: np.ndarray) -> np.ndarray:
+        return CalibratedThreshold.frequent(self, shares)
+
+    def extrapolation(self, size: float) -> list[str]:
+        return self.law.extrapolation(size, self.budget, None)
+
+    def describe(self) -> str:
+        return (f"{self.label} [{self.law.task}]: P(learned) = 1/2 at {self.law.threshold_law()}, "
+                f"budget {self.budget:.3g}")
