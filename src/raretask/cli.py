@@ -221,8 +221,9 @@ def _predict_calibrated(path: Path, task: str | None, size: str | None, tokens: 
         _print_json(obj)
         return
     unit = cal.units.frequency
+    shape = law.threshold_law() if law.kind == "logistic" else "none"
     lines = [f"{law.task} at size {size} ({params:.4g} {cal.units.size}), budget {tokens:.4g} "
-             f"({cal.units.budget}); law: {law.threshold_law() if law.kind == 'logistic' else 'none'}"]
+             f"({cal.units.budget}); law: {shape}"]
     if law.kind == "bound":
         lines.append(f"no threshold: {law.learned_cells} of {law.cells} cells learned "
                      f"(scores {law.worst_score:.3g}..{law.best_score:.3g}); "

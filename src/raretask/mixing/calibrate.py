@@ -3,7 +3,7 @@ from any number of finished grids, cross-validated, and written to a calibration
 (:func:`calibrate_runs`, :class:`CalibrationFile`, :func:`load_calibration`).
 
 Below that, the per-size brackets this module started with, kept for the toy's comparison with
-Theorem 3 (:func:`calibrate_rows`). It reads a finished grid (toy or LM, :func:`raretask.runs.grid.load_summary`), and for each curve
+Theorem 3 (:func:`calibrate_rows`). It reads a finished grid's rows, and for each curve
 (cells that differ only in size, seed and task frequency) and each size finds the frequency
 threshold that best separates learned from not-learned (task, seed) points: the cut with fewest
 misclassifications; the bracket ``[low, high]`` runs from the most frequent task below the cut to

@@ -158,7 +158,7 @@ def calibrate(
     = 10.0,
     as_json: AsJson = False,
 ) -> None:
-    """Fit P(learned | size, budget, frequency) per task, cross-validate it, score held-out grids."""
+    """Fit P(learned | size, budget, frequency) per task; cross-validate; score held-out grids."""
     from raretask.mixing.calibrate import calibrate_runs
     from raretask.runs import store
 
