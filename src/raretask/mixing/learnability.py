@@ -246,7 +246,9 @@ class Law(BaseModel):
     def threshold_law(self) -> str:
         """f* ∝ N^a D^b, the exponents read off the coefficients."""
         _, bn, bx, bd = self.coef
-        return f"f* ∝ N^{-bn / bx:.3f} · D^{-(bx + bd) / bx:.3f}"
+        lo, hi = self.ranges.tokens
+        prior = " (D: one budget seen, exponent from the prior)" if lo == hi else ""
+        return f"f* ∝ N^{-bn / bx:.3f} · D^{-(bx + bd) / bx:.3f}{prior}"
 
 
 def _span(values) -> tuple[float, float]:
@@ -305,8 +307,9 @@ def fit_laws(obs: list[Obs], prior_sd: float = PRIOR_SD) -> list[Law]:
 
 
 def contradictions(obs: list[Obs]) -> list[str]:
-    """Cells that contradict any monotone law: not learned although a cell no larger, with no
-    more budget and no higher frequency (same task and schedule) was. One line per (task, size)."""
+    """Cells that contradict any monotone law: not learned although a smaller cell (no larger on
+    any of size, budget, frequency, smaller on one; same task and schedule) was. One line per
+    (task, size)."""
     lines = []
     groups: dict[tuple, list[Obs]] = {}
     for o in obs:
@@ -315,14 +318,16 @@ def contradictions(obs: list[Obs]) -> list[str]:
         v = np.array([[o.params, o.tokens, o.frequency] for o in grp])
         y = np.array([o.learned for o in grp])
         # bad[i]: row i not learned, some learned row j with v_j <= v_i everywhere
-        le = np.all(v[None, :, :] <= v[:, None, :], axis=2)  # le[i, j]: v_j <= v_i
+        # le[i, j]: v_j <= v_i on every axis and < on one (equal points are replicates: noise)
+        le = np.all(v[None, :, :] <= v[:, None, :], axis=2) & \
+            np.any(v[None, :, :] < v[:, None, :], axis=2)
         bad = ~y & np.any(le & y[None, :], axis=1)
         by_size: dict[str, int] = {}
         for i in np.flatnonzero(bad):
             by_size[grp[i].size] = by_size.get(grp[i].size, 0) + 1
         for size, count in by_size.items():
             lines.append(f"{task} ({sched}): {count} cell(s) at size {size} not learned although "
-                         "a cell no larger, with no more budget and no higher frequency was")
+                         "a smaller, shorter or rarer cell was (non-monotone)")
     return lines
 
 
