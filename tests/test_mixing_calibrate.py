@@ -1,4 +1,5 @@
-"""`raretask calibrate`: the toy's measured thresholds agree with Theorem 3; LM rows fit exactly."""
+"""`raretask calibrate`: the toy's per-size thresholds agree with Theorem 3; LM rows fit exactly;
+the CLI writes a law `plan` reads (tests/test_learnability.py tests the law itself)."""
 
 import json
 
@@ -8,8 +9,7 @@ import pytest
 from raretask.cli import main
 from raretask.config import load_experiment
 from raretask.mixing.calibrate import calibrate_rows, load_calibration, threshold_point
-from raretask.runs.grid import load_summary
-from raretask.runs.toy_grid import ToyGridRun
+from raretask.runs.grid import GridRun, load_summary
 
 GRID = {"kind": "toy", "name": "cal", "tasks": 16, "features": 8, "alpha": 2.0, "beta": 1.0,
         "width": [4, 8, 16, 32], "seed": [0], "steps": 3000, "batch_size": 256, "lr": 3e-3,
@@ -22,7 +22,7 @@ def toy_run(tmp_path_factory):
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("cal") / "run"
-    ToyGridRun(load_experiment(None, base=GRID), out).run()
+    GridRun(load_experiment(None, base=GRID), out).run()
     return out
 
 
@@ -47,12 +47,25 @@ def test_cli_writes_a_calibration_that_plan_uses(toy_run, tmp_path, capsys):
     cal = tmp_path / "cal.json"
     with pytest.raises(SystemExit) as exc:
         main(["calibrate", str(toy_run), "--out", str(cal)])
-    assert exc.value.code == 0 and "agrees" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "vs Theorem 3" in out and "leave one cell out" in out
     data = json.loads(cal.read_text())
-    assert data["kind"] == "toy" and data["curves"][0]["fit"]["slope"] < 0
-    thr = load_calibration(cal)
-    p8 = next(p for p in data["curves"][0]["points"] if p["size"] == 8)
-    assert p8["low"] <= thr.at(8) * 1.1 and thr.at(8) / 1.1 <= p8["high"]
+    assert data["kind"] == "toy" and data["units"]["frequency"] == "share of samples"
+    (law,) = load_calibration(cal).laws
+    assert law.kind == "logistic" and law.slope()[0] < 0
+    # the law's threshold at width 8 lies in the measured bracket of the per-size cut
+    _, (curve,) = calibrate_rows(load_summary(toy_run))
+    p8 = next(p for p in curve.points if p.size == 8)
+    f8 = law.required_frequency(8, law.ranges.tokens[0])[0]
+    assert p8.low <= f8 * 1.1 and f8 / 1.1 <= p8.high
+    # plan reads it: every task needs the law's share at width 8 (at the grid's budget, where
+    # the law was fitted)
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "examples/tasks.yaml", "--size", "8", "--calibration", str(cal), "--json",
+              "--margin", "1", "--budget", str(law.ranges.tokens[0])])
+    plan = json.loads(capsys.readouterr().out)
+    assert exc.value.code == 0
+    assert [t["required"] for t in plan["tasks"]] == [pytest.approx(f8, rel=1e-9)] * 5
 
 
 def test_not_a_run_directory_exits_2(tmp_path, capsys):
