@@ -338,11 +338,17 @@ def calibrate_runs(run_dirs: list[Path], learned_accuracy: float = 0.9,
                             f"(bX = {bx:.3g})")
     theory = []
     if kind == "toy":
-        for law in laws:
-            t, notes = toy_theory_check(law, [r for r in toy_rows
-                                              if str(r["width"]) not in excluded])
-            theory.append(t)
-            warnings += notes
+        try:
+            for law in laws:
+                t, notes = toy_theory_check(law, [r for r in toy_rows
+                                                  if str(r["width"]) not in excluded])
+                theory.append(t)
+                warnings += notes
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError, StopIteration, ZeroDivisionError) as err:
+            raise UserError(f"{', '.join(map(str, run_dirs))}: malformed summary rows "
+                            f"({type(err).__name__}: {err})") from None
     calls = predict_obs(laws, test)
     held = [HeldOut(source=c.obs.source, task=c.obs.task, size=c.obs.size, params=c.obs.params,
                     tokens=c.obs.tokens, frequency=c.obs.frequency, schedule=c.obs.schedule,

@@ -94,7 +94,7 @@ def lm_observations(rows: list[dict], source: str, learned_accuracy: float) -> l
         out.append(Obs(str(r["task"]), str(r["size"]), float(r["params"]), float(tokens),
                        float(r["frequency"]), str(r["schedule"]), int(r["seed"]), source,
                        f"{source}#{r['cell']}", acc, acc >= learned_accuracy))
-    return out
+    return check_obs(out, source)
 
 
 def toy_observations(rows: list[dict], source: str, samples: float) -> list[Obs]:
@@ -108,7 +108,17 @@ def toy_observations(rows: list[dict], source: str, samples: float) -> list[Obs]
         out.append(Obs(toy_family(r), str(r["width"]), float(r["width"]), float(samples),
                        float(r["frequency"]), sched, int(r["seed"]), source,
                        f"{source}#{r['cell']}", float(r["signal"]), bool(r["learned"])))
-    return out
+    return check_obs(out, source)
+
+
+def check_obs(obs: list[Obs], source: str) -> list[Obs]:
+    """Every number the law takes logs of is finite and > 0 (rows edited outside raretask)."""
+    for o in obs:
+        for name, v in (("params", o.params), ("tokens", o.tokens), ("frequency", o.frequency)):
+            if not (math.isfinite(v) and v > 0):
+                raise UserError(f"{source}: {o.cell.split('#')[-1]}: {name}: expected a number "
+                                f"> 0, got {v!r}")
+    return obs
 
 
 def dedupe(obs: list[Obs]) -> tuple[list[Obs], int]:
