@@ -268,3 +268,13 @@ def test_calibrate_invalid_inputs(tmp_path, capsys):
     code, _, err = _cli(["calibrate", FIG5, "--prior-sd", "0", "--out", tmp_path / "c"], capsys)
     assert code == 2 and "--prior-sd must be a number > 0" in err
     assert not (tmp_path / "c").exists()
+
+
+def test_report_tables_of_a_held_out_calibration():
+    from raretask.report.calibration import calibration_tables
+
+    cal = load_calibration(RES / "lm_calibration_heldout_1k.json")
+    acc, laws, held = calibration_tables(cal)
+    row = next(r for r in acc["rows"] if r[1].startswith("held out"))
+    assert row[0] == "cmp" and row[2:5] == ["16/17", "94%", "4"]
+    assert len(held["rows"]) == 21 and [r[-1] for r in held["rows"]].count("wrong") == 1
