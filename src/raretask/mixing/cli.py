@@ -45,6 +45,8 @@ def _threshold(names, size, calibration, curve, alpha, features, spectra=None,
     if calibration is not None:
         cal = load_calibration(calibration)
         law = cal.law(curve, "--curve")
+        if cal.kind == "lm" and tokens_per_example is None:  # refuse before asking for more
+            LawThreshold(law, cal.kind, unit, 1.0, None, label=calibration.name)
         if budget is None:
             lo, hi = law.ranges.tokens
             if lo != hi:
