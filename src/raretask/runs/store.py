@@ -23,7 +23,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -67,18 +67,29 @@ def remove_stale_temps(directory: Path) -> int:
     return n
 
 
-def write_text(path: Path, text: str) -> None:
-    with _atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
+@contextlib.contextmanager
+def open_atomic(path: Path, mode: str = "wb") -> Iterator[IO]:
+    """A file opened for writing (``"w"``: UTF-8 text, ``"wb"``: bytes) that becomes ``path``.
+
+    It is a temporary file beside ``path``; when the block ends without an error it is synced
+    and renamed over ``path``, else removed (``path`` untouched). For files written piece by
+    piece, too large to hold in memory for :func:`write_bytes`.
+    """
+    encoding = None if "b" in mode else "utf-8"
+    with _atomic_path(path) as tmp, open(tmp, mode, encoding=encoding) as fh:
+        yield fh
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def write_text(path: Path, text: str) -> None:
+    with open_atomic(path, "w") as fh:
+        fh.write(text)
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    with _atomic_path(path) as tmp, open(tmp, "wb") as fh:
+    with open_atomic(path, "wb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -138,3 +149,20 @@ def claim(path: Path) -> Iterator[bool]:
         yield True
     finally:
         handle.close()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` for the block, waiting until it is free.
+
+    For work that several processes may start at once and only one should do (the ranks of one
+    host building a cache entry): the first builds, the others wait and then find the result.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")  # noqa: SIM115 - held for the whole block
+    except OSError as err:
+        raise io_error(path, err, "cannot lock") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
