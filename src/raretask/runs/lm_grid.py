@@ -44,7 +44,7 @@ def build_trainer(cell: LMCell, device: str, stream_world: tuple[int, int] | Non
     ``stream_world``: (rank, processes) training this cell together (default: the process
     group's); ``fsdp``: shard the model with FSDP2 rather than DDP when processes > 1.
     """
-    from raretask.lm.data import BackgroundConfig
+    from raretask.lm.background import BackgroundConfig
     from raretask.lm.model import ModelConfig
     from raretask.lm.schedule import eval_schedule
     from raretask.lm.tasks import Frequency, InjectionSchedule, RareTask
