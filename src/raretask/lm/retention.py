@@ -1,0 +1,157 @@
+"""Retention around bursts (PAPER.md Sec. 3, the paper's Fig. 8): what an injection teaches and
+what the gap until the next one takes away, read from a densely traced task loss.
+
+A cell with bursts every g steps and ``trace_windows`` > 0 is evaluated at ``m g - 1`` (just
+before the m-th injection), ``m g`` (just after) and through the gap to ``(m + 1) g - 1``
+(:mod:`raretask.lm.schedule`). For each such window found in the metrics:
+
+* ``drop`` = loss(before) - loss(after): how much the burst lowered the task loss (> 0: it
+  taught something);
+* ``rebound`` = loss(end) - loss(after): how much of it the gap's background steps undid
+  (> 0: forgetting; update-and-forget makes it large in small models);
+* ``kept`` = 1 - rebound / drop: the share of the drop still there when the next burst comes
+  (1: all kept, 0: all lost, < 0: worse than before the burst); None when drop <= 0.
+
+:func:`retention_by_size` folds the windows of every cell into one line per (size, gap):
+per seed the mean over its windows, then mean +- sd (ddof 1) over the seeds.
+
+Example::
+
+    >>> steps = [9, 10, 12, 14, 16, 18, 19]
+    >>> loss = [3.0, 2.0, 2.2, 2.4, 2.5, 2.6, 2.6]
+    >>> (w,) = windows(steps, loss, every=10)
+    >>> round(w.drop, 3), round(w.rebound, 3), round(w.kept, 3)
+    (1.0, 0.6, 0.4)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Window:
+    """One traced injection cycle of one cell (module docstring)."""
+
+    injection: int
+    """m: the m-th injection (1-based)."""
+    before: float
+    after: float
+    end: float
+    offsets: tuple[int, ...]
+    """Steps relative to the injection's own step m g - 1 ... : before is 0, after is 1."""
+    values: tuple[float, ...]
+    """The metric at those steps."""
+
+    @property
+    def step(self) -> int:
+        """Evaluation step just after the injection (m g)."""
+        return self.injection
+
+    @property
+    def drop(self) -> float:
+        return self.before - self.after
+
+    @property
+    def rebound(self) -> float:
+        return self.end - self.after
+
+    @property
+    def kept(self) -> float | None:
+        return 1.0 - self.rebound / self.drop if self.drop > 0 else None
+
+
+def windows(steps: Sequence[int], values: Sequence[float], every: int) -> list[Window]:
+    """Every injection cycle whose before (m g - 1), after (m g) and end ((m + 1) g - 1) steps
+    are all among ``steps`` (a metric's evaluation steps, ``values`` at them): the traced ones,
+    plus any the log-spaced schedule happens to cover whole. ``injection`` holds m g."""
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    at = {int(s): float(v) for s, v in zip(steps, values, strict=True) if math.isfinite(v)}
+    out = []
+    for after in sorted(s for s in at if s > 0 and s % every == 0):
+        before, end = after - 1, after + every - 1
+        if before not in at or end not in at:
+            continue
+        inside = [s for s in sorted(at) if before <= s <= end]
+        out.append(Window(after, at[before], at[after], at[end],
+                          tuple(s - before for s in inside), tuple(at[s] for s in inside)))
+    return out
+
+
+def _mean_sd(xs: Sequence[float]) -> tuple[float | None, float | None]:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+@dataclass(frozen=True)
+class SizeRetention:
+    """One (size, gap) line: per seed the mean over its windows, then mean +- sd over seeds."""
+
+    size: str
+    params: int
+    every: int
+    seeds: int
+    windows: int
+    """Windows over all seeds."""
+    drop: tuple[float | None, float | None]
+    rebound: tuple[float | None, float | None]
+    kept: tuple[float | None, float | None]
+
+
+def retention_by_size(cell_windows: dict[int, list[Window]], rows: list[dict],
+                      cells: dict[int, dict]) -> list[SizeRetention]:
+    """Fold ``cell_windows`` (cell id -> its :func:`windows`) into one line per (size, every),
+    ordered by parameters then gap. ``rows``: the run's summary rows (size, params, seed);
+    ``cells``: cell id -> config fields (``every``)."""
+    by_cell = {r["cell"]: r for r in rows}
+    groups: dict[tuple, list[list[Window]]] = defaultdict(list)
+    for cid, ws in cell_windows.items():
+        if not ws:
+            continue
+        r = by_cell[cid]
+        groups[(r["params"], r["size"], int(cells.get(cid, {}).get("every", 1)))].append(ws)
+    out = []
+    for (params, size, every), per_seed in sorted(groups.items()):
+        out.append(SizeRetention(
+            size=size, params=params, every=every, seeds=len(per_seed),
+            windows=sum(len(ws) for ws in per_seed),
+            drop=_mean_sd(_seed_means(per_seed, "drop")),
+            rebound=_mean_sd(_seed_means(per_seed, "rebound")),
+            kept=_mean_sd(_seed_means(per_seed, "kept"))))
+    return out
+
+
+def _seed_means(per_seed: list[list[Window]], attr: str) -> list[float]:
+    """Per seed, the mean of ``attr`` over its windows (windows without a value left out)."""
+    means = []
+    for ws in per_seed:
+        vals = [getattr(w, attr) for w in ws if getattr(w, attr) is not None]
+        if vals:
+            means.append(sum(vals) / len(vals))
+    return means
+
+
+def run_windows(m: dict, rows: list[dict], cells: dict[int, dict],
+                metric: str = "task_loss") -> dict[int, list[Window]]:
+    """:func:`windows` of ``metric`` for every cell of a run (``m``: the long-format metrics as
+    column arrays, ``raretask.report.analysis.load_metrics``)."""
+    out = {}
+    for r in rows:
+        cid = r["cell"]
+        sel = [i for i in range(len(m["cell"])) if m["cell"][i] == cid and m["metric"][i] == metric]
+        steps = [int(m["step"][i]) for i in sel]
+        vals = [float(m["value"][i]) for i in sel]
+        out[cid] = windows(steps, vals, int(cells.get(cid, {}).get("every", 1)))
+    return out
+
+
+__all__ = ["SizeRetention", "Window", "retention_by_size", "run_windows", "windows"]
