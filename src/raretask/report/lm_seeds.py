@@ -6,10 +6,10 @@ frequency the size learns and the bracket the true boundary lies in (:func:`lear
 
 Definitions (ours; the paper shows heatmaps and states no threshold):
 
-* **learned** (one seed): final ``test_accuracy`` >= (1 + ``chance_format``) / 2, halfway from
-  the accuracy of a model that knows only the format to a perfect one: 0.7527 for T_CMP at task
-  seed 0 (``chance_format`` 0.5053), 0.505 for T_ADD (0.01). :data:`LEARNED_FRACTION` sets
-  "halfway". A diverged seed counts as not learned.
+* **learned** (one seed): :func:`raretask.lm.verdict.lm_verdict` says so: final
+  ``test_accuracy`` >= (1 + ``chance_format``) / 2, halfway from the accuracy of a model that
+  knows only the format to a perfect one: 0.7527 for T_CMP at task seed 0 (``chance_format``
+  0.5053), 0.505 for T_ADD (0.01). A diverged seed counts as not learned.
 * **a setting is learned** when a strict majority of its seeds learned (2 of 3);
   **its seeds disagree** when some learned and some did not (the heatmaps mark those cells).
 * **mean +- sd**: over the seeds' final values; sd is the sample standard deviation (ddof 1),
@@ -38,29 +38,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from raretask.lm.verdict import LEARNED_FRACTION, learned_threshold, seed_learned
+
 METRICS = ("test_accuracy", "train_accuracy", "task_loss", "task_test_loss", "val_loss")
 """Final values aggregated over seeds: accuracy, task loss (training instances), held-out task
 loss (test instances), background validation loss."""
-LEARNED_FRACTION = 0.5
-"""A seed learned the task at test accuracy >= chance_format + this x (1 - chance_format)."""
-
-
-def learned_threshold(row: dict) -> float:
-    """The test accuracy at which ``row``'s seed counts as having learned its task."""
-    chance = row.get("chance_format")
-    if chance is None:
-        chance = 0.01 if row.get("task") == "add" else 0.5
-    return chance + LEARNED_FRACTION * (1.0 - chance)
-
-
-def seed_learned(row: dict) -> bool:
-    """One seed's verdict (module docstring)."""
-    acc = row.get("test_accuracy")
-    if acc is None or row.get("diverged_step") is not None or not math.isfinite(acc):
-        return False
-    return acc >= learned_threshold(row)
-
-
 def nominal_frequency(row: dict, cells: dict[int, dict] | None = None) -> float:
     """The frequency the cell asked for (instances per token), to 4 significant digits: its
     config's ``frequency`` (or ``requested_frequency`` in the row), or instances / (every x

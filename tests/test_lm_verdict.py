@@ -1,0 +1,49 @@
+"""Verdicts of LM summary rows (raretask.lm.verdict): below T_CMP's format-only chance a cell is
+flagged "format not learned", never just "not learned"; on the committed Fig. 5 run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raretask.lm.verdict import FORMAT_NOT_LEARNED, learned_threshold, lm_verdict
+
+FIG5 = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "fig5_lm_heatmap"
+
+
+def row(acc, task="cmp", **kw):
+    return {"task": task, "test_accuracy": acc, "chance_format": 0.5053 if task == "cmp" else 0.01,
+            **kw}
+
+
+@pytest.mark.parametrize(("acc", "verdict"), [
+    (0.0, FORMAT_NOT_LEARNED), (0.5052, FORMAT_NOT_LEARNED), (0.5053, "not learned"),
+    (0.7526, "not learned"), (0.75265, "learned"), (1.0, "learned")])
+def test_cmp_verdicts_at_the_edges(acc, verdict):
+    assert lm_verdict(row(acc)) == verdict
+
+
+def test_add_is_never_flagged_below_its_symbol_chance_and_learns_at_0_505():
+    assert lm_verdict(row(0.006, "add")) == "not learned"
+    assert lm_verdict(row(0.505, "add")) == "learned"
+    assert learned_threshold(row(0.0, "add")) == pytest.approx(0.505)
+
+
+def test_diverged_and_missing():
+    assert lm_verdict(row(0.9, diverged_step=40)) == "diverged"
+    assert lm_verdict(row(None)) == "-" and lm_verdict({"task": "none"}) == "-"
+    assert lm_verdict({"task": "cmp", "test_accuracy": 0.4}) == FORMAT_NOT_LEARNED  # 0.505
+
+
+def test_committed_fig5_run():
+    rows = json.loads((FIG5 / "summary.json").read_text())
+    verdicts = {(r["size"], r["task"], r["requested_frequency"]): lm_verdict(r) for r in rows}
+    cmp_flagged = sorted((s, f) for (s, t, f), v in verdicts.items() if v == FORMAT_NOT_LEARNED)
+    # tiny at a row in 4 and 8 (0.165, 0.001), 4m at a row in 8 (0.095); 20m's 0.559 at a row
+    # in 8 is above the format and below the 0.753 threshold: "not learned"
+    assert cmp_flagged == [("4m", 1 / 1024), ("tiny", 1 / 1024), ("tiny", 1 / 512)]
+    assert verdicts[("20m", "cmp", 1 / 1024)] == "not learned"
+    assert sum(v == "learned" for v in verdicts.values()) == 8
+    assert {v for (_, t, _), v in verdicts.items() if t == "add"} == {"not learned"}
