@@ -448,9 +448,11 @@ def demo(
     run_demo(out, console, lambda: _GridProgress(quiet), overrides or [])
 
 
+from raretask.export_cli import register as _register_export_hf  # noqa: E402
 from raretask.mixing.cli import register as _register_fix  # noqa: E402
 
 _register_fix(app)  # analyze, calibrate, plan, fix
+_register_export_hf(app)  # export-hf
 
 # -- entry point -------------------------------------------------------------------------------
 
