@@ -150,7 +150,7 @@ def test_kill_and_resume_gives_identical_results(tiny_config, reference, tmp_pat
     ("override", "message"),
     [
         ("sise=4m", "sise: unknown key"),
-        ("size=huge", "size: unknown preset (known: tiny, 4m, 20m, 300m, 1b, 4b), got 'huge'"),
+        ("size=huge", "size: unknown preset (known: tiny, 4m, 20m, 60m, 150m, 300m, 1b, 4b)"),
         ("probe_k=300", "probe_k: 300 exceeds the 256 MLP neurons of size 'tiny'"),
         ("frequency=0.1", "frequency: give exactly one of 'frequency' (per token) or"),
         ("source=web", "source: Input should be 'corpus' or 'ngram'"),
