@@ -412,3 +412,94 @@ def test_fourier_modes_rejects_a_non_positive_factor():
 def test_fourier_modes_rejects_values_that_are_not_a_permutation():
     with pytest.raises(UserError, match=r"values must be a permutation of 0..99"):
         fourier_modes(torch.randn(100, 4), torch.zeros(100))
+
+
+# -- known answers and the sign convention (issue 19) -------------------------------------------
+def test_g_nt_is_g_r_when_the_other_tokens_are_the_labels():
+    """Batch = all 10K instances with the mask inverted (every target but LABEL is "task"): the
+    other-token part is then the LABEL loss, g_nt is parallel to g_r and cos(g_nt, g_r) = 1."""
+    model = tiny()
+    inst = task().instances("all")
+    tokens, task_mask = inject(inst, inst)
+    inverted = ~task_mask
+    inverted[:, 0] = False  # position 0 is never a target
+    probe = GradientProbe(task(), k=64, chunk_tokens=7500)
+    cos = probe.measure(model, tokens, inverted)
+    assert cos.cos_nt == pytest.approx(1.0, abs=1e-6)
+    assert cos.norms["nt"] == pytest.approx(cos.norms["r"] / 3, rel=1e-5)  # mean over 3 targets
+    assert cos.cos_t < 0.999  # TOK2 and EOD targets: not the task's gradient
+
+
+def _task_loss(model: nn.Module, t: RareTask) -> float:
+    inst = t.instances("all")
+    with torch.no_grad():
+        return float(model.token_losses(inst[:, :2], inst[:, 1:3])[:, 1].mean())
+
+
+@pytest.mark.parametrize("part", ["g", "t", "nt"])
+def test_sign_convention_positive_cosine_means_the_step_lowers_the_task_loss(part):
+    """cos(x, g_r) > 0 means a descent step along x (theta -= eps x, on the probed neurons)
+    lowers the task loss, < 0 that it raises it: the sign the paper reads as interference.
+    The first-order change is -eps <x, g_r>, checked against the real loss change."""
+    model = tiny(seed=2)
+    t = task()
+    tokens, task_mask = batch(n_instances=6, b=8, t=24, seed=4)
+    probe = GradientProbe(t, k=32)
+    ref = probe.reference(model)
+    g_t, g_nt = probe.split_gradient(model, tokens, task_mask)
+    x = {"g": g_t + g_nt, "t": g_t, "nt": g_nt}[part]
+    neurons = top_neurons(ref, 32)
+    cos = probe.measure(model, tokens, task_mask, reference=ref)
+    c = {"g": cos.cos_g, "t": cos.cos_t, "nt": cos.cos_nt}[part]
+    before = _task_loss(model, t)
+    eps = 1e-2 / max(float(x.neurons(neurons).norm()), 1e-12)
+    mlp = model.blocks[0].mlp
+    with torch.no_grad():  # step only the selected neurons' 3 C parameters
+        mlp.gate_proj.weight[neurons] -= eps * x.gate[neurons]
+        mlp.up_proj.weight[neurons] -= eps * x.up[neurons]
+        mlp.down_proj.weight[:, neurons] -= eps * x.down[:, neurons]
+    change = _task_loss(model, t) - before
+    predicted = -eps * float((x.neurons(neurons).double() * ref.neurons(neurons).double()).sum())
+    assert change == pytest.approx(predicted, rel=0.05)
+    assert math.copysign(1, change) == -math.copysign(1, c)
+
+
+def test_a_model_trained_on_the_task_alone():
+    """Trained 150 Adam steps on T_CMP instances only (LABEL loss), the model learns the order
+    (test accuracy well above the format's 0.505, the order linear in block 0: R^2 > 0.5), and a
+    batch of training instances has a task gradient close to g_r."""
+    from raretask.lm.probes import probe_metrics
+    from raretask.lm.trainer import chance_levels
+
+    t = task()
+    model = tiny(seed=1)
+    train = t.instances("train")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        rows = train[torch.randint(0, len(train), (256,), generator=g)]
+        loss = model.token_losses(rows[:, :2], rows[:, 1:3])[:, 1].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    _, acc = t.evaluate(lambda x: model.logits(x), "test")
+    assert acc > chance_levels(t)["chance_format"] + 0.2
+    tokens, task_mask = inject(train[:512], train[:512])
+    row = probe_metrics(model, t, tokens, task_mask, k=64)
+    assert row["order_r2"] > 0.5
+    assert row["cos_gt_gr"] > 0.5
+
+
+def test_probe_metrics_report_fourier_modes_for_a_model_with_add_features():
+    """Fig. 7: a model whose states carry T_ADD's Fourier modes gets them counted in the row a
+    trainer records (and the grid's summary keeps as ``fourier_modes``)."""
+    from raretask.lm.probes import probe_metrics
+
+    t = task("add")
+    model = tiny()
+    set_block_outputs_to_embedding(model)
+    with torch.no_grad():
+        model.embed.weight[t.symbols] = waves([5, 12, 31], t.values, c=64).float()
+    row = probe_metrics(model, t)
+    assert row == {"fourier_modes": 3.0}
