@@ -125,3 +125,21 @@ def test_fig8_cpu_run_rows_carry_the_dense_trace(cpu_run):
         assert all(v == v and 0 < v < 10 for v in w.values)  # finite losses, near ln(512)
     (line,) = retention_by_size({row["cell"]: got}, rows, cells)
     assert (line.size, line.every, line.windows) == ("tiny", 2, 2)
+
+
+def test_fig8_cpu_run_draws_the_retention_figure(cpu_run):
+    import matplotlib.pyplot as plt
+
+    from raretask.report.figures import lm_burst_retention_figure
+
+    rows = json.loads((cpu_run / "summary.json").read_text())
+    cells = {c["cell"]: c for c in json.loads((cpu_run / "cells.json").read_text())}
+    m = pq.read_table(cpu_run / "metrics.parquet").to_pydict()
+    fig = lm_burst_retention_figure(rows, m, cells, "fig8 (CPU)")
+    trace, bars = fig.axes
+    (line,) = [ln for ln in trace.get_lines() if len(ln.get_xdata()) > 2]
+    assert list(line.get_xdata()) == [0, 1, 2]  # before, after, end of the last window
+    assert len(bars.patches) == 2  # drop and rebound for the one size and gap
+    plt.close(fig)
+    assert lm_burst_retention_figure(rows, {"cell": [], "step": [], "metric": [], "value": []},
+                                     cells, "untraced") is None

@@ -378,7 +378,12 @@ def _lm_columns(rows: list[dict], cells: dict[int, dict]) -> list[tuple[float, s
 
 def lm_heatmap_figure(rows: list[dict], cells: dict[int, dict], title: str):
     """Fig. 5 analogue: final test accuracy and task loss over size x frequency, one row of two
-    panels per task; values are means over seeds, written in each cell."""
+    panels per task; colours and the numbers written in each cell are means over seeds (with the
+    sd under the accuracy when there are several). A cell whose seeds disagree (some learned
+    the task, some did not: :func:`raretask.lm.verdict.lm_verdict`) is outlined in red and its
+    value starred."""
+    from raretask.lm.verdict import seed_learned
+
     rows = [r for r in rows if r["task"] != "none"]
     tasks = sorted({r["task"] for r in rows})
     if not tasks:
@@ -395,26 +400,38 @@ def lm_heatmap_figure(rows: list[dict], cells: dict[int, dict], title: str):
                 ("task_loss", "{:.4g}", "magma_r", None, None))):
             ax = axes[ti, pi]
             mat = np.full((len(sizes), len(cols)), np.nan)
+            sd = np.full_like(mat, np.nan)
+            disagree = np.zeros(mat.shape, dtype=bool)
             for si, s in enumerate(sizes):
                 for ci, col in enumerate(cols):
-                    v = [r[metric] for r in rs if r["size"] == s and r[metric] is not None
-                         and _lm_key(r, cells) == col]
+                    here = [r for r in rs if r["size"] == s and _lm_key(r, cells) == col]
+                    v = [r[metric] for r in here if r[metric] is not None]
                     if v:
                         mat[si, ci] = float(np.mean(v))
+                        sd[si, ci] = float(np.std(v, ddof=1)) if len(v) > 1 else np.nan
+                    n_learned = sum(seed_learned(r) for r in here)
+                    disagree[si, ci] = 0 < n_learned < len(here)
             im = ax.imshow(mat, aspect="auto", origin="lower", cmap=cmap, vmin=vmin, vmax=vmax)
             for si in range(len(sizes)):
                 for ci in range(len(cols)):
                     if np.isfinite(mat[si, ci]):
                         r_, g_, b_, _ = im.cmap(im.norm(mat[si, ci]))
                         dark = 0.299 * r_ + 0.587 * g_ + 0.114 * b_ < 0.5
-                        ax.text(ci, si, fmt.format(mat[si, ci]), ha="center", va="center",
-                                fontsize=7, color="white" if dark else "black")
+                        text = fmt.format(mat[si, ci]) + ("*" if disagree[si, ci] else "")
+                        if pi == 0 and np.isfinite(sd[si, ci]):
+                            text += f"\n\u00b1{sd[si, ci]:.3f}"
+                        ax.text(ci, si, text, ha="center", va="center",
+                                fontsize=6.5, color="white" if dark else "black")
+                    if disagree[si, ci]:
+                        ax.add_patch(plt.Rectangle((ci - 0.47, si - 0.47), 0.94, 0.94,
+                                                   fill=False, ec="red", lw=1.6))
             ax.set_xticks(range(len(cols)), [f"{f:.2e}\n{s}" for f, s in cols], fontsize=6)
             ax.set_yticks(range(len(sizes)), sizes, fontsize=8)
             ax.set_xlabel("frequency (instances per token) and schedule", fontsize=8)
             ax.set_ylabel("model size", fontsize=8)
-            ax.set_title(f"T_{task.upper()}: {'test accuracy' if pi == 0 else 'task loss'}",
-                         fontsize=9)
+            what = "test accuracy" if pi == 0 else "task loss"
+            mark = " (* red: seeds disagree)" if disagree.any() else ""
+            ax.set_title(f"T_{task.upper()}: {what}{mark}", fontsize=9)
             fig.colorbar(im, ax=ax, fraction=0.04)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -530,7 +547,157 @@ def lm_retention_figure(rows, m, title: str):
 
 def lm_cosine_figure(rows, m, title: str):
     """Fig. 9 analogue: cosines of the batch gradient g, its task-token part g_t and its
-    other-token part g_nt with the task's reference gradient g_r, over training."""
-    return _lm_trajectory_figure(rows, m, [("cos_g_gr", "cos(g, g_r)"),
-                                           ("cos_gt_gr", "cos(g_t, g_r)"),
-                                           ("cos_gnt_gr", "cos(g_nt, g_r)")], title)
+    other-token part g_nt with the task's reference gradient g_r, over training: per setting
+    the mean over its seeds with a +- sd band, one colour per size (line style per frequency and
+    schedule when there are several); the legend sits beside the panels, off the data."""
+    return lm_seed_band_figure(rows, m, [("cos_g_gr", "cos(g, g_r)"),
+                                         ("cos_gt_gr", "cos(g_t, g_r)"),
+                                         ("cos_gnt_gr", "cos(g_nt, g_r)")], title, zero_line=True)
+
+
+def _seed_settings(rows: list[dict], cells: dict[int, dict] | None = None):
+    """{(task, params, size, schedule, frequency): [rows of its seeds]} (report.lm_seeds keys)."""
+    from raretask.report.lm_seeds import nominal_frequency, schedule_family
+
+    out: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get("task", "none") == "none":
+            continue
+        out[(r["task"], r["params"], r["size"], schedule_family(r, cells),
+             nominal_frequency(r, cells))].append(r)
+    return dict(sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3], -kv[0][4])))
+
+
+def _seed_mean_series(m, seed_rows: list[dict], metric: str):
+    """(steps, mean, sd) over the seeds at the steps every seed has (steps > 0); sd 0 for one."""
+    from raretask.report.analysis import metric_series
+
+    series = []
+    for r in seed_rows:
+        steps, v = metric_series(m, r["cell"], metric)
+        keep = (steps > 0) & np.isfinite(v)
+        series.append(dict(zip(steps[keep].tolist(), v[keep].tolist(), strict=True)))
+    common = sorted(set.intersection(*(set(x) for x in series))) if series else []
+    if not common:
+        return None
+    vals = np.array([[x[s] for s in common] for x in series])  # [seeds, steps]
+    sd = vals.std(0, ddof=1) if len(series) > 1 else np.zeros(len(common))
+    return np.array(common), vals.mean(0), sd
+
+
+def lm_seed_band_figure(rows, m, metrics: list[tuple[str, str]], title: str, zero_line=False,
+                        cells: dict[int, dict] | None = None):
+    """One panel per (task, metric): per setting (size, frequency, schedule) the seed mean with
+    a +- sd band; colour = size, line style = frequency/schedule; legend outside the axes."""
+    settings = _seed_settings(rows, cells)
+    tasks = sorted({k[0] for k in settings})
+    layout = [[(metric, label, t) for metric, label in metrics
+               if any(_has(m, r["cell"], metric) for k, rs in settings.items() if k[0] == t
+                      for r in rs)] for t in tasks]
+    layout = [row for row in layout if row]
+    if not layout:
+        return None
+    ncol = max(len(row) for row in layout)
+    fig, axes = plt.subplots(len(layout), ncol, figsize=(4.2 * ncol + 2.2, 3.2 * len(layout)),
+                             squeeze=False)
+    sizes = sorted({(k[1], k[2]) for k in settings})
+    colours = {s: plt.get_cmap("viridis")(0.9 * i / max(len(sizes) - 1, 1))
+               for i, (_, s) in enumerate(sizes)}
+    variants = sorted({(k[3], k[4]) for k in settings}, key=lambda v: (v[0], -v[1]))
+    styles = ["-", "--", ":", "-."]
+    handles: dict[str, object] = {}
+    for ri, row in enumerate(layout):
+        for ci in range(ncol):
+            ax = axes[ri, ci]
+            if ci >= len(row):
+                ax.set_visible(False)
+                continue
+            metric, label, task = row[ci]
+            for (t, _, size, sched, freq), seed_rows in settings.items():
+                if t != task:
+                    continue
+                got = _seed_mean_series(m, seed_rows, metric)
+                if got is None:
+                    continue
+                steps, mean, sd = got
+                style = styles[variants.index((sched, freq)) % len(styles)]
+                name = f"{size}, {freq:.2e} {sched}, {len(seed_rows)} seed" + (
+                    "s" if len(seed_rows) > 1 else "")
+                (line,) = ax.plot(steps, mean, style, color=colours[size], lw=1.3)
+                ax.fill_between(steps, mean - sd, mean + sd, color=colours[size], alpha=0.2,
+                                lw=0)
+                handles.setdefault(name, line)
+            if zero_line:
+                ax.axhline(0, color="0.5", lw=0.6)
+            ax.set_xscale("log")
+            ax.set_xlabel("step", fontsize=8)
+            ax.set_ylabel(label, fontsize=8)
+            ax.set_title(f"T_{task.upper()}: {label}", fontsize=9)
+            ax.tick_params(labelsize=7)
+    fig.suptitle(f"{title} (seed mean, band: +- sd)", fontsize=10)
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
+    return fig
+
+
+def lm_burst_retention_figure(rows: list[dict], m, cells: dict[int, dict], title: str,
+                              metric: str = "task_loss"):
+    """Fig. 8 analogue, from a run with densely traced injections (``trace_windows``):
+    left, the task loss through the last traced injection cycle (steps from just before the
+    burst), seed mean +- sd, one colour per size, line style per gap; right, per size the drop at
+    an injection and the rebound over the gap (:mod:`raretask.lm.retention`: per seed the mean
+    over its windows, then mean +- sd over seeds). None without traced windows."""
+    from raretask.lm.retention import retention_by_size, run_windows
+
+    windows = run_windows(m, rows, cells, metric)
+    lines = retention_by_size(windows, rows, cells)
+    if not lines:
+        return None
+    by_cell = {r["cell"]: r for r in rows}
+    sizes = sorted({(ln.params, ln.size) for ln in lines})
+    colours = {s: plt.get_cmap("viridis")(0.9 * i / max(len(sizes) - 1, 1))
+               for i, (_, s) in enumerate(sizes)}
+    gaps = sorted({ln.every for ln in lines})
+    styles = ["-", "--", ":", "-."]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12.5, 3.9))
+    for _, size in sizes:
+        for gi, every in enumerate(gaps):
+            traces = [ws[-1] for cid, ws in windows.items() if ws and by_cell[cid]["size"] == size
+                      and int(cells.get(cid, {}).get("every", 1)) == every]
+            if not traces:
+                continue
+            offsets = sorted(set.intersection(*(set(w.offsets) for w in traces)))
+            vals = np.array([[dict(zip(w.offsets, w.values, strict=True))[o] for o in offsets]
+                             for w in traces])
+            mean = vals.mean(0)
+            sd = vals.std(0, ddof=1) if len(traces) > 1 else np.zeros(len(offsets))
+            ax.plot(offsets, mean, styles[gi % 4], color=colours[size], lw=1.3,
+                    label=f"{size}, every {every} (m g = {traces[0].injection})")
+            ax.fill_between(offsets, mean - sd, mean + sd, color=colours[size], alpha=0.2, lw=0)
+    ax.axvline(0.5, color="0.5", lw=0.6)  # the burst is trained between offsets 0 and 1
+    ax.set_xlabel("steps from just before the burst (burst trained between 0 and 1)", fontsize=8)
+    ax.set_ylabel(metric.replace("_", " "), fontsize=8)
+    ax.set_title("the last traced injection cycle", fontsize=9)
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    x = np.arange(len(sizes))
+    width = 0.8 / (2 * len(gaps))
+    for gi, every in enumerate(gaps):
+        for qi, (what, hatch) in enumerate((("drop", None), ("rebound", "//"))):
+            ys, es = [], []
+            for _, size in sizes:
+                ln = next((v for v in lines if v.size == size and v.every == every), None)
+                mean, sd = getattr(ln, what) if ln else (None, None)
+                ys.append(np.nan if mean is None else mean)
+                es.append(0.0 if sd is None else sd)
+            pos = x + (2 * gi + qi - len(gaps) + 0.5) * width
+            bx.bar(pos, ys, width, yerr=es, color=f"C{gi}", hatch=hatch, alpha=0.8,
+                   label=f"{what}, every {every}", capsize=2)
+    bx.set_xticks(x, [s for _, s in sizes], fontsize=8)
+    bx.axhline(0, color="0.5", lw=0.6)
+    bx.set_ylabel(f"{metric.replace('_', ' ')} change", fontsize=8)
+    bx.set_title("drop at an injection, rebound over the gap (seed mean +- sd)", fontsize=9)
+    bx.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,71 @@
+"""LM figures over seeds (raretask.report.figures) on the committed Fig. 9 run (3 seeds per size):
+curves are seed means with a band, one colour per size, the legend off the data; heatmap cells
+whose seeds disagree are marked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+from raretask.report import figures
+from raretask.report.analysis import load_metrics
+
+FIG9 = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "fig9_lm_gradients"
+
+
+@pytest.fixture(scope="module")
+def fig9():
+    rows = json.loads((FIG9 / "summary.json").read_text())
+    cells = {c["cell"]: c for c in json.loads((FIG9 / "cells.json").read_text())}
+    return rows, cells, load_metrics(FIG9)
+
+
+def test_cosine_panels_draw_one_seed_mean_per_size_with_a_band(fig9):
+    rows, _, m = fig9
+    fig = figures.lm_cosine_figure(rows, m, "fig9")
+    axes = [a for a in fig.axes if a.get_visible()]
+    assert [a.get_title() for a in axes] == [
+        "T_CMP: cos(g, g_r)", "T_CMP: cos(g_t, g_r)", "T_CMP: cos(g_nt, g_r)"]
+    for ax in axes:
+        curves = [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 2]  # not the zero line
+        assert len(curves) == 3 and len({ln.get_color() for ln in curves}) == 3
+        assert len(ax.collections) == 3  # one +- sd band per size
+        assert ax.get_legend() is None  # the legend is the figure's, beside the panels
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        f"{s}, 9.77e-04 every 4 burst, 3 seeds" for s in ("tiny", "4m", "20m")]
+    # the 20m curve of cos(g_nt, g_r) is the mean of its three seeds at each step
+    steps, mean, sd = figures._seed_mean_series(m, [r for r in rows if r["size"] == "20m"],
+                                                "cos_gnt_gr")
+    line = [ln for ln in axes[2].get_lines() if len(ln.get_xdata()) > 2][2]
+    assert np.allclose(line.get_ydata(), mean) and np.allclose(line.get_xdata(), steps)
+    assert len(steps) == 36 and steps[-1] == 2047 and (sd > 0).all()
+    plt.close(fig)
+
+
+def panels(fig) -> list:
+    return [a for a in fig.axes if a.get_label() != "<colorbar>"]
+
+
+def red_boxes(ax) -> int:
+    return sum(1 for p in ax.patches if p.get_edgecolor()[:3] == (1.0, 0.0, 0.0))
+
+
+def test_heatmap_marks_cells_whose_seeds_disagree(fig9):
+    rows, cells, _ = fig9
+    fig = figures.lm_heatmap_figure(rows, cells, "fig9")
+    assert [red_boxes(ax) for ax in panels(fig)] == [0, 0]  # every seed agrees
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["0.048\n\u00b10.047", "0.845\n\u00b10.033", "0.919\n\u00b10.016"]
+    plt.close(fig)
+    flipped = [dict(r) for r in rows]
+    flipped[1]["test_accuracy"] = 0.9  # tiny seed 1 now learned, seeds 0 and 2 not
+    fig = figures.lm_heatmap_figure(flipped, cells, "fig9")
+    acc, loss = panels(fig)
+    assert red_boxes(acc) == 1 and red_boxes(loss) == 1
+    assert acc.texts[0].get_text().startswith("0.341*") and "seeds disagree" in acc.get_title()
+    plt.close(fig)
