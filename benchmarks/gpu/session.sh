@@ -9,11 +9,16 @@
 #   bash benchmarks/gpu/session.sh fig6 fig9
 #   bash benchmarks/gpu/session.sh toy_check toy_grid fig2     (CUDA-only toy tests; ~4.5 min)
 #   bash benchmarks/gpu/session.sh multi_ddp multi_fsdp         (kind nvidia-h200-x2: issue 10)
+#   bash benchmarks/gpu/session.sh fig5_scale                  (issue 19: ~3 calls, resumed; docs/lm_study.md)
+#   bash benchmarks/gpu/session.sh add_grok fig8_retention      (issue 19: T_ADD grokking, Fig. 8; one call each
+#                                                               if 60m/150m run below 30% MFU)
 # $OUT returns at most 8 files: a job leaves two to four (JOB.out, a JSON, a log, NAME.tgz); count
 # them before a call (tar the .out files together at the end, as session 6 did).
 # LM grids run packed: LM_PROCS (default 6) processes share the GPU, --parallel cells.
 # LM grids also leave NAME.tgz (the run folder, ~30 KB): committed to benchmarks/results/resume/,
-# the next call (any session) resumes a grid that LM_TIMEOUT cut short.
+# the next call (any session) resumes a grid that LM_TIMEOUT cut short. The tar leaves out the
+# weights of cells still running (model.safetensors, state.pt: 0.2-2 GB per cell from 20m up, over
+# the 16 MiB a returned file may have) and kept final weights: a cut cell restarts next call.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source benchmarks/gpu/setup.sh || exit 1
@@ -34,7 +39,7 @@ lm_run() {  # NAME CONFIG: one LM grid (resumed from benchmarks/results/resume/N
         "--nproc_per_node=${LM_PROCS:-6}" -m raretask run)
     time timeout "${LM_TIMEOUT:-560}" "${run[@]}" "$config" --out "$dir" --parallel cells "${LM_FAST[@]}"
     local rc=$?
-    tar czf "$OUT/$name.tgz" -C /tmp/runs "$name"
+    tar czf "$OUT/$name.tgz" --exclude='*.safetensors' --exclude=state.pt -C /tmp/runs "$name"
     python3 -m raretask show "$dir" --json >"$OUT/$name.json"
     python3 -m raretask show "$dir"
     return $rc
@@ -54,6 +59,9 @@ job() {
         fig5) lm_run fig5 configs/fig5_lm_heatmap.yaml ;;
         fig6) lm_run fig6 configs/fig6_lm_schedule.yaml ;;
         fig9) lm_run fig9 configs/fig9_lm_gradients.yaml ;;
+        fig5_scale) lm_run fig5_scale configs/fig5_lm_scale.yaml ;;        # 120 cells, ~3 calls
+        add_grok) lm_run add_grok configs/fig5_lm_add_grok.yaml ;;         # 8 cells, T_ADD grokking
+        fig8_retention) lm_run fig8_retention configs/fig8_lm_retention.yaml ;;  # 24 cells, traced
         multi_ddp) python3 benchmarks/lm_multi_gpu.py --out /tmp/runs/mg_ddp --preset 300m --parallel ddp &&
                    cp /tmp/runs/mg_ddp/lm_multi_gpu.json "$OUT/multi_ddp.json" ;;
         multi_fsdp) python3 benchmarks/lm_multi_gpu.py --out /tmp/runs/mg_fsdp --preset 1b --parallel fsdp &&
