@@ -56,7 +56,8 @@ def _sync(device: str) -> None:
 def worker(args) -> None:
     from raretask.lm.config import LMCell
     from raretask.runs import distributed, store
-    from raretask.runs.lm_grid import _save_state, build_trainer, load_checkpoint
+    from raretask.runs.profile import Profile
+    from raretask.studies.lm import build_trainer, load_checkpoint, save_state
 
     rank, world, local = distributed.env_ranks()
     mode = "single" if world == 1 else args.parallel
@@ -65,9 +66,10 @@ def worker(args) -> None:
     cell = LMCell(size=args.preset, task="cmp", frequency=1 / args.seq_len / 4, steps=total,
                   batch_size=args.batch_size, seq_len=args.seq_len, vocab_size=args.vocab_size,
                   warmup=min(10, total // 10 or 1), source="ngram", probes=False,
-                  compile=args.compile, eval_points=2)
+                  eval_points=2)
+    profile = Profile(compile=args.compile, compile_mode="default").resolve(device)
     with distributed.session(mode, device):
-        trainer, _, _ = build_trainer(cell, device, (rank, world), fsdp=mode == "fsdp")
+        trainer = build_trainer(cell, profile, (rank, world), fsdp=mode == "fsdp")
         trainer.settings = dataclasses.replace(trainer.settings, eval_steps=())
         if args.resume:
             ckpt = Path(args.resume)
@@ -95,7 +97,7 @@ def worker(args) -> None:
                 out = Path(args.save)
                 out.mkdir(parents=True, exist_ok=True)
                 store.write_safetensors(out / "model.safetensors", state.pop("model"))
-                _save_state(out / "state.pt", state)
+                save_state(out / "state.pt", state)
         timed = end - first - args.warmup
         peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
         if rank == 0:

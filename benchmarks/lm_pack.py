@@ -11,7 +11,7 @@ One invocation does both, on the same machine:
   the largest model of the default grid) re-run one at a time in a single process, from a
   one-cell config holding exactly that cell's fields (read back from the packed run's
   ``cells.json``). Their metrics tables (every evaluation's every metric) must equal the packed
-  run's rows of that cell: bit-equal with ``deterministic: true`` (the default grid sets it);
+  run's rows of that cell: bit-equal with ``deterministic: true`` (the default profile sets it);
   the largest absolute difference is reported either way.
 
 Writes ``OUT/lm_pack.json`` (figures, commands, device) and ``OUT/lm_pack.log`` beside the run
@@ -19,7 +19,7 @@ directories ``OUT/packed`` and ``OUT/alone_<cell>``.
 
     python benchmarks/lm_pack.py --out /tmp/pack     # benchmarks/lm_pack_grid.yaml, 6 processes
     python benchmarks/lm_pack.py --out /tmp/pack --procs 2 --set device=cpu --set size=tiny \\
-        --set steps=4 --set batch_size=16 --set eval_points=2 --set compile=false   # CPU check
+        --set steps=4 --set batch_size=16 --set eval_points=2 --set profile.device=cpu  # CPU check
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "benchmarks" / "lm_pack_grid.yaml"
-GRID_KEYS = ("kind", "name", "device")  # grid-level fields a one-cell config keeps
+DEFAULT_PROFILE = ROOT / "benchmarks" / "lm_pack_profile.yaml"
+GRID_KEYS = ("kind",)
 
 
 class BenchError(Exception):
@@ -104,6 +105,8 @@ def _one_cell_config(packed: Path, cell: int, path: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    ap.add_argument("--profile", type=Path, default=DEFAULT_PROFILE,
+                    help="execution profile of every run (raretask run --profile)")
     ap.add_argument("--out", type=Path, required=True, help="a new or empty directory")
     ap.add_argument("--procs", type=int, default=6, help="processes sharing the GPU(s)")
     ap.add_argument("--alone", default="first,last",
@@ -128,7 +131,8 @@ def _bench(args) -> int:
     from raretask.errors import UserError
 
     try:  # the grid as `raretask run` will read it: bad fields fail here, before any output
-        n_cells = len(list(load_experiment(args.config, args.overrides).cells()))
+        n_cells = len(list(load_experiment(args.config, args.overrides,
+                                           profile_file=args.profile).cells()))
     except UserError as err:
         raise BenchError(str(err)) from None
     picks = _pick(args.alone, n_cells)
@@ -137,6 +141,7 @@ def _bench(args) -> int:
         raise BenchError(f"--out: {out} is not empty (the benchmark times a fresh run)")
     out.mkdir(parents=True, exist_ok=True)
     sets = [x for kv in args.overrides for x in ("--set", kv)]
+    sets += ["--profile", str(args.profile)]
     packed = out / "packed"
     with open(out / "lm_pack.log", "w") as log:
         cmd = [*_torchrun(), "--standalone", f"--nproc_per_node={args.procs}", "-m", "raretask",
@@ -150,7 +155,10 @@ def _bench(args) -> int:
             fields = _one_cell_config(packed, cell, cfg)
             run_dir = out / f"alone_{cell}"
             seconds = _run([sys.executable, "-m", "raretask", "run", str(cfg), "--out",
-                            str(run_dir), "--quiet"], log, args.timeout)
+                            str(run_dir), "--quiet", "--profile", str(args.profile),
+                            *[x for kv in args.overrides if kv.startswith("profile.")
+                              for x in ("--set", kv)]],
+                           log, args.timeout)
             mine, theirs = _cell_rows(run_dir, 0), _cell_rows(packed, cell)
             diff = _max_abs_diff(mine, theirs)
             alone.append({"cell": cell, "size": fields.get("size"),

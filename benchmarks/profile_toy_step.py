@@ -6,7 +6,8 @@ Runs the grid's trainer eagerly (no CUDA graph, so kernels are attributed) for a
 under torch.profiler and prints the kernels by total GPU time, then the graph-replayed time per
 step for comparison. ``--phases`` first times each phase of a step (gradients, Adam, each
 retraction, per group) and rewritings of the gradient, each replayed as a CUDA graph;
-``--time-only`` prints the graph-replayed step time alone (``--set`` any cell field).
+``--time-only`` prints the graph-replayed step time alone (``--set`` any cell field, or
+``profile.FIELD`` for an execution setting).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from raretask.config import load_experiment
-from raretask.runs.toy_grid import build_instances, build_settings
+from raretask.studies.toy import build_instances, build_settings
 from raretask.toy.model import (
     batch_gradients,
     fused_masked_residual,
@@ -155,8 +156,9 @@ def main() -> None:
     ap.add_argument("--time-only", action="store_true", help="graph-replayed time, no profile")
     ap.add_argument("--phases", action="store_true", help="also time each phase as a graph")
     args = ap.parse_args()
-    cells = list(load_experiment(args.config, args.set).cells())
-    base = build_settings(cells[0], "cuda")
+    exp = load_experiment(args.config, args.set)  # --set profile.FIELD=VALUE for execution
+    cells = list(exp.cells())
+    base = build_settings(cells[0], exp.profile.resolve("cuda"))
     if args.phases:
         settings = dataclasses.replace(base, steps=100_000, eval_steps=())
         phases(ToyTrainer(build_instances(cells), settings))

@@ -40,12 +40,13 @@ import numpy as np
 import torch
 
 from raretask.config import load_experiment
-from raretask.runs.toy_grid import build_instances, build_settings
+from raretask.studies.toy import build_instances, build_settings
 from raretask.toy.model import random_orthonormal
 from raretask.toy.spec import TrainSettings
 from raretask.toy.trainer import _BASIS, _INIT, _TRAIN, ToyTrainer, _cdf, stream_seed
 
 ROOT = Path(__file__).resolve().parents[1]
+PROFILE = None  # the experiment's execution profile (main sets it from --set profile.FIELD=...)
 SMALL = ["tasks=16", "features=16", "width=[8,16,32,64,128]", "batch_size=256"]
 THRESHOLD = 0.3  # learned = normalised signal >= 0.3 (the configs' learned_threshold)
 TOLERANCE = 0.02
@@ -162,7 +163,7 @@ def time_reference(cells, device, steps: int, warmup: int = 5) -> dict[int, floa
 
 def time_raretask(cells, device, steps: int, warmup: int) -> float:
     """Seconds per grid-step of the batched trainer (training only, after warm-up)."""
-    settings = build_settings(cells[0], str(device))
+    settings = build_settings(cells[0], PROFILE.resolve(str(device)))
     settings = dataclasses.replace(settings, steps=warmup + steps, eval_steps=())
     trainer = ToyTrainer(build_instances(cells), settings)
     trainer.run(until=warmup)
@@ -191,7 +192,7 @@ def flops_per_grid_step(cells) -> dict[str, float]:
 
 # -- agreement ------------------------------------------------------------------------------------
 def agreement(cells, device, steps: int) -> dict:
-    settings = build_settings(cells[0], str(device))
+    settings = build_settings(cells[0], PROFILE.resolve(str(device)))
     settings = dataclasses.replace(settings, steps=steps, eval_steps=(steps,))
     trainer = ToyTrainer(build_instances(cells), settings)
     trainer.run()
@@ -244,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     widths = [int(w) for w in (args.agree_widths or ("16,64,128" if cuda else "16,64")).split(",")]
     overrides = [*(SMALL if args.small else []), *args.set]
     exp = load_experiment(args.config, overrides)
+    global PROFILE
+    PROFILE = exp.profile
     cells = list(exp.cells())
     out = Path(args.out or ROOT / "benchmarks" / "results" /
                f"toy_grid_{device.type}{'_small' if args.small else ''}.log")
@@ -267,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     flops = flops_per_grid_step(cells)
     ours = time_raretask(cells, device, steps, args.warmup)
     say(f"raretask: {ours * 1e3:.3f} ms per grid-step (over {steps} steps after {args.warmup}; "
-        f"retraction {build_settings(c0, str(device)).retraction}, "
-        f"tf32 {build_settings(c0, str(device)).tf32})")
+        f"retraction {build_settings(c0, PROFILE.resolve(str(device))).retraction}, "
+        f"tf32 {build_settings(c0, PROFILE.resolve(str(device))).tf32})")
     per_width = time_reference(cells, device, ref_steps)
     ref = sum(per_width.values())
     say(f"reference: {ref * 1e3:.2f} ms per grid-step = sum over the {len(cells)} models "

@@ -6,7 +6,8 @@ import pytest
 
 from raretask.config import ToyCell, load_experiment, parse_override
 from raretask.errors import UserError
-from raretask.runs.toy_grid import eval_steps, plan_groups
+from raretask.studies.base import eval_steps
+from raretask.studies.toy import plan_groups
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -63,7 +64,10 @@ def test_paper_configs_have_the_paper_grids():
         (["schedule=every", "gap=5"], "config: count: schedule 'every' needs count >= 1"),
         (["lr=0"], "config: lr: Input should be greater than 0"),
         (["kind=vision"], "config: kind: unknown experiment kind 'vision'"),
-        (["group_size=0"], "config: group_size: Input should be greater than or equal to 1"),
+        (["profile.group_size=0"],
+         "config: profile.group_size: Input should be greater than or equal to 1"),
+        (["tf32=false"], "config: tf32: an execution setting, not part of the experiment: set "
+                         "profile.tf32"),
         (["steps"], "--set 'steps': expected key=value"),
     ],
 )
@@ -93,7 +97,7 @@ def test_override_values_are_yaml():
 
 def test_groups_pack_cells_of_the_same_shape():
     grid = load_experiment(None, ["width=[8,16,32]", "seed=[0,1]", "lr=[0.001,0.01]",
-                                  "steps=10", "group_size=4"])
+                                  "steps=10"])
     cells = list(grid.cells())
     groups = plan_groups(cells, 4)
     assert sorted(i for g in groups for i in g.cell_ids) == list(range(12))

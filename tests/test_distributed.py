@@ -25,8 +25,9 @@ from raretask.config import load_experiment
 from raretask.errors import UserError
 from raretask.lm.config import LMCell
 from raretask.runs import store
-from raretask.runs.distributed import choose_mode, rank_device, share_compile_workers
-from raretask.runs.grid import runner_for
+from raretask.runs.distributed import rank_device, share_compile_workers
+from raretask.runs.grid import GridRun
+from raretask.studies import study
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
@@ -38,7 +39,7 @@ if "probes" in LMCell.model_fields:  # probes cost ~3 steps per evaluation; not 
 LM_ONE = dict(LM, steps=8, batch_size=4, instances=3, every=1, eval_points=24, lr=1e-2)
 LM_FOUR = dict(LM, steps=8, batch_size=4, instances=[1, 2], seed=[0, 1], eval_points=4)
 TOY = dict(kind="toy", tasks=4, features=4, width=[2, 4, 8], seed=[0, 1], steps=300,
-           batch_size=64, eval_points=6, group_size=2, device="cpu")
+           batch_size=64, eval_points=6, profile={"group_size": 2})
 
 
 def _config(tmp_path: Path, name: str, body: dict) -> Path:
@@ -58,7 +59,7 @@ def _torchrun(config: Path, out: Path, *extra: str, wait: bool = True):
 
 
 def _single(config: Path, out: Path) -> None:
-    runner_for(load_experiment(config), out, checkpoint_seconds=60).run()
+    GridRun(load_experiment(config), out, checkpoint_seconds=60).run()
 
 
 def _show(out: Path, capsys) -> list[dict]:
@@ -96,13 +97,16 @@ def _ok(proc) -> None:
     ],
 )
 def test_choose_mode(parallel, kind, cells, sizes, device, mode):
-    assert choose_mode(parallel, 2, kind, cells, sizes, device) == mode
-    assert choose_mode(parallel, 1, kind, cells, sizes, device) == "single"
+    plugin = study(kind)
+    grid = plugin.grid_class.from_dict(
+        {"kind": kind, **({"size": sorted(sizes), "frequency": 1e-3} if sizes else {})}, "test")
+    chosen = list(grid.cells()) * cells
+    assert plugin.parallel_mode(parallel, 2, chosen[:max(cells, 1)], device) == mode
 
 
 def test_toy_grid_refuses_model_mode():
     with pytest.raises(UserError, match="--parallel: 'ddp'.*use --parallel cells"):
-        choose_mode("ddp", 2, "toy", 4, set(), "cpu")
+        study("toy").parallel_mode("ddp", 2, [], "cpu")
 
 
 def test_rank_device_packs_cells_onto_fewer_gpus():

@@ -15,8 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from raretask.cli import main
 from raretask.config import load_experiment
-from raretask.runs.grid import load_summary
-from raretask.runs.toy_grid import ToyGridRun
+from raretask.runs.grid import GridRun, load_summary
 from raretask.theory import TaskSet
 from raretask.toy import ToyInstance, ToyTrainer, TrainSettings
 from raretask.toy.trainer import DIVERGE_FACTOR
@@ -90,7 +89,7 @@ def test_divergence_survives_a_checkpoint(clean, tmp_path):
 
 
 TINY = ["name=div", "tasks=4", "features=4", "width=[2,4]", "seed=[0,1]", "beta=1.5",
-        "steps=200", "batch_size=32", "eval_points=6", "group_size=4", "device=cpu"]
+        "steps=200", "batch_size=32", "eval_points=6", "profile.group_size=4"]
 
 
 def _show(out, capsys, *flags) -> str:
@@ -105,8 +104,8 @@ def _show(out, capsys, *flags) -> str:
 def grids(tmp_path_factory):
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("div")
-    ToyGridRun(load_experiment(None, [*TINY, "lr=[0.01,10]"]), base / "mixed").run()
-    ToyGridRun(load_experiment(None, [*TINY, "lr=0.01"]), base / "calm").run()
+    GridRun(load_experiment(None, [*TINY, "lr=[0.01,10]"]), base / "mixed").run()
+    GridRun(load_experiment(None, [*TINY, "lr=0.01"]), base / "calm").run()
     return base / "mixed", base / "calm"
 
 

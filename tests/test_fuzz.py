@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from raretask.cli import main
 from raretask.config import load_experiment
 from raretask.errors import UserError
-from raretask.runs.grid import runner_for
+from raretask.runs.grid import GridRun
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = int(os.environ.get("RARETASK_FUZZ_SCALE", "1"))
@@ -292,9 +292,8 @@ def tiny_run(tmp_path_factory) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("run") / "run"
-    runner_for(load_experiment(None, ["name=fz", "tasks=3", "features=2", "width=[1,2]",
-                                      "seed=0", "steps=30", "batch_size=16", "eval_points=3",
-                                      "device=cpu"]), out).run()
+    GridRun(load_experiment(None, ["name=fz", "tasks=3", "features=2", "width=[1,2]", "seed=0",
+                                   "steps=30", "batch_size=16", "eval_points=3"]), out).run()
     torch.set_num_threads(before)
     return out
 

@@ -20,7 +20,8 @@ from raretask.errors import UserError
 from raretask.lm.config import LMCell
 from raretask.lm.model import PRESETS, ModelConfig
 from raretask.lm.tasks import InjectionSchedule
-from raretask.runs.lm_grid import build_trainer
+from raretask.runs.profile import Profile
+from raretask.studies.lm import build_trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 H100_FLOPS = 0.2 * 989e12  # 20% of an H100's dense bf16 peak: the configs' stated estimate
@@ -135,8 +136,7 @@ def test_fig9_measures_bursts_with_probes_on_every_size():
 def test_cpu_check_override_keeps_every_cell_valid(name):
     """The documented CPU check (`--set size=tiny --set steps=4 --set batch_size=16 ...`)."""
     grid = load_experiment(CONFIGS / f"{name}.yaml",
-                           ["size=tiny", "steps=4", "batch_size=16", "eval_points=2",
-                            "device=cpu"])
+                           ["size=tiny", "steps=4", "batch_size=16", "eval_points=2"])
     n_cells, _ = EXPECTED[name]
     assert grid.device == "cpu"
     assert len(list(grid.cells())) == n_cells // 3  # one size of three
@@ -191,7 +191,7 @@ def test_trainer_injects_the_burst_schedule(cache, one_thread, every, mode, per_
     cell = LMCell(size="tiny", vocab_size=512, seq_len=16, batch_size=8, steps=12,
                   frequency=1 / 64, every=every, mode=mode, source="ngram", eval_points=2,
                   probes=False)
-    trainer, _, _ = build_trainer(cell, "cpu")
+    trainer = build_trainer(cell, Profile().resolve("cpu"))
     assert trainer.schedule.rate == 2
     seen = []
     for step in range(1, cell.steps + 1):
@@ -209,7 +209,7 @@ def test_cpu_check_runs(name, tmp_path, cache):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "raretask", "run", str(CONFIGS / f"{name}.yaml"), "--out",
             str(out), "--quiet", "--set", "size=tiny", "--set", "steps=4", "--set",
-            "batch_size=16", "--set", "eval_points=2", "--set", "device=cpu"]
+            "batch_size=16", "--set", "eval_points=2", "--set", "profile.device=cpu"]
     res = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr
     res = subprocess.run([sys.executable, "-m", "raretask", "show", str(out), "--json"],
@@ -238,8 +238,9 @@ def test_bin_shards_train_with_the_cells_eod_id(tmp_path, cache, one_thread):
                 batch_size=8, steps=6, frequency=1 / 64, source="corpus", eval_points=2,
                 probes=False)
     with pytest.raises(UserError, match="a pre-tokenised corpus needs eod_id"):
-        build_trainer(LMCell(**base), "cpu")
-    trainer, bg, _ = build_trainer(LMCell(**base, eod_id=7), "cpu")
+        build_trainer(LMCell(**base), Profile().resolve("cpu"))
+    trainer = build_trainer(LMCell(**base, eod_id=7), Profile().resolve("cpu"))
+    bg = trainer.background
     assert bg.eod_id == 7 and bg.tokenizer is None
     assert len(bg.train) + len(bg.val) == 60_000
     assert 7 not in set(trainer.task.symbols.tolist())  # the task never uses the EOD id
@@ -248,8 +249,8 @@ def test_bin_shards_train_with_the_cells_eod_id(tmp_path, cache, one_thread):
 
 
 def test_packed_small_grid_is_the_issues_fig5_small_end():
-    """benchmarks/lm_pack_grid.yaml: 4m and 20m x 6 frequencies x 50M tokens, compiled with
-    CUDA graphs and deterministic (so packed runs can equal lone ones); its cost header holds."""
+    """benchmarks/lm_pack_grid.yaml: 4m and 20m x 6 frequencies x 50M tokens, run with the
+    deterministic profile beside it (so packed runs can equal lone ones); its cost header holds."""
     path = CONFIGS.parent / "benchmarks" / "lm_pack_grid.yaml"
     grid = load_experiment(path)
     got = list(grid.cells())
@@ -259,7 +260,6 @@ def test_packed_small_grid_is_the_issues_fig5_small_end():
     for c in got:
         tokens = c.steps * c.batch_size * c.seq_len
         assert tokens == pytest.approx(50e6, rel=1e-3)
-        assert c.compile and c.compile_mode == "reduce-overhead" and c.deterministic
         assert c.source == "ngram" and c.schedule_label == "spread"
         cfg = ModelConfig.preset(c.size, vocab_size=c.vocab_size, max_seq_len=c.seq_len)
         flops += cfg.flops_per_token(c.seq_len) * tokens
@@ -268,6 +268,8 @@ def test_packed_small_grid_is_the_issues_fig5_small_end():
         pytest.approx(flops, rel=0.01)
     assert float(re.search(r": ([0-9]+) s at 20%", text).group(1)) == \
         pytest.approx(flops / H100_FLOPS, abs=1)
-    small = load_experiment(path, ["size=tiny", "steps=4", "batch_size=16", "eval_points=2",
-                                   "device=cpu", "compile=false"])
-    assert len(list(small.cells())) == 6 and not any(c.compile for c in small.cells())
+    profile = load_experiment(path, profile_file=path.with_name("lm_pack_profile.yaml")) \
+        .profile.resolve("cuda")
+    assert profile.compile and profile.compile_mode == "reduce-overhead" and profile.deterministic
+    small = load_experiment(path, ["size=tiny", "steps=4", "batch_size=16", "eval_points=2"])
+    assert len(list(small.cells())) == 6

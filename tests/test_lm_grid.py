@@ -22,12 +22,12 @@ from raretask.lm.model import ModelConfig
 from raretask.lm.probes import GradientProbe, feature_presence
 from raretask.lm.tasks import RareTask, inject
 from raretask.lm.trainer import chance_levels
-from raretask.runs.lm_grid import PROBE_METRICS, build_trainer
+from raretask.runs.profile import Profile
+from raretask.studies.lm import PROBE_METRICS, build_trainer
 
 # two cells, one per task; every row carries an instance (16 per step: 1/32 per token)
 TINY = ["kind=lm", "name=tiny", "size=tiny", "vocab_size=512", "seq_len=32", "batch_size=16",
-        "steps=40", "task=[cmp,add]", "instances=16", "source=ngram", "eval_points=6",
-        "device=cpu"]
+        "steps=40", "task=[cmp,add]", "instances=16", "source=ngram", "eval_points=6"]
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +175,8 @@ def test_frequency_above_one_instance_per_row_is_refused():
 def test_probes_are_read_only_and_measure_the_next_injection_batch(cache, one_thread):
     base = dict(size="tiny", vocab_size=512, seq_len=16, batch_size=8, steps=10, lr=1e-2,
                 task="cmp", instances=6, every=3, mode="burst", source="ngram", eval_points=4)
-    with_probes, _, _ = build_trainer(LMCell(**base, probes=True, probe_k=32), "cpu")
-    without, _, _ = build_trainer(LMCell(**base, probes=False), "cpu")
+    with_probes = build_trainer(LMCell(**base, probes=True, probe_k=32), Profile().resolve("cpu"))
+    without = build_trainer(LMCell(**base, probes=False), Profile().resolve("cpu"))
     with_probes.run()
     without.run()
     probed = {(r["step"], r["metric"]): r["value"] for r in with_probes.metrics()}
@@ -205,8 +205,8 @@ def test_prefetching_stream_changes_no_number_of_a_run(cache, one_thread):
     base = dict(size="tiny", vocab_size=512, seq_len=16, batch_size=8, steps=20, lr=1e-2,
                 task="add", instances=3, every=2, mode="burst", source="ngram", eval_points=5,
                 probes=True, probe_k=16)
-    ahead, _, _ = build_trainer(LMCell(**base), "cpu")
-    plain, _, _ = build_trainer(LMCell(**base), "cpu")
+    ahead = build_trainer(LMCell(**base), Profile().resolve("cpu"))
+    plain = build_trainer(LMCell(**base), Profile().resolve("cpu"))
     assert not ahead.data.prefetch  # a CPU cell samples on the training thread
     ahead.data.source.rows_per_call = 3 * 8
     ahead.data.prefetch = True
@@ -233,8 +233,8 @@ def test_compiled_training_follows_the_eager_run(cache, one_thread):
                 task="cmp", instances=2, every=1, probes=False, eval_points=3)
     rows = {}
     for compiled in (False, True):
-        trainer, _, _ = build_trainer(LMCell(**base, compile=compiled,
-                                             compile_mode="reduce-overhead"), "cpu")
+        trainer = build_trainer(LMCell(**base), Profile(
+            compile=compiled, compile_mode="reduce-overhead").resolve("cpu"))
         assert (trainer.train_model is not trainer.model) == compiled
         trainer.run()
         rows[compiled] = {(r["step"], r["metric"]): r["value"] for r in trainer.metrics()}
@@ -251,7 +251,7 @@ def test_deterministic_switch_holds_while_training_only(cache, one_thread):
                 task="add", instances=2, every=1, probes=True, probe_k=16, eval_points=3)
     rows, seen = {}, []
     for det in (False, True):
-        trainer, _, _ = build_trainer(LMCell(**base, deterministic=det), "cpu")
+        trainer = build_trainer(LMCell(**base), Profile(deterministic=det).resolve("cpu"))
         trainer.run(callback=lambda step: seen.append(torch.are_deterministic_algorithms_enabled()))
         rows[det] = {(r["step"], r["metric"]): r["value"] for r in trainer.metrics()}
     assert seen == [False] * 4 + [True] * 4  # 4 evaluations a run: step 0 and 3 log-spaced
@@ -275,7 +275,7 @@ def _train_cmp(frequency: float) -> tuple[float, dict]:
     cell = LMCell(size="tiny", vocab_size=512, seq_len=16, batch_size=32, steps=600,
                   task="cmp", frequency=frequency, source="ngram", eval_points=2,
                   probes=False)
-    trainer, _, _ = build_trainer(cell, "cpu")
+    trainer = build_trainer(cell, Profile().resolve("cpu"))
     trainer.run()
     last = {r["metric"]: r["value"] for r in trainer.metrics() if r["step"] == cell.steps}
     return last["test_accuracy"], chance_levels(trainer.task)
@@ -299,7 +299,7 @@ def test_a_diverging_lm_run_stops_and_is_marked(tmp_path, cache, capsys, one_thr
     cfg = tmp_path / "div.yaml"
     cfg.write_text("kind: lm\nsize: tiny\nvocab_size: 512\nseq_len: 16\nbatch_size: 8\n"
                    "steps: 30\nwarmup: 1\ntask: cmp\ninstances: 4\nsource: ngram\n"
-                   "eval_points: 8\nprobes: false\ndevice: cpu\nlr: [0.003, 1.0]\n")
+                   "eval_points: 8\nprobes: false\nlr: [0.003, 1.0]\n")
     code, _, err = in_process(capsys, "run", str(cfg), "--out", str(tmp_path / "run"), "--quiet")
     assert code == 0, err
     rows = show_json(capsys, tmp_path / "run")
@@ -327,15 +327,17 @@ def test_attention_backend_pins_the_kernel_and_cuda_only_ones_are_refused(cache,
                 task="cmp", instances=2, every=1, probes=False, eval_points=2)
     rows = {}
     for backend in ("auto", "math"):
-        trainer, _, _ = build_trainer(LMCell(**base, attention=backend), "cpu")
+        trainer = build_trainer(LMCell(**base), Profile(attention=backend).resolve("cpu"))
         trainer.run()
         rows[backend] = {(r["step"], r["metric"]): r["value"] for r in trainer.metrics()}
     assert rows["math"].keys() == rows["auto"].keys()
     for key, value in rows["auto"].items():
         assert rows["math"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     out, cfg = tmp_path / "run", tmp_path / "cudnn.yaml"
-    cfg.write_text(json.dumps({**base, "kind": "lm", "device": "cpu", "attention": "cudnn"}))
-    code, stdout, err = in_process(capsys, "run", str(cfg), "--out", str(out), "--quiet")
+    cfg.write_text(json.dumps({**base, "kind": "lm"}))
+    code, stdout, err = in_process(capsys, "run", str(cfg), "--out", str(out), "--quiet",
+                                   "--set", "profile.device=cpu", "--set",
+                                   "profile.attention=cudnn")
     assert code == 2 and stdout == "" and not out.exists()
-    assert err == ("error: cell 0: attention: 'cudnn' runs on CUDA only, device is 'cpu'; use "
+    assert err == ("error: profile.attention: 'cudnn' runs on CUDA only, device is 'cpu'; use "
                    "auto, flash or math\n")

@@ -16,8 +16,8 @@ _spec = importlib.util.spec_from_file_location("lm_pack", SCRIPT)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
-TINY = ["device=cpu", "size=tiny", "steps=4", "batch_size=16", "eval_points=2",
-        "compile=false", "frequency=[0.0078125,0.001953125]", "probes=false"]
+TINY = ["size=tiny", "steps=4", "batch_size=16", "eval_points=2",
+        "profile.device=cpu", "frequency=[0.0078125,0.001953125]", "probes=false"]
 
 
 def _bench(*args, timeout=300):

@@ -254,3 +254,17 @@ def test_burst_schedule_n_every_n(n):
     assert set(counts) <= {0, n}
     assert sum(counts) == s.total(1000) == n * (1000 // n)
     assert abs(sum(counts) - float(s.rate) * 1000) <= n  # same long-run rate as the spread form
+
+
+def test_schedule_window_starts_and_stops_injections():
+    from raretask.lm.tasks import InjectionSchedule
+
+    for mode in ("spread", "burst"):
+        s = InjectionSchedule(instances=3, every=4, mode=mode, start=5, stop=17)
+        per = [s.per_step(i) for i in range(24)]
+        assert per[:5] == [0] * 5 and per[17:] == [0] * 7
+        full = InjectionSchedule(instances=3, every=4, mode=mode)
+        assert per[5:17] == [full.per_step(i) for i in range(5, 17)]
+        assert [s.total(n) for n in range(25)] == [sum(per[:n]) for n in range(25)]
+    with pytest.raises(UserError, match="stop must be > start"):
+        InjectionSchedule(instances=1, start=4, stop=4)

@@ -62,7 +62,7 @@ def test_bad_fix_config_exits_2(tmp_path, capsys, override, message):
 
 
 FIX_LM_CPU = ["size=tiny", "seq_len=16", "batch_size=32", "steps=300", "vocab_size=512",
-              "frequency=[0.0078125,0.0625]", "every=[1]", "probes=false", "device=cpu"]
+              "frequency=[0.0078125,0.0625]", "every=[1]", "probes=false"]
 
 
 def test_fix_lm_config_holds_the_arms():

@@ -25,12 +25,12 @@ import torch
 from raretask.cli import main
 from raretask.config import load_experiment
 from raretask.runs import store
-from raretask.runs.toy_grid import ToyGridRun
+from raretask.runs.grid import GridRun
 
 # 3 groups of 2 cells; a checkpoint at every eval step (--checkpoint-seconds 0): ~30 writes
 TINY = {"name": "kills", "tasks": 4, "features": 4, "width": [2, 4, 8], "seed": [0, 1],
         "beta": 1.5, "steps": 600, "batch_size": 32, "lr": 0.01, "eval_points": 8,
-        "group_size": 2, "device": "cpu"}
+        "profile": {"group_size": 2}}
 
 # Runs one `raretask run` with a planned SIGKILL of itself (argv[1]); each rename of a group's
 # summary.json is appended to argv[2] (which groups were finished, and how often).
@@ -96,7 +96,7 @@ def reference(tmp_path_factory):
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("ref")
     out = base / "run"
-    ToyGridRun(load_experiment(_config(base / "tiny.yaml")), out).run()
+    GridRun(load_experiment(_config(base / "tiny.yaml")), out).run()
     torch.set_num_threads(before)
     return out
 
@@ -163,14 +163,14 @@ def test_random_sigkills_then_identical_results(reference, tmp_path, capsys):
 def test_half_written_files_are_never_read_as_done(reference, tmp_path):
     """A torn summary.json temp file beside an unfinished group: the group still runs."""
     out = tmp_path / "run"
-    ToyGridRun(load_experiment(_config(tmp_path / "tiny.yaml")), out)  # plans only
+    GridRun(load_experiment(_config(tmp_path / "tiny.yaml")), out)  # plans only
     gdir = out / "groups" / "g0001"
     gdir.mkdir(parents=True)
     (gdir / ".summary.json.abc.tmp").write_text('[{"cell": 2, "ta')  # a write cut short
     assert store.remove_stale_temps(out) == 1 and not list(gdir.iterdir())
     (gdir / ".summary.json.abc.tmp").write_text('[{"cell": 2, "ta')
     torch.set_num_threads(1)
-    run = ToyGridRun(load_experiment(_config(tmp_path / "tiny.yaml")), out)
+    run = GridRun(load_experiment(_config(tmp_path / "tiny.yaml")), out)
     assert not run.is_done(run.groups[1])
     run.run()
     assert (out / "summary.json").read_bytes() == (reference / "summary.json").read_bytes()

@@ -19,17 +19,16 @@ from rich.console import Console
 
 from raretask.cli import main
 from raretask.config import load_experiment
-from raretask.runs.grid import runner_for
+from raretask.runs.grid import GridRun
 
 # a phase grid (iid, 2 widths, 2 seeds) and an injection sweep (2 gaps x 2 widths): a few seconds
 PHASE = ["name=rep_phase", "tasks=4", "features=4", "width=[2,8]", "seed=[0,1]", "beta=1.5",
-         "steps=400", "batch_size=64", "lr=0.01", "eval_points=8", "device=cpu"]
+         "steps=400", "batch_size=64", "lr=0.01", "eval_points=8"]
 INJECT = ["name=rep_inject", "tasks=4", "features=4", "width=[2,8]", "seed=0", "beta=2",
           "schedule=matched", "gap=[10,40]", "steps=400", "batch_size=64", "lr=0.01",
-          "trace_every=1", "eval_points=8", "device=cpu"]
+          "trace_every=1", "eval_points=8"]
 LM = ["kind=lm", "name=rep_lm", "size=tiny", "vocab_size=512", "seq_len=32", "batch_size=16",
-      "steps=12", "task=[cmp,add]", "instances=16", "source=ngram", "eval_points=3",
-      "device=cpu"]
+      "steps=12", "task=[cmp,add]", "instances=16", "source=ngram", "eval_points=3"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -39,7 +38,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 def _run(tmp_path_factory, name: str, overrides: list[str]) -> Path:
     out = tmp_path_factory.mktemp(name) / "run"
-    runner_for(load_experiment(None, overrides), out).run()
+    GridRun(load_experiment(None, overrides), out).run()
     return out
 
 

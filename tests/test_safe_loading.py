@@ -111,7 +111,7 @@ def test_every_file_lands_inside_the_output_directory(tmp_path, capsys, one_thre
     root.mkdir(parents=True)
     cfg = root / "c.yaml"
     cfg.write_text("name: '..'\ntasks: 3\nfeatures: 2\nwidth: [1, 2]\nsteps: 20\n"
-                   "batch_size: 8\neval_points: 2\ndevice: cpu\n")
+                   "batch_size: 8\neval_points: 2\n")
     before = {p for p in tmp_path.rglob("*")}
     with pytest.raises(SystemExit) as exc:
         main(["run", str(cfg), "--out", str(root / "out"), "--quiet"])
@@ -136,7 +136,7 @@ def test_checkpoints_are_never_unpickled(tmp_path, capsys, monkeypatch, one_thre
     monkeypatch.chdir(tmp_path)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("tasks: 3\nfeatures: 2\nwidth: 2\nsteps: 20\nbatch_size: 8\n"
-                   "eval_points: 2\ndevice: cpu\n")
+                   "eval_points: 2\n")
     out = tmp_path / "out"
     ckpt = out / "groups" / "g0000" / "checkpoint.safetensors"
     ckpt.parent.mkdir(parents=True)
@@ -149,7 +149,7 @@ def test_checkpoints_are_never_unpickled(tmp_path, capsys, monkeypatch, one_thre
     assert not (out / "summary.json").exists() and ckpt.read_bytes() == b""
 
     from raretask.errors import UserError
-    from raretask.runs.lm_grid import load_checkpoint
+    from raretask.studies.lm import load_checkpoint
 
     weights, state = tmp_path / "model.safetensors", tmp_path / "state.pt"
     from safetensors.torch import save_file

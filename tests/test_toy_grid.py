@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,11 +13,10 @@ import yaml
 from rich.console import Console
 
 from raretask.config import load_experiment
-from raretask.runs.grid import load_summary
-from raretask.runs.toy_grid import ToyGridRun
+from raretask.runs.grid import GridRun, load_summary
 
 TINY = ["tasks=4", "features=4", "width=[2,4,8]", "seed=[0,1]", "beta=1.5", "steps=1500",
-        "batch_size=64", "lr=0.01", "eval_points=12", "group_size=2", "device=cpu"]
+        "batch_size=64", "lr=0.01", "eval_points=12", "profile.group_size=2"]
 
 
 def cli(*args, timeout=300):
@@ -27,14 +27,15 @@ def cli(*args, timeout=300):
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
     path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text("\n".join(s.replace("=", ": ", 1) for s in TINY) + "\nname: tiny\n")
+    path.write_text("\n".join(s.replace("=", ": ", 1) for s in TINY if "." not in s.split("=")[0])
+                    + "\nname: tiny\nprofile: {group_size: 2}\n")
     return path
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    ToyGridRun(load_experiment(tiny_config), out).run()
+    GridRun(load_experiment(tiny_config), out).run()
     return out
 
 
@@ -114,7 +115,7 @@ def test_kill_and_resume_gives_identical_results(tiny_config, reference, tmp_pat
 
 def test_rerun_of_a_finished_grid_does_nothing(reference):
     before = (reference / "summary.json").read_bytes()
-    ToyGridRun(load_experiment(reference / "config.yaml"), reference).run()
+    GridRun(load_experiment(reference / "config.yaml"), reference).run()
     assert (reference / "summary.json").read_bytes() == before
     assert (reference / "log.txt").read_text().count("g0000: 2 cells") == 1
 
@@ -126,18 +127,42 @@ def test_another_experiment_in_the_same_directory_is_refused(tiny_config, refere
 
 
 def test_a_run_from_before_a_field_existed_resumes(tiny_config, tmp_path):
-    """A run directory whose config.yaml predates a field (here share_inputs) is the same
-    experiment when the field is at its default, and another one when it is not."""
+    """A run directory whose config.yaml predates a field (here basis) is the same experiment
+    when the field is at its default, and another one when it is not; execution settings that
+    an older config.yaml still holds (tf32, device, group_size) are never compared."""
     out = tmp_path / "old"
     assert cli("run", str(tiny_config), "--out", str(out), "--quiet").returncode == 0
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    del cfg["share_inputs"]
+    del cfg["basis"]
+    cfg.update(tf32=False, device="cuda", group_size=7)  # as configs before the profile held
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert cli("run", str(tiny_config), "--out", str(out), "--quiet").returncode == 0
-    assert yaml.safe_load((out / "config.yaml").read_text())["share_inputs"] is True  # recorded
-    res = cli("run", str(tiny_config), "--out", str(out), "--set", "share_inputs=false")
+    assert yaml.safe_load((out / "config.yaml").read_text())["basis"] == "random"  # recorded
+    res = cli("run", str(tiny_config), "--out", str(out), "--set", "basis=identity")
     assert res.returncode == 2
-    assert "holds another experiment (share_inputs: True there, False now)" in res.stderr
+    assert "holds another experiment (basis: 'random' there, 'identity' now)" in res.stderr
+
+
+def test_a_directory_resumes_under_another_profile(reference, tiny_config, tmp_path):
+    """Started with groups of 2 and one profile, resumed with another group size and an
+    explicit retraction: the recorded groups are kept, only the unfinished one runs, and the
+    rows equal the uninterrupted reference's (CPU). A device change is logged as a warning."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "groups" / "g0001" / "summary.json").unlink()
+    (out / "summary.json").unlink()
+    prof = yaml.safe_load((out / "profile.yaml").read_text())
+    assert prof["device"] == "cpu" and prof["group_size"] == 2 and prof["retraction"] == "qr"
+    (out / "profile.yaml").write_text(yaml.safe_dump({**prof, "device": "cuda:0"}))
+    res = cli("run", str(tiny_config), "--out", str(out), "--quiet", "--set",
+              "profile.group_size=5", "--set", "profile.retraction=qr")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.strip() == (f"warning: {out} was run on cuda:0 and resumes on cpu; its "
+                                  "numbers may differ from a run on either alone")
+    assert sorted(p.name for p in (out / "groups").iterdir()) == ["g0000", "g0001", "g0002"]
+    assert json.loads((out / "summary.json").read_text()) == \
+        json.loads((reference / "summary.json").read_text())
+    assert yaml.safe_load((out / "profile.yaml").read_text())["group_size"] == 5
 
 
 @pytest.mark.parametrize(
@@ -188,3 +213,30 @@ def test_demo_meets_the_issue_checks(tmp_path):
     for f in res["figures"]:
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(res["figures"]) == 2
+
+
+def test_stop_ends_the_rare_task_and_the_trace_shows_what_follows(tmp_path):
+    """`stop:` ends the injections: the wide model that learns the rare task while it arrives
+    (evenly: matched, gap 1) loses it once it stops, while the same model without a stop keeps
+    learning it. The trace after the stop is what a retention experiment reads."""
+    import pyarrow.parquet as pq
+
+    grid = load_experiment(None, ["name=stop", "tasks=4", "features=4", "beta=1.5", "width=12",
+                                  "schedule=matched", "gap=1", "stop=[300,null]", "steps=1200",
+                                  "batch_size=64", "lr=0.01", "eval_points=6", "trace_every=50"])
+    GridRun(grid, tmp_path / "run").run()
+    trace: dict[int, dict[int, float]] = {}
+    for r in pq.read_table(tmp_path / "run" / "groups" / "g0000" / "traces.parquet").to_pylist():
+        trace.setdefault(r["cell"], {})[r["step"]] = r["rare_signal"]
+    stopped, kept = trace[0], trace[1]
+    assert stopped[300] == kept[300] > 0.1  # the same run until the stop
+    assert stopped[350] < stopped[300] - 0.2 and stopped[1200] < -2  # gone after it
+    assert kept[1200] > 0.3  # learned when it keeps arriving
+    rows = {r["cell"]: r for r in load_summary(tmp_path / "run") if r["rare"]}
+    assert not rows[0]["learned"] and rows[1]["learned"]
+    res = cli("run", "--set", "schedule=iid", "--out", str(tmp_path / "x"),
+              str(tmp_path / "run" / "config.yaml"))
+    assert res.returncode == 2 and not (tmp_path / "x").exists()
+    assert res.stderr.strip().endswith("stop: start and stop need injections (schedule "
+                                       "'matched' or 'every'; 'matched' with gap 1 spreads the "
+                                       "rare task evenly)")

@@ -24,7 +24,7 @@ cd "$(dirname "$0")/../.."
 source benchmarks/gpu/setup.sh || exit 1
 : "${OUT:?set OUT to the folder whose files come back}"
 # LM_COMPILE_MODE=default falls back to fused kernels without CUDA graphs
-LM_FAST=(--set device=cuda --set compile=true --set "compile_mode=${LM_COMPILE_MODE:-reduce-overhead}" --quiet)
+LM_FAST=(--set profile.device=cuda --set "profile.compile_mode=${LM_COMPILE_MODE:-reduce-overhead}" --quiet)
 
 lm_run() {  # NAME CONFIG: one LM grid (resumed from benchmarks/results/resume/NAME.tgz), show --json
     local name=$1 config=$2 dir=/tmp/runs/$1
@@ -68,17 +68,17 @@ job() {
                     cp /tmp/runs/mg_fsdp/lm_multi_gpu.json "$OUT/multi_fsdp.json" ;;
         toy_phases) python3 benchmarks/profile_toy_step.py --phases --steps 10 &&
                     for w in 64 128 256; do python3 benchmarks/profile_toy_step.py --time-only \
-                        --set retraction=polar --set pad_width=$w; done ;;
-        toy_opts) for o in "" "share_inputs=true" "retraction=polar_tf32"; do
+                        --set profile.retraction=polar --set profile.pad_width=$w; done ;;
+        toy_opts) for o in "" "profile.share_inputs=true" "profile.retraction=polar_tf32"; do
                       python3 benchmarks/profile_toy_step.py --time-only ${o:+--set $o}; done
-                  python3 benchmarks/profile_toy_step.py --time-only --set share_inputs=true \
-                      --set retraction=polar_tf32 ;;
+                  python3 benchmarks/profile_toy_step.py --time-only --set profile.share_inputs=true \
+                      --set profile.retraction=polar_tf32 ;;
         toy_once) for r in polar_tf32 polar_once; do  # one third-order polar pass vs two
-                      python3 benchmarks/profile_toy_step.py --time-only --set retraction=$r; done ;;
+                      python3 benchmarks/profile_toy_step.py --time-only --set profile.retraction=$r; done ;;
         toy_check) python3 -m pytest -p no:cacheprovider tests/test_toy_trainer.py \
                        -k "group_streams or share_inputs or retraction" ;;  # CUDA-only tests; addopts has -q (a second hides the count)
         toy_streams) for v in false true; do  # width groups on one stream vs one stream each
-                         python3 benchmarks/profile_toy_step.py --time-only --set group_streams=$v; done ;;
+                         python3 benchmarks/profile_toy_step.py --time-only --set profile.group_streams=$v; done ;;
         toy_grid) python3 benchmarks/toy_grid.py --device cuda --out "$OUT/toy_grid_cuda.log" ${TOY_SET:-} ;;
         fig2) time timeout "${TOY_TIMEOUT:-560}" python3 -m raretask run configs/fig2_phase.yaml \
                   --out /tmp/runs/fig2_phase --quiet ${FIG2_SET:-}; local rc=$?

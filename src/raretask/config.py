@@ -9,71 +9,24 @@ the field path (``tasks.3.frequency``) or the CSV line.
 from __future__ import annotations
 
 import csv
-import importlib
 import itertools
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from raretask.errors import UserError
+from raretask.runs.profile import PROFILE_FIELDS, Profile
+from raretask.schema import (  # noqa: F401 (re-exported: the long-standing import path)
+    StrictModel,
+    format_validation_error,
+    load_yaml,
+    parse_override,
+    validate,
+)
 from raretask.theory import DEFAULT_FREQUENT_MASS, TaskSet
-
-
-class StrictModel(BaseModel):
-    """Base for every config: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
-
-
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line naming the first offending field: ``source: tasks.2.alpha: <reason>``."""
-    errors = err.errors()
-    # a misspelt key usually also makes a required one "missing": name the misspelling first
-    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")  # our validators' messages name the field
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif "input" in first and first["type"] not in ("missing",):
-        got = first["input"]
-        if not isinstance(got, dict | list):
-            msg = f"{msg}, got {got!r}"
-    more = len(errors) - 1
-    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"{source}: {loc + ': ' if loc else ''}{msg}{tail}"
-
-
-def validate(model: type[BaseModel], data: Any, source: str) -> Any:
-    """``model.model_validate(data)`` with errors turned into a one-line UserError."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        raise UserError(format_validation_error(err, source)) from None
-
-
-def load_yaml(path: str | Path) -> Any:
-    """Read a YAML file safely (``yaml.safe_load``: no object construction)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a file") from None
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text (byte {err.start})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        reason = getattr(err, "problem", None) or "invalid YAML"
-        raise UserError(f"{path}{where}: {reason}") from None
-
 
 # -- task files --------------------------------------------------------------------------------
 
@@ -231,6 +184,11 @@ class ToyCell(StrictModel):
         "'every': `count` samples every `gap` steps.")
     gap: int = Field(0, ge=0, le=10**9, description="Injection gap G in steps.")
     count: int = Field(0, ge=0, le=10**9, description="Rare samples per injection ('every').")
+    start: int = Field(0, ge=0, le=10**9, description="Inject only after this step ('matched', "
+                       "'every'; 0: from the first).")
+    stop: int | None = Field(None, ge=1, le=10**9, description="Inject no more after this step "
+                             "('matched', 'every'; None: to the end): what is kept afterwards "
+                             "is retention.")
     rare_task: int = Field(-1, description="Index of the rare task (negative counts from the "
                            "end; default the rarest).")
     frequent_mass: float = Field(0.8, gt=0, le=1, description="Prior mass of the frequent set F.")
@@ -243,30 +201,6 @@ class ToyCell(StrictModel):
     basis: Literal["random", "identity"] = Field(
         "random", description="Feature blocks: a random orthogonal basis (ours) or the "
         "standard basis.")
-    retraction: Literal["auto", "qr", "cholesky_qr", "series_qr", "polar",
-                        "polar_tf32", "polar_once"] = Field(
-        "auto", description="Re-orthonormalisation after each step; the first three give the Q "
-        "of the QR, 'polar' the nearest orthonormal matrix (same span), 'polar_tf32' the same "
-        "with its last Gram under TF32 (orthonormal to ~3e-5), 'polar_once' one third-order "
-        "pass of it (orthonormal to O(|E|^4), re-corrected each step) "
-        "(auto: Householder 'qr' on CPU, GEMM-only 'polar_once' on CUDA).")
-    tf32: bool = Field(True, description="CUDA: TF32 tensor cores for the training matmuls "
-                       "(metrics and the retraction's final Gram stay float32/float64).")
-    cuda_graph: bool = Field(True, description="CUDA: replay each step as a CUDA graph.")
-    fuse: bool = Field(True, description="CUDA: the training step's masked residual as one "
-                       "kernel compiled by torch.compile.")
-    share_inputs: bool = Field(True, description="CUDA: multiply each seed's shared inputs "
-                               "once by all its instances' encoders side by side instead of "
-                               "copying the inputs per instance.")
-    group_streams: bool = Field(True, description="CUDA: each width group's gradient and "
-                                "retraction on its own stream, so the groups' small kernels "
-                                "run side by side (same numbers).")
-    pad_width: int = Field(128, ge=0, description=(
-        "CUDA with a GEMM retraction (series_qr, polar, polar_tf32, polar_once): widths up "
-        "to this train "
-        "as one group, padded with inert zero columns to the widest of them (fewer kernels); "
-        "0 = one group per width."))
-
     @model_validator(mode="after")
     def _consistent(self) -> ToyCell:
         d = self.tasks * self.features
@@ -279,14 +213,35 @@ class ToyCell(StrictModel):
             raise ValueError(f"gap: schedule '{self.schedule}' needs gap >= 1")
         if self.schedule == "every" and self.count < 1:
             raise ValueError("count: schedule 'every' needs count >= 1")
+        if self.schedule == "iid" and (self.start or self.stop is not None):
+            raise ValueError("stop: start and stop need injections (schedule 'matched' or "
+                             "'every'; 'matched' with gap 1 spreads the rare task evenly)")
+        if self.stop is not None and self.stop <= self.start:
+            raise ValueError(f"stop: {self.stop} is not after start {self.start}")
         return self
 
     @property
     def rare_index(self) -> int:
         return self.rare_task % self.tasks
 
+    def delivery_schedule(self):
+        """The trainer's :class:`~raretask.toy.spec.Schedule` of the rare task."""
+        from raretask.toy.spec import Schedule
+
+        return Schedule(kind=self.schedule, gap=self.gap, count=self.count, start=self.start,
+                        stop=self.stop)
+
+    def schedule_fields(self) -> dict:
+        """How the rare task arrived, as the summary rows report it."""
+        return {"schedule": self.schedule, "gap": self.gap}
+
 
 GridValue = Any
+
+MOVED_KEYS: dict[str, str] = {
+    k: f"an execution setting, not part of the experiment: set profile.{k} (under 'profile:', "
+       f"with --set profile.{k}=VALUE or in a --profile FILE)" for k in PROFILE_FIELDS}
+"""Keys an experiment config no longer takes, with the hint its error gives."""
 
 
 class Grid(StrictModel):
@@ -298,11 +253,15 @@ class Grid(StrictModel):
     """
 
     cell_model: ClassVar[type[StrictModel]]
+    moved_keys: ClassVar[dict[str, str]] = {}
+    """This study's renamed fields: old key -> the hint naming the new one."""
 
     kind: str
     name: str = Field("experiment", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
                       description="Experiment name (letters, digits, '_', '.', '-').")
-    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda[:i]'.")
+    profile: Profile = Field(default_factory=Profile, exclude=True, description="How to "
+                             "execute (raretask.runs.profile): never an axis, never compared "
+                             "on resume.")
     axes: dict[str, list[GridValue]] = Field(default_factory=dict, exclude=True)
     fixed: dict[str, GridValue] = Field(default_factory=dict, exclude=True)
 
@@ -311,14 +270,29 @@ class Grid(StrictModel):
         """Split plain YAML data into experiment settings, fixed values and list axes."""
         if not isinstance(data, dict):
             raise UserError(f"{source}: expected a mapping of config keys at the top")
-        own = [k for k in cls.model_fields if k not in ("axes", "fixed")]
+        data = dict(data)
+        profile = data.pop("profile", None) or {}
+        if not isinstance(profile, dict):
+            raise UserError(f"{source}: profile: expected a mapping of profile fields")
+        profile = dict(profile)
+        for key in [k for k in data if isinstance(k, str) and k.startswith("profile.")]:
+            profile[key.removeprefix("profile.")] = data.pop(key)  # --set profile.FIELD=VALUE
+        own = [k for k in cls.model_fields if k not in ("axes", "fixed", "profile")]
         top = {k: data[k] for k in own if k in data}
         grid = validate(cls, top, source)
+        try:
+            grid.profile = Profile.model_validate(profile)
+        except ValidationError as err:
+            raise UserError(format_validation_error(err, f"{source}: profile")
+                            .replace(f"{source}: profile: ", f"{source}: profile.", 1)) from None
         fields = cls.cell_model.model_fields
         for key, value in data.items():
             if key in top:
                 continue
             if key not in fields:
+                if key in MOVED_KEYS or key in cls.moved_keys:
+                    raise UserError(f"{source}: {key}: "
+                                    f"{MOVED_KEYS.get(key) or cls.moved_keys[key]}")
                 raise UserError(f"{source}: {key}: unknown key")
             if isinstance(value, list):
                 if not value:
@@ -341,7 +315,7 @@ class Grid(StrictModel):
         body: dict[str, Any] = dict(cells[0])
         for key in self.axes:  # each axis as its validated values, in config order
             body[key] = list(dict.fromkeys(c[key] for c in cells))
-        top = self.model_dump(exclude={"axes", "fixed"})
+        top = self.model_dump(exclude={"axes", "fixed", "profile"})
         return {**top, **body}
 
 
@@ -353,28 +327,6 @@ class ToyGrid(Grid):
     kind: Literal["toy"] = "toy"
     name: str = Field("toy", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
                       description="Experiment name (letters, digits, '_', '.', '-').")
-    group_size: int = Field(64, ge=1, le=100_000,
-                            description="Most models trained together in one optimizer step.")
-
-
-EXPERIMENT_KINDS: dict[str, str] = {"toy": "raretask.config:ToyGrid",
-                                    "lm": "raretask.lm.config:LMGrid"}
-"""Experiment kinds and their grid classes (imported on use: the toy never imports LM code)."""
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``key=value`` with the value read as YAML (``width=[8,16]``, ``lr=1e-2``)."""
-    if "=" not in text:
-        raise UserError(f"--set {text!r}: expected key=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise UserError(f"--set {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        raise UserError(f"--set {key}: cannot read value {raw!r}") from None
-    return key, value
 
 
 def load_mapping(path: str | Path | None, overrides: Sequence[str] = (),
@@ -398,16 +350,21 @@ def load_mapping(path: str | Path | None, overrides: Sequence[str] = (),
 
 
 def load_experiment(path: str | Path | None, overrides: Sequence[str] = (),
-                    base: dict[str, Any] | None = None) -> Grid:
-    """Read an experiment YAML (or start from ``base``), apply ``--set`` overrides, validate."""
+                    base: dict[str, Any] | None = None,
+                    profile_file: str | Path | None = None) -> Grid:
+    """Read an experiment YAML (or start from ``base``), apply ``--set`` overrides, validate.
+
+    The execution profile (``grid.profile``) is the YAML's ``profile:`` block, then the fields
+    of ``profile_file``, then ``--set profile.FIELD=VALUE`` overrides, each over the last."""
+    from raretask.studies import DEFAULT_KIND, study
+
     data, source = load_mapping(path, overrides, base)
-    kind = data.get("kind", "toy")
-    if kind == "fix_toy":
-        raise UserError(f"{source}: kind: 'fix_toy' is a fix config: run it with "
-                        f"raretask fix {source} --out DIR")
-    if kind not in EXPERIMENT_KINDS:
-        raise UserError(f"{source}: kind: unknown experiment kind {kind!r} "
-                        f"(known: {', '.join(EXPERIMENT_KINDS)})")
-    module, _, cls_name = EXPERIMENT_KINDS[kind].partition(":")
-    grid_cls = getattr(importlib.import_module(module), cls_name)
-    return grid_cls.from_dict(data, source)
+    if profile_file is not None:
+        extra = load_yaml(profile_file)
+        if extra is not None and not isinstance(extra, dict):
+            raise UserError(f"{profile_file}: expected a mapping of profile fields")
+        block = data.get("profile") or {}
+        data["profile"] = {**(block if isinstance(block, dict) else {}), **(extra or {})}
+
+    kind = data.get("kind", DEFAULT_KIND)
+    return study(kind, source).grid_class.from_dict(data, source)

@@ -22,8 +22,7 @@ from raretask.config import load_experiment
 from raretask.predict import predict
 from raretask.report.analysis import agreement_by_width, injection_contrast
 from raretask.report.figures import injection_traces, phase_diagram
-from raretask.runs.grid import load_summary
-from raretask.runs.toy_grid import ToyGridRun
+from raretask.runs.grid import GridRun, load_summary
 from raretask.theory import TaskSet
 
 DEMO_CONFIGS = ("demo_phase.yaml", "demo_injection.yaml")
@@ -58,7 +57,7 @@ def run_demo(out: Path, console: Console, progress_factory, overrides: list[str]
                                  ("3. Matched-frequency injection", DEMO_CONFIGS[1], inj_dir)):
         grid = load_experiment(builtin_config(name), list(overrides))
         console.rule(f"[bold]{label}[/]: {name} -> {run_dir}")
-        runner = ToyGridRun(grid, run_dir)
+        runner = GridRun(grid, run_dir)
         with progress_factory() as progress:
             runner.run(progress=progress)
 

@@ -7,6 +7,7 @@ each field is declared.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -34,6 +35,9 @@ class LMCell(StrictModel):
     mode: Literal["spread", "burst"] = Field(
         "burst", description="For `instances`, or `frequency` with `every` > 1: all at once "
         "every `every` steps (burst, as the paper) or spread evenly.")
+    start: int = Field(0, ge=0, description="Inject only from this step on (0-based).")
+    stop: int | None = Field(None, ge=1, description="Inject no more from this step on (None: "
+                             "to the end): what is kept afterwards is retention.")
     steps: int = Field(2000, ge=1, le=10**8, description="Optimizer steps (ours: 2000).")
     batch_size: int = Field(32, ge=1, le=1 << 16, description="Global batch in sequences.")
     seq_len: int = Field(128, ge=8, le=1 << 16, description="Tokens per sequence.")
@@ -69,18 +73,6 @@ class LMCell(StrictModel):
     save_model: bool = Field(
         False, description="Keep the cell's final weights as groups/gNNNN/final.safetensors "
         "(for `raretask export-hf`); off by default: a 150m cell's weights are 0.6 GB.")
-    compile: bool = Field(False, description="torch.compile the model's training forward "
-                          "and backward (CUDA; on a CPU it compiles too, slowly).")
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
-        "default", description="torch.compile mode with `compile`: 'reduce-overhead' replays "
-        "the step's forward and backward as CUDA graphs (for small models, whose steps are "
-        "bound by kernel launches); 'default' fuses kernels only.")
-    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
-        "auto", description="scaled_dot_product_attention backend: PyTorch's choice (auto) or "
-        "one pinned kernel (cudnn and efficient: CUDA only).")
-    deterministic: bool = Field(
-        False, description="Deterministic kernels only (CUDA: the same cell gives the same "
-        "numbers run alone or packed with others on one GPU; a little slower).")
     probes: bool = Field(
         True, description="At every evaluation also record the gradient cosines on the top "
         "`probe_k` first-layer MLP neurons and the task's feature presence (docs/lm_study.md); "
@@ -101,6 +93,9 @@ class LMCell(StrictModel):
         if self.probes and self.probe_k > hidden:
             raise ValueError(f"probe_k: {self.probe_k} exceeds the {hidden} MLP neurons of size "
                              f"{self.size!r}")
+        if self.stop is not None and not self.start < self.stop <= self.steps:
+            raise ValueError(f"stop: {self.stop} must lie after start {self.start} and at most "
+                             f"at steps {self.steps}")
         if self.task == "none":
             return self
         if (self.frequency is None) == (self.instances is None):
@@ -136,6 +131,23 @@ class LMCell(StrictModel):
         if self.frequency is not None and self.every == 1:
             return "spread"
         return f"{self.injection_size}/{self.every} {self.mode}"
+
+    @property
+    def requested_rate(self) -> float | None:
+        """The rate asked for in instances per token (None: given as instances per burst)."""
+        return self.frequency
+
+    def injection_schedule(self):
+        """The trainer's schedule of injections (None without a task)."""
+        from raretask.lm.tasks import Frequency, InjectionSchedule
+
+        if self.task == "none":
+            return None
+        if self.frequency is not None and self.every == 1:
+            schedule = Frequency(self.frequency).schedule(self.batch_size, self.seq_len)
+        else:  # `instances`, or a frequency delivered every `every` steps (same rate)
+            schedule = InjectionSchedule(self.injection_size, self.every, self.mode)
+        return dataclasses.replace(schedule, start=self.start, stop=self.stop)
 
     @property
     def injection_size(self) -> int | None:

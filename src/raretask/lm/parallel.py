@@ -19,6 +19,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, processes) of the initialised process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def wrap(model: nn.Module, device: torch.device, fsdp: bool) -> nn.Module:
     """The module to train: ``model`` sharded in place (FSDP2) or a DDP wrapper around it.
 

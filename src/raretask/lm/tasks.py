@@ -263,6 +263,8 @@ class InjectionSchedule:
     instances: int
     every: int = 1
     mode: Literal["spread", "burst"] = "spread"
+    start: int = 0  # inject only in steps start .. stop-1 (0-based; stop None: to the end)
+    stop: int | None = None
 
     def __post_init__(self) -> None:
         if self.instances < 0:
@@ -271,6 +273,9 @@ class InjectionSchedule:
             raise UserError(f"schedule every must be >= 1 step, got {self.every}")
         if self.mode not in ("spread", "burst"):
             raise UserError(f"schedule mode must be 'spread' or 'burst', got {self.mode!r}")
+        if self.start < 0 or (self.stop is not None and self.stop <= self.start):
+            raise UserError(f"schedule stop must be > start >= 0, got start {self.start}, stop "
+                            f"{self.stop}")
 
     @property
     def rate(self) -> Fraction:
@@ -280,12 +285,19 @@ class InjectionSchedule:
     def per_step(self, step: int) -> int:
         """Instances to inject at optimizer step ``step`` (0-based)."""
         k, g = self.instances, self.every
+        if step < self.start or (self.stop is not None and step >= self.stop):
+            return 0
         if self.mode == "burst":
             return k if (step + 1) % g == 0 else 0
         return (step + 1) * k // g - step * k // g
 
     def total(self, steps: int) -> int:
         """Instances injected over steps 0 .. steps-1 (= the sum of per_step)."""
+        end = max(min(steps, self.stop if self.stop is not None else steps), self.start)
+        return self._upto(end) - self._upto(self.start)
+
+    def _upto(self, steps: int) -> int:
+        """Instances over steps 0 .. steps-1 without the start/stop window."""
         if self.mode == "burst":
             return self.instances * (steps // self.every)
         return steps * self.instances // self.every

@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from raretask.lm import parallel
@@ -120,12 +119,6 @@ class LMTrainSettings:
         return self.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class LMTrainer:
     """One model, one background stream, at most one injected task.
 
@@ -157,7 +150,7 @@ class LMTrainer:
         world: tuple[int, int] | None = None,
     ):
         self.settings = settings
-        self.rank, self.world = world or _rank_world()
+        self.rank, self.world = world or parallel.rank_world()
         if settings.batch_size % self.world:
             raise ValueError(f"batch_size {settings.batch_size} is not divisible by the "
                              f"{self.world} processes")

@@ -122,7 +122,7 @@ def run_fix_toy(cfg: FixToyConfig, progress=None) -> tuple[object, list[ArmResul
     """Train every arm x seed in one trainer; returns (plan, one result per arm)."""
     import torch
 
-    from raretask.runs.toy_grid import eval_steps
+    from raretask.studies.base import eval_steps
     from raretask.theory import Theory
     from raretask.toy import Schedule, ToyInstance, ToyTrainer, TrainSettings
 

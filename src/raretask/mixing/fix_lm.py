@@ -3,7 +3,7 @@
 ``fix_lm.yaml`` is an ordinary LM grid (``kind: lm``, :class:`raretask.lm.config.LMCell`) whose
 axes hold the arms: ``size`` (the small model and the bigger one), ``frequency`` (the natural
 rate and the planned one) and ``every`` (1: spread evenly; > 1: the same rate in bursts). The grid
-runs and resumes like any other (:mod:`raretask.runs.lm_grid`); this module labels its cells as
+runs and resumes like any other (:mod:`raretask.studies.lm`); this module labels its cells as
 arms, prints one table and writes ``fix.json`` for the report (:mod:`raretask.report.fix`).
 
 Labels: the smallest size at the lowest frequency, spread, is "natural"; the smallest size at a
@@ -79,10 +79,10 @@ def run_fix_lm(config: Path, out: Path, overrides: list[str], quiet: bool = True
     """Run (or resume) the grid, write ``fix.json``, return the table."""
     from raretask.config import load_experiment
     from raretask.runs import store
-    from raretask.runs.grid import load_summary, runner_for
+    from raretask.runs.grid import GridRun, load_summary
 
     grid = load_experiment(config, overrides)
-    runner = runner_for(grid, out)
+    runner = GridRun(grid, out)
     runner.run()
     rows = load_summary(out)
     with store.run_lock(Path(out)):  # the grid's own lock is released by now

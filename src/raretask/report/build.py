@@ -28,9 +28,7 @@ import yaml
 from raretask.errors import UserError
 from raretask.report import analysis, figures
 from raretask.report.fix import FIX_FILE, FixResult, load_fix
-
-KINDS = ("toy", "lm")
-"""Experiment kinds the report reads (the ``kind`` of the resolved ``config.yaml``)."""
+from raretask.studies import DEFAULT_KIND, all_studies, study
 
 PAPER_LAW = {"L0": 1.69, "A": 406.4, "B": 410.7, "a": 0.46, "b": 0.51}
 """The law drawn when no scaling measurements are given: the exponents the paper quotes
@@ -149,10 +147,8 @@ def load_run(path: str | Path) -> RunInput:
         # the fix flow's directory (e.g. `raretask fix`: config.yaml of kind fix_toy, fix.json)
         return RunInput(path, "fix", str(config.get("name", path.name)), config, text, "", [],
                         {}, {}, fix)
-    kind = config.get("kind", "toy")
-    if kind not in KINDS:
-        raise UserError(f"{cfg_path}: kind: the report reads {', '.join(KINDS)} runs, got "
-                        f"{kind!r}")
+    kind = config.get("kind", DEFAULT_KIND)
+    study(kind, str(cfg_path))  # an unknown kind: one line naming the file
     cells_path = path / "cells.json"
     try:
         cells = {c["cell"]: c for c in json.loads(cells_path.read_text(encoding="utf-8"))}
@@ -274,22 +270,11 @@ def phase_section(runs: list[RunInput]) -> Section:
     return sec
 
 
-def digest_table(run: RunInput, i: int) -> Table:
-    """The toy digest exactly as ``raretask show DIR`` prints it (one line per cell)."""
-    rows = [[str(d.cell), str(d.width), _fmt(d.beta), _fmt(d.alpha), str(d.seed), d.schedule,
-             f"{d.learned}/{d.predicted}", f"{100 * d.agreement:.0f}%",
-             f"{d.rare_signal:+.3f}" if d.diverged is None else f"diverged@{d.diverged}",
-             _fmt(d.rare_predicted)] for d in analysis.cell_digest(run.rows)]
-    total = analysis.overall_agreement(run.rows)
-    n_div = len({r["cell"] for r in run.rows if r.get("diverged_step") is not None})
-    return Table(
-        f"{run.path}: tasks learned (s~ >= threshold) vs Theorem 3, as `raretask show "
-        f"{run.path}` prints it. learned: tasks learned / predicted; thm: rare task predicted "
-        f"learned. Agreement over all (cell, task) pairs: {100 * total:.1f}%."
-        + (f" {n_div} cell{'s' * (n_div > 1)} diverged (diverged@step: NaN/Inf or exploding "
-           "loss; counted as learning nothing)." if n_div else ""),
-        ["cell", "N", "beta", "alpha", "seed", "schedule", "learned", "agree", "rare s~", "thm"],
-        rows, f"digest-{i}")
+def show_table(run: RunInput, name: str) -> Table:
+    """The run's table exactly as ``raretask show DIR`` prints it (the study draws it once)."""
+    t = study(run.kind).table(run.rows, str(run.path))
+    return Table(f"{t.title}, as `raretask show {run.path}` prints it. {t.caption}".rstrip(),
+                 t.columns, t.rows, name)
 
 
 def residual_section(runs: list[RunInput]) -> Section:
@@ -371,24 +356,6 @@ def injection_section(runs: list[RunInput]) -> Section:
     return sec
 
 
-def lm_table(run: RunInput, i: int) -> Table:
-    """The language-model table exactly as ``raretask show DIR`` prints it."""
-    rows = []
-    for r in run.rows:
-        acc = r.get("test_accuracy")
-        rows.append([str(r["cell"]), r["size"], f"{r['params'] / 1e6:.2f}M", r["task"],
-                     f"{r['frequency']:.2e}", r["schedule"], "-" if acc is None else f"{acc:.3f}",
-                     _fmt(r.get("task_loss")), _fmt(r.get("val_loss")),
-                     f"{r.get('epochs', 0):.2f}"])
-    return Table(
-        f"{run.path}: language models with an injected task, as `raretask show {run.path}` "
-        "prints it. acc: test accuracy, argmax over the vocabulary at LABEL, held-out 5K "
-        "instances; task L: loss at LABEL on the training instances; val L: background "
-        "validation loss",
-        ["cell", "size", "params", "task", "freq/tok", "schedule", "acc", "task L", "val L",
-         "epochs"], rows, f"lm-{i}")
-
-
 _NO_LM = ("No language-model run given: run e.g. `raretask run configs/fig5_lm_heatmap.yaml "
           "--out runs/fig5` (any config with kind: lm) and pass the directory.")
 
@@ -413,7 +380,7 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
                         "the task (cos(g_nt, g_r) near 0).", empty=_NO_LM)
     for i, run in enumerate(runs):
         rows, m, src = run.rows, run.metrics, run.source()
-        heat.tables.append(lm_table(run, i))
+        heat.tables.append(show_table(run, f"lm-{i}"))
         # (section, figure, title, caption): a figure whose data the run lacks is left out
         panels = [
             (heat, figures.lm_heatmap_figure(
@@ -508,13 +475,19 @@ def build_report(dirs: list[str | Path], scaling_csv: str | Path | None = None,
         from raretask.scaling import load_scaling_csv
 
         load_scaling_csv(scaling_csv)  # fail on a bad file before drawing anything
-    toy = [r for r in runs if r.kind == "toy"]
-    lm = [r for r in runs if r.kind == "lm"]
-    sections = [scaling_section(None if scaling_csv is None else Path(scaling_csv)),
-                phase_section(toy), residual_section(toy), injection_section(toy),
-                *lm_sections(lm), fix_section(runs)]
-    # the per-cell toy digests (`raretask show`) close the toy sections they belong to
-    for i, run in enumerate(toy):
-        target = sections[1] if any(r["schedule"] == "iid" for r in run.rows) else sections[3]
-        target.tables.append(digest_table(run, i))
+    sections = [scaling_section(None if scaling_csv is None else Path(scaling_csv))]
+    for st in all_studies():  # each study's sections, from its own runs
+        sections += st.report_sections([r for r in runs if r.kind == st.kind])
+    sections.append(fix_section(runs))
     return Report(title, runs, sections, command)
+
+
+def toy_sections(runs: list[RunInput]) -> list[Section]:
+    """Fig. 2-4 from the toy runs; each run's `raretask show` digest closes the section it
+    belongs to (phase grids: the phase diagram; injection grids: the traces)."""
+    phase, residual, injection = (phase_section(runs), residual_section(runs),
+                                  injection_section(runs))
+    for i, run in enumerate(runs):
+        target = phase if any(r["schedule"] == "iid" for r in run.rows) else injection
+        target.tables.append(show_table(run, f"digest-{i}"))
+    return [phase, residual, injection]

@@ -87,30 +87,6 @@ class Ranks:
         return self.rank == 0
 
 
-def choose_mode(parallel: str, world: int, kind: str, cells: int, sizes: set[str],
-                device: str) -> Mode:
-    """The mode for ``--parallel`` (module docstring); ``auto``: ``cells`` for toy grids and for LM
-    grids with at least as many cells as ranks and no preset of 1b or up, ``model`` otherwise;
-    ``model``: FSDP2 for presets of 1b and up on CUDA, DDP otherwise."""
-    if parallel not in PARALLEL_CHOICES:
-        raise UserError(f"--parallel: expected one of {', '.join(PARALLEL_CHOICES)}, "
-                        f"got {parallel!r}")
-    if world == 1:
-        return "single"
-    big = bool(sizes & set(FSDP_PRESETS))
-    if parallel == "auto":
-        parallel = "cells" if kind != "lm" or (cells >= world and not big) else "model"
-    if parallel == "cells":
-        return "cells"
-    if kind != "lm":
-        raise UserError(f"--parallel: {parallel!r} trains one model on several processes, which "
-                        "only language-model grids do; toy grids train many models in one step "
-                        "on one device: use --parallel cells")
-    if parallel == "model":
-        return "fsdp" if big and device.startswith("cuda") else "ddp"
-    return parallel  # type: ignore[return-value]
-
-
 def rank_device(device: str, world: int, local_rank: int, mode: Mode = "cells",
                 gpus: int | None = None) -> str:
     """This rank's device: ``cuda`` becomes ``cuda:LOCAL_RANK`` when several processes run.

@@ -1,21 +1,32 @@
-"""What every experiment grid shares on disk: groups of cells, the lock, the resolved config, the
-log, resume by group, and the merged tables.
+"""The run lifecycle, once for every study: a grid's groups in one directory, the lock, the
+resolved config, the log, resume by group, checkpoints, progress and the merged tables.
 
-A grid's cells are packed into groups (the unit of training and of resume); a group is done when
-its ``summary.json`` exists (written last, atomically). Subclasses say how to plan groups, train
-one group (:meth:`GridRun._run_group`) and summarise it. Group membership is a pure function of the
-config, so a killed grid resumes into the same groups.
+A grid's cells are packed into groups by its study (:mod:`raretask.studies`); a group is the
+unit of training and of resume and is done when its ``summary.json`` exists (written last,
+atomically). The group plan is recorded in ``cells.json`` on the first run and read back on every
+later one, so a killed grid resumes into the same groups whatever the execution profile says now.
+
+Layout of a run directory::
+
+    DIR/config.yaml                 the resolved experiment (defaults filled); a re-run must match
+    DIR/profile.yaml                the execution profile of the last run (never compared)
+    DIR/cells.json                  every cell's settings, by cell id, and its group
+    DIR/log.txt                     what happened, with the code version
+    DIR/groups/gNNNN/...            the study's per-group files (checkpoints while it runs,
+                                    NAME.parquet tables, summary.json last)
+    DIR/metrics.parquet, DIR/summary.json     all groups merged, once the grid is complete
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +37,13 @@ from raretask.config import Grid
 from raretask.errors import UserError
 from raretask.runs import distributed, store
 from raretask.runs.distributed import Ranks
+from raretask.runs.profile import PROFILE_FIELDS, Profile
+from raretask.studies import study as study_for
+from raretask.studies import study_of_rows
+from raretask.studies.base import Group
 
 Progress = Callable[[dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class Group:
-    """Cells trained together (a toy group shares one optimizer step; an LM group is one run)."""
-
-    name: str
-    cell_ids: tuple[int, ...]
+_MISSING = object()
 
 
 def code_version() -> str:
@@ -72,47 +80,16 @@ def load_summary(out: Path) -> list[dict]:
         rows.extend(_read_rows(path))
     if not rows and (out / "summary.json").exists():  # an archived run: merged files only
         rows = _read_rows(out / "summary.json")
-    rows.sort(key=lambda r: (r["cell"], r["task"] if type(r.get("task")) is int else 0))
+    if rows:
+        rows.sort(key=study_of_rows(rows, str(out)).sort_key)
     return rows
 
 
-_NUM, _OPT_NUM = "number", "number or null"
-TOY_ROW = {"cell": int, "task": int, "tasks": int, "features_per_task": int, "width": int,
-           "seed": int, "gap": int, "schedule": str, "group": str, "beta": _NUM, "alpha": _NUM,
-           "frequent_mass": _NUM, "frequency": _NUM, "signal": _NUM, "loss": _NUM,
-           "features": _NUM, "learned": bool, "predicted_learned": bool, "agree": bool,
-           "rare": bool, "residual_F": _OPT_NUM, "grad_norm_frequent": _OPT_NUM,
-           "grad_norm_rare": _OPT_NUM, "grad_cosine": _OPT_NUM}
-LM_ROW = {"cell": int, "kind": str, "size": str, "params": int, "task": str, "schedule": str,
-          "seed": int, "steps": int, "frequency": _NUM, "test_accuracy": _OPT_NUM,
-          "train_accuracy": _OPT_NUM, "task_loss": _OPT_NUM, "task_test_loss": _OPT_NUM,
-          "val_loss": _OPT_NUM, "epochs": _OPT_NUM}
-"""The fields (and types) of a summary row that show, the report and calibrate read."""
-
-
-def _type_ok(v: Any, want: Any) -> bool:
-    if want in (_NUM, _OPT_NUM):
-        return (v is None and want == _OPT_NUM) or (
-            isinstance(v, int | float) and not isinstance(v, bool))
-    return type(v) is want
-
-
 def check_rows(rows: list[dict], source: Path | str) -> None:
-    """Every row has the fields of its kind with the right types, and each toy cell one rare
-    task; else a one-line UserError naming the file, row and field."""
-    rare: dict[int, int] = {}
-    for i, r in enumerate(rows):
-        schema = LM_ROW if r.get("kind") == "lm" else TOY_ROW
-        for key, want in schema.items():
-            if key not in r or not _type_ok(r[key], want):
-                name = want if isinstance(want, str) else want.__name__
-                got = f"got {r[key]!r}" if key in r else "missing"
-                raise UserError(f"{source}: row {i}: {key}: expected {name}, {got}")
-        if schema is TOY_ROW:
-            rare[r["cell"]] = rare.get(r["cell"], 0) + r["rare"]
-    bad = [c for c, n in rare.items() if n != 1]
-    if bad:
-        raise UserError(f"{source}: cell {bad[0]}: expected exactly one row with rare: true")
+    """Every row has the fields of its study with the right types; else a one-line UserError
+    naming the file, row and field."""
+    if rows:
+        study_of_rows(rows, str(source)).check_rows(rows, source)
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -131,7 +108,7 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 class GridRun:
-    """One grid in one directory.
+    """One grid in one directory, whatever its study.
 
     Parameters
     ----------
@@ -141,29 +118,36 @@ class GridRun:
         Run directory (created).
     checkpoint_seconds:
         Save the running group's trainer state at most this often (wall clock).
+    profile:
+        How to execute (:class:`raretask.runs.profile.Profile`; default: the device's defaults).
     """
 
-    CHECKPOINT_FILES: tuple[str, ...] = ()
-    """A group's files that exist only while it runs (removed once its summary.json is written)."""
-
-    def __init__(self, grid: Grid, out: Path, checkpoint_seconds: float = 60.0):
+    def __init__(self, grid: Grid, out: Path, checkpoint_seconds: float = 60.0,
+                 profile: Profile | None = None):
         self.grid = grid
+        self.study = study_for(grid.kind)
         self.out = Path(out)
         self.checkpoint_seconds = float(checkpoint_seconds)
+        self.profile = profile or grid.profile
         self.cells = list(grid.cells())
-        self.groups = self._plan()
+        self.groups = self._recorded_plan() or self.study.plan(self.cells, self.profile)
         self.ranks = Ranks()  # this process's part of a torchrun job; set by :meth:`run`
 
-    # -- what subclasses provide ----------------------------------------------------------------
-    def _plan(self) -> list[Group]:
-        """Groups in config order (default: one cell each)."""
-        return [Group(f"g{i:04d}", (i,)) for i in range(len(self.cells))]
-
-    def _run_group(self, group: Group, device: str, progress: Progress | None) -> None:
-        raise NotImplementedError
-
-    def _merge(self) -> None:
-        self._merge_tables(load_summary(self.out))
+    def _recorded_plan(self) -> list[Group] | None:
+        """The groups of an earlier run of this grid (``cells.json``), so that a change of
+        profile (group size, device) never regroups cells that already have files."""
+        try:
+            table = json.loads((self.out / "cells.json").read_text(encoding="utf-8"))
+            if len(table) != len(self.cells) or any(
+                    r.get(k, _MISSING) != v for r in table
+                    for k, v in self.cells[r["cell"]].model_dump().items()):
+                return None
+            members: dict[str, list[int]] = {}
+            for r in sorted(table, key=lambda r: r["cell"]):
+                members.setdefault(r["group"], []).append(r["cell"])
+            return [Group(name, tuple(ids)) for name, ids in sorted(members.items())]
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return None  # no earlier run (or not this grid's): plan afresh
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _group_dir(self, group: Group) -> Path:
@@ -189,7 +173,7 @@ class GridRun:
         swept = store.remove_stale_temps(self.out)
         for g in self.groups:
             if self.is_done(g):
-                for name in self.CHECKPOINT_FILES:
+                for name in self.study.checkpoint_files:
                     path = self._group_dir(g) / name
                     if path.exists():
                         path.unlink()
@@ -197,40 +181,111 @@ class GridRun:
         if swept:
             self._log(f"removed {swept} file(s) left by an interrupted run")
 
-    def _check_or_write_config(self) -> None:
+    def _check_or_write_config(self, resolved_profile) -> None:
         resolved = self.grid.resolved()
         path = self.out / "config.yaml"
         if path.exists():
             old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
             fields = self.grid.cell_model.model_fields
             for key in sorted(set(old) | set(resolved)):
+                if key in PROFILE_FIELDS:
+                    continue  # execution settings of runs made before the profile existed
                 if key not in old and key in fields and resolved[key] == fields[key].default:
                     continue  # a field added since that run, at its default: the same experiment
-                if old.get(key) != resolved.get(key) and key != "device":
+                if old.get(key) != resolved.get(key):
                     raise UserError(
                         f"{path}: this directory holds another experiment ({key}: "
                         f"{old.get(key)!r} there, {resolved.get(key)!r} now); use a new --out")
+        self._note_profile_change(resolved_profile)
         store.write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+        store.write_text(self.out / "profile.yaml",
+                         yaml.safe_dump(resolved_profile.model_dump(), sort_keys=False))
         cell_table = [
             {"cell": i, "group": g.name, **self.cells[i].model_dump()}
             for g in self.groups for i in g.cell_ids
         ]
         store.write_json(self.out / "cells.json", sorted(cell_table, key=lambda r: r["cell"]))
 
-    def _merge_tables(self, summary: list[dict]) -> None:
+    def _note_profile_change(self, profile) -> None:
+        """A run that resumes on another kind of device continues, with a one-line warning:
+        CPU and CUDA kernels round differently, so its numbers may differ from either alone."""
+        path = self.out / "profile.yaml"
+        try:
+            old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            before = str(old.get("device", ""))
+        except (OSError, yaml.YAMLError, AttributeError):
+            return
+        kind = "cuda" if profile.device.startswith("cuda") else "cpu"
+        if before and before.split(":")[0] != kind and any(
+                (self._group_dir(g) / "summary.json").exists()
+                or self.study.has_checkpoint(self._group_dir(g)) for g in self.groups):
+            message = (f"warning: {self.out} was run on {before} and resumes on "
+                       f"{profile.device}; its numbers may differ from a run on either alone")
+            self._log(message)
+            print(message, file=sys.stderr)
+
+    def _merge(self) -> None:
         """One metrics table and one summary for the whole grid, next to the per-group files."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        summary = load_summary(self.out)
         parts = [pq.read_table(p) for p in sorted(self.out.glob("groups/g*/metrics.parquet"))]
         if parts:
             store.write_parquet(self.out / "metrics.parquet", pa.concat_tables(parts))
         store.write_json(self.out / "summary.json", summary)
 
-    # -- running --------------------------------------------------------------------------------
-    def _check_parallel(self, ranks: Ranks) -> None:
-        """Refuse (UserError) what this grid cannot do in ``ranks.mode``; subclasses add checks."""
+    # -- the lifecycle of one group -------------------------------------------------------------
+    def _run_group(self, group: Group, progress: Progress | None) -> None:
+        """Build the group's trainer, resume its checkpoint, train with timed checkpoints, then
+        write the study's tables and summary rows (summary.json last) and drop the checkpoint."""
+        import torch
 
+        study, ranks = self.study, self.ranks
+        cells = [self.cells[i] for i in group.cell_ids]
+        trainer = study.build(cells, self.resolved_profile, ranks)
+        gdir = self._group_dir(group)
+        if study.has_checkpoint(gdir):
+            study.load_checkpoint(gdir, trainer)
+            if ranks.writes:
+                self._log(f"{group.name}: resumed from step {trainer.step}")
+        total = trainer.settings.steps
+        started = last_save = time.perf_counter()
+        start_step = trainer.step
+
+        def on_eval(step: int) -> None:
+            nonlocal last_save
+            now = time.perf_counter()
+            due = now - last_save >= self.checkpoint_seconds and 0 < step < total
+            if ranks.data_parallel:  # rank 0's clock decides: FSDP2 gathers the state collectively
+                due = distributed.broadcast(due)
+            if due:
+                study.save_checkpoint(gdir, trainer, ranks.writes)
+                last_save = now
+            if progress:
+                progress({"event": "step", "group": group.name, "step": step, "steps": total,
+                          "cells": len(group.cell_ids)})
+
+        trainer.run(callback=on_eval)
+        if self.resolved_profile.cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        keep = study.final_tensors(cells, trainer)
+        if ranks.writes:
+            for name, tensors in keep.items():
+                store.write_safetensors(gdir / name, tensors)
+            result = study.results(group, cells, trainer, seconds, start_step)
+            for name, rows in result.tables.items():
+                store.write_parquet(gdir / f"{name}.parquet", rows)
+            store.write_json(gdir / "summary.json", result.rows)
+            for name in study.checkpoint_files:
+                (gdir / name).unlink(missing_ok=True)
+            for line in result.log:
+                self._log(line)
+        if ranks.data_parallel:  # nobody starts the next cell before this one is on disk
+            distributed.barrier()
+
+    # -- running --------------------------------------------------------------------------------
     def run(self, progress: Progress | None = None, parallel: str = "auto") -> None:
         """Train every unfinished group; ``progress`` gets dicts of counters as work advances.
 
@@ -238,21 +293,24 @@ class GridRun:
         how the processes share the work (:mod:`raretask.runs.distributed`); one process
         ignores it.
         """
-        device = resolve_device(self.grid.device)
+        device = resolve_device(self.profile.device)
         rank, world, local = distributed.env_ranks()
-        sizes = {str(getattr(c, "size", "")) for c in self.cells}
-        mode = distributed.choose_mode(parallel, world, self.grid.kind, len(self.cells), sizes,
-                                       device)
+        if parallel not in distributed.PARALLEL_CHOICES:
+            raise UserError(f"--parallel: expected one of {', '.join(distributed.PARALLEL_CHOICES)}"
+                            f", got {parallel!r}")
+        mode = "single" if world == 1 else self.study.parallel_mode(parallel, world, self.cells,
+                                                                    device)
         rank_dev = distributed.rank_device(device, world, local, mode)
         self.ranks = Ranks(rank, world, mode, rank_dev)
-        self._check_parallel(self.ranks)
+        self.resolved_profile = self.profile.resolve(rank_dev)
+        self.study.check(self.cells, self.resolved_profile, self.ranks)
         progress = progress if rank == 0 else None  # one display per job
         with distributed.session(mode, self.ranks.device), contextlib.ExitStack() as held:
             error = None
             if rank == 0:  # one lock per job: rank 0 holds it for everyone until all are done
                 try:
                     held.enter_context(store.run_lock(self.out))
-                    self._check_or_write_config()
+                    self._check_or_write_config(self.resolved_profile)
                     self._sweep()
                 except UserError as err:
                     error = str(err)
@@ -267,13 +325,13 @@ class GridRun:
             if progress:
                 progress({"event": "start", "cells_total": len(self.cells),
                           "cells_done": self._cells_done(), "groups_todo": len(todo),
-                          "steps_todo": sum(getattr(self.cells[g.cell_ids[0]], "steps", 0)
+                          "steps_todo": sum(self.study.steps(self.cells[g.cell_ids[0]])
                                             for g in todo)})
             if mode == "cells":
                 self._run_claimed(todo, progress)
             else:
                 for group in todo:
-                    self._run_group(group, self.ranks.device, progress)
+                    self._run_group(group, progress)
                     self._group_done(group, progress)
             distributed.barrier(poll=lambda: self._group_done(None, progress))
             if rank == 0:
@@ -293,7 +351,7 @@ class GridRun:
                 # re-check under the claim: another rank may have finished it meanwhile
                 if not mine or self.is_done(group):
                     continue
-                self._run_group(group, self.ranks.device, progress)
+                self._run_group(group, progress)
             self._group_done(group, progress)
 
     def _cells_done(self) -> int:
@@ -303,14 +361,3 @@ class GridRun:
         if progress:  # counted on disk: in cells mode other ranks finish groups too
             progress({"event": "group_done", "group": group.name if group else None,
                       "cells_done": self._cells_done(), "cells_total": len(self.cells)})
-
-
-def runner_for(grid: Grid, out: Path, checkpoint_seconds: float = 60.0) -> GridRun:
-    """The runner class of the grid's kind."""
-    if grid.kind == "lm":
-        from raretask.runs.lm_grid import LMGridRun
-
-        return LMGridRun(grid, out, checkpoint_seconds)
-    from raretask.runs.toy_grid import ToyGridRun
-
-    return ToyGridRun(grid, out, checkpoint_seconds)

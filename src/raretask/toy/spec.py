@@ -55,6 +55,9 @@ class Schedule:
         Steps between injections (``"matched"``/``"every"``); must be >= 1 there, ignored for iid.
     count:
         Rare samples per injection for ``"every"``; must be >= 1 there, ignored otherwise.
+    start, stop:
+        Injections happen only at updates ``start < step <= stop`` (``stop`` None: to the end),
+        so a task can arrive late or stop arriving (retention after the stop). Not for iid.
 
     Injected samples carry the same per-sample weight ``1/batch_size`` as ordinary ones (the batch
     loss is a sum over samples divided by ``batch_size``, not by the enlarged batch size), so an
@@ -64,6 +67,8 @@ class Schedule:
     kind: Literal["iid", "matched", "every"] = "iid"
     gap: int = 0
     count: int = 0
+    start: int = 0
+    stop: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("iid", "matched", "every"):
@@ -72,6 +77,11 @@ class Schedule:
             raise UserError(f"schedule.gap must be >= 1 for kind {self.kind!r}, got {self.gap}")
         if self.kind == "every" and int(self.count) < 1:
             raise UserError(f"schedule.count must be >= 1 for kind 'every', got {self.count}")
+        if self.kind == "iid" and (self.start or self.stop is not None):
+            raise UserError("schedule.start/stop need injections (kind 'matched' or 'every')")
+        if self.start < 0 or (self.stop is not None and self.stop <= self.start):
+            raise UserError(f"schedule.stop must be > start >= 0, got start {self.start}, "
+                            f"stop {self.stop}")
 
     def injection_size(self, batch_size: int, rare_prior: float) -> int:
         """Rare samples added at each injection step (0 for iid); raises if it would be < 1."""
@@ -92,7 +102,8 @@ class Schedule:
 
     def injects_at(self, step: int) -> bool:
         """Whether update number ``step`` (1-based) carries an injection."""
-        return self.kind != "iid" and step % self.gap == 0
+        return (self.kind != "iid" and step % self.gap == 0 and step > self.start
+                and (self.stop is None or step <= self.stop))
 
 
 @dataclass(frozen=True, eq=False)

@@ -270,6 +270,7 @@ class ToyTrainer:
                 raise UserError(f"instances: expected ToyInstance, got {type(inst).__name__}")
             sizes.append(inst.schedule.injection_size(bsz, inst.frequencies[inst.rare_task]))
         self._sizes = sizes
+        self._schedules = [inst.schedule for inst in self.instances]
         self._gen_inject = [
             _generator(self.device, stream_seed(i.seed, _INJECT)) for i in self.instances
         ]
@@ -483,7 +484,8 @@ class ToyTrainer:
         if self._chunk != self.step // r:
             self._draw_chunk(self.step // r)
         row, t = self.step % r, self.step + 1  # t: 1-based number of this update
-        injects = [tuple(j for j in range(len(gr.idx)) if gr.sizes[j] and t % gr.gaps[j] == 0)
+        injects = [tuple(j for j in range(len(gr.idx))
+                         if gr.sizes[j] and self._schedules[gr.idx[j]].injects_at(t))
                    for gr in self._groups]
         with tf32(self.settings.tf32):
             if not self._use_graphs or any(injects):

@@ -1,0 +1,139 @@
+"""What a study plug-in provides to the run lifecycle, ``show``, the report and ``calibrate``.
+
+A study is the science of one experiment kind: its cell (what one model is trained on, with
+no execution settings), how cells pack into groups, ``build(cells, profile) -> trainer``, the
+rows it reports with its own verdicts (predicted vs learned), their schema, and the ``show``
+table. :mod:`raretask.runs.grid` runs the lifecycle once for every study (lock, resume,
+checkpoints, progress, files) through the methods every trainer shares: ``step``,
+``settings.steps``, ``run(callback=)``, ``state_dict()``, ``load_state_dict()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from raretask.errors import UserError
+
+NUM, OPT_NUM = "number", "number or null"
+
+
+@dataclass(frozen=True)
+class Group:
+    """Cells trained together (a toy group shares one optimizer step; an LM group is one run)."""
+
+    name: str
+    cell_ids: tuple[int, ...]
+
+
+@dataclass
+class ShowTable:
+    """A study's table of rows, formatted once: ``raretask show`` draws it with rich, the
+    report as HTML, so the two never drift."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclass
+class GroupResult:
+    """What a finished group leaves: named long tables (``NAME.parquet``), the summary rows
+    (``summary.json``, written last) and lines for the run log."""
+
+    tables: dict[str, list[dict]]
+    rows: list[dict]
+    log: list[str] = field(default_factory=list)
+
+
+def eval_steps(steps: int, points: int) -> tuple[int, ...]:
+    """About ``points`` log-spaced steps in [1, steps], always including the last."""
+    grid = np.unique(np.round(np.geomspace(1, steps, points)).astype(int))
+    return tuple(int(s) for s in np.union1d(grid, [steps]))
+
+
+def _type_ok(v: Any, want: Any) -> bool:
+    if want in (NUM, OPT_NUM):
+        return (v is None and want == OPT_NUM) or (
+            isinstance(v, int | float) and not isinstance(v, bool))
+    return type(v) is want
+
+
+class Study:
+    """Base of the study plug-ins; :mod:`raretask.studies` maps each kind to one instance."""
+
+    kind: ClassVar[str]
+    row_schema: ClassVar[dict[str, Any]]
+    """The fields (and types) of a summary row that show, the report and calibrate read."""
+    checkpoint_files: ClassVar[tuple[str, ...]]
+    """A group's files that exist only while it runs (removed once its summary is written)."""
+
+    # -- the experiment -----------------------------------------------------------------------
+    @property
+    def grid_class(self) -> type:
+        raise NotImplementedError
+
+    def plan(self, cells: list, profile) -> list[Group]:
+        """Groups in config order (default: one cell each)."""
+        return [Group(f"g{i:04d}", (i,)) for i in range(len(cells))]
+
+    def steps(self, cell) -> int:
+        return int(cell.steps)
+
+    def check(self, cells: list, profile, ranks) -> None:
+        """Refuse (UserError) what this grid cannot do on ``ranks`` before anything is written."""
+
+    def parallel_mode(self, parallel: str, world: int, cells: list, device: str) -> str:
+        """The torchrun mode for ``--parallel`` (:mod:`raretask.runs.distributed`)."""
+        if parallel not in ("auto", "cells"):
+            raise UserError(f"--parallel: {parallel!r} trains one model on several processes, "
+                            f"which {self.kind} grids do not do: use --parallel cells")
+        return "cells"
+
+    # -- training -----------------------------------------------------------------------------
+    def build(self, cells: list, profile, ranks):
+        """The trainer of one group; ``profile``: a resolved execution profile."""
+        raise NotImplementedError
+
+    def has_checkpoint(self, gdir: Path) -> bool:
+        return all((gdir / n).exists() for n in self.checkpoint_files)
+
+    def save_checkpoint(self, gdir: Path, trainer, writes: bool) -> None:
+        raise NotImplementedError
+
+    def load_checkpoint(self, gdir: Path, trainer) -> None:
+        raise NotImplementedError
+
+    def final_tensors(self, cells: list, trainer) -> dict[str, dict]:
+        """Tensors a finished group keeps beside its tables: file name -> tensors (called on
+        every rank, written by the writing one)."""
+        return {}
+
+    def results(self, group: Group, cells: list, trainer, seconds: float,
+                start_step: int) -> GroupResult:
+        raise NotImplementedError
+
+    # -- rows ---------------------------------------------------------------------------------
+    def check_rows(self, rows: list[dict], source: Path | str) -> None:
+        """Every row has the schema's fields with the right types; else one line naming the
+        file, row and field."""
+        for i, r in enumerate(rows):
+            for key, want in self.row_schema.items():
+                if key not in r or not _type_ok(r[key], want):
+                    name = want if isinstance(want, str) else want.__name__
+                    got = f"got {r[key]!r}" if key in r else "missing"
+                    raise UserError(f"{source}: row {i}: {key}: expected {name}, {got}")
+
+    def sort_key(self, row: dict) -> tuple:
+        return (row["cell"],)
+
+    def table(self, rows: list[dict], title: str, all_rows: bool = False) -> ShowTable:
+        raise NotImplementedError
+
+    def report_sections(self, runs: list) -> list:
+        """The report's sections for this study's runs (:mod:`raretask.report.build`)."""
+        return []

@@ -1,0 +1,239 @@
+"""Language models with an injected rare task, as a study plug-in: one group per cell.
+
+A cell's group leaves::
+
+    groups/gNNNN/model.safetensors        weights while the cell runs (removed after)
+    groups/gNNNN/state.pt                 optimizer, data position, counters (weights_only)
+    groups/gNNNN/metrics.parquet          long format: cell, step, task, metric, value
+    groups/gNNNN/summary.json             the cell's final row; written last = done
+
+Under ``torchrun`` (:mod:`raretask.runs.distributed`): in the model modes every rank runs the
+same cells in the same order, rank 0 alone writes files, and all ranks resume from the same
+checkpoint; in ``cells`` mode each rank trains the cells it claims, alone, and writes their files.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+
+from raretask.errors import UserError
+from raretask.lm.config import LMCell
+from raretask.runs import distributed, store
+from raretask.studies.base import NUM, OPT_NUM, GroupResult, ShowTable, Study
+
+TASK_ROW_METRICS = ("test_accuracy", "train_accuracy", "task_loss", "task_test_loss",
+                    "val_loss", "train_loss", "tokens", "instances", "epochs")
+PROBE_METRICS = ("cos_g_gr", "cos_gt_gr", "cos_gnt_gr", "order_r2", "fourier_modes")
+"""Final probe values in the summary row (None when not measured; trajectories in metrics)."""
+
+
+def build_trainer(cell: LMCell, profile, stream_world: tuple[int, int] | None = None,
+                  fsdp: bool = False):
+    """The background, task, schedule and :class:`~raretask.lm.trainer.LMTrainer` of a cell, run
+    as ``profile`` (:class:`~raretask.runs.profile.ResolvedProfile`) says.
+
+    ``stream_world``: (rank, processes) training this cell together (default: the process
+    group's); ``fsdp``: shard the model with FSDP2 rather than DDP when processes > 1.
+    """
+    from raretask.lm.background import BackgroundConfig
+    from raretask.lm.model import ModelConfig
+    from raretask.lm.parallel import rank_world
+    from raretask.lm.schedule import eval_schedule
+    from raretask.lm.tasks import RareTask
+    from raretask.lm.trainer import LMTrainer, LMTrainSettings
+
+    rank, world = stream_world or rank_world()
+    device = profile.device
+    corpus = [] if cell.corpus == "kjv" else [cell.corpus]
+    bg = BackgroundConfig(corpus=corpus, vocab_size=cell.vocab_size, text_field=cell.text_field,
+                          source=cell.source, eod_id=cell.eod_id).build()
+    model_cfg = ModelConfig.preset(cell.size, vocab_size=bg.vocab_size,
+                                   max_seq_len=max(cell.seq_len, 8))
+    task = schedule = None
+    if cell.task != "none":
+        task = RareTask(cell.task, vocab_size=bg.vocab_size, eod_id=bg.eod_id, seed=cell.task_seed)
+        schedule = cell.injection_schedule()
+    if cell.batch_size % world:
+        raise UserError(f"batch_size: {cell.batch_size} is not divisible by the {world} "
+                        "processes")
+    # on an accelerator the sampler runs in a thread beside the host loop that feeds it; on a
+    # CPU it would only compete with training for cores (the numbers are the same either way)
+    stream = bg.stream(cell.batch_size // world, cell.seq_len, seed=cell.seed, rank=rank,
+                       world_size=world, prefetch=torch.device(device).type != "cpu")
+    val_tokens = 4 * cell.batch_size * cell.seq_len
+
+    def val_batches():
+        return bg.validation_batches(cell.seq_len, cell.batch_size, max_tokens=val_tokens)
+
+    settings = LMTrainSettings(
+        steps=cell.steps, batch_size=cell.batch_size, seq_len=cell.seq_len, lr=cell.lr,
+        warmup=min(cell.warmup, max(cell.steps // 10, 1)),
+        eval_steps=eval_schedule(cell), weight_decay=cell.weight_decay,
+        device=device, compile=profile.compile, compile_mode=profile.compile_mode,
+        seed=cell.seed, fsdp=fsdp, deterministic=profile.deterministic,
+        attention=profile.attention, probes=cell.probes, probe_k=cell.probe_k,
+    )
+    trainer = LMTrainer(model_cfg, stream, val_batches, task, schedule, settings,
+                        world=(rank, world))
+    trainer.background, trainer.model_config = bg, model_cfg  # for the summary row
+    return trainer
+
+
+def load_checkpoint(weights: Path, state_path: Path) -> dict:
+    """A cell's checkpoint: weights through safetensors, the rest through ``torch.load`` with
+    ``weights_only=True`` (no code in the file runs); a damaged or foreign file is a UserError."""
+    from safetensors.torch import load_file
+
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError("not a dict")
+        state["model"] = load_file(str(weights))
+    except Exception as err:  # pickle refusals, truncated files, safetensors header errors
+        raise UserError(f"{state_path.parent}: unreadable checkpoint ({type(err).__name__}); "
+                        "delete model.safetensors and state.pt to restart the cell") from None
+    return state
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Non-weight state through torch.save, read back with ``weights_only=True``."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    store.write_bytes(path, buf.getvalue())
+
+
+def summary_row(cell_id: int, group_name: str, cell: LMCell, trainer) -> dict:
+    """The cell's final row: only what the run determines (no wall-clock time, which is in the
+    log), so a resumed run's row equals an uninterrupted one's."""
+    from raretask.lm.trainer import chance_levels
+
+    last = {}
+    for r in trainer.metrics():
+        if r["step"] == trainer.step:
+            last[r["metric"]] = r["value"]
+    tokens = trainer.step * cell.batch_size * cell.seq_len
+    chance = chance_levels(trainer.task) if trainer.task is not None else {}
+    model_cfg = trainer.model_config
+    return {
+        "cell": cell_id, "group": group_name, "kind": "lm",
+        "size": cell.size, "params": model_cfg.num_params(include_embedding=False),
+        "params_total": model_cfg.num_params(include_embedding=True),
+        "task": cell.task, "schedule": cell.schedule_label,
+        "frequency": trainer.injected / tokens if tokens else 0.0,
+        "requested_frequency": cell.requested_rate,
+        "seed": cell.seed, "steps": trainer.step, "diverged_step": trainer.diverged_step,
+        **{m: last.get(m) for m in TASK_ROW_METRICS},
+        "instances": trainer.injected, "tokens": tokens,  # exact counts, not float metrics
+        **{m: last.get(m) for m in PROBE_METRICS},
+        **{k: chance.get(k) for k in ("chance_format", "chance_copy", "chance_symbol")},
+        **trainer.data.summary(), "corpus": trainer.background.corpus_name,
+    }
+
+
+class LMStudy(Study):
+    kind = "lm"
+    checkpoint_files = ("model.safetensors", "state.pt")
+    row_schema = {
+        "cell": int, "kind": str, "size": str, "params": int, "task": str, "schedule": str,
+        "seed": int, "steps": int, "frequency": NUM, "test_accuracy": OPT_NUM,
+        "train_accuracy": OPT_NUM, "task_loss": OPT_NUM, "task_test_loss": OPT_NUM,
+        "val_loss": OPT_NUM, "epochs": OPT_NUM}
+
+    @property
+    def grid_class(self):
+        from raretask.lm.config import LMGrid
+
+        return LMGrid
+
+    def check(self, cells, profile, ranks) -> None:
+        from raretask.lm.trainer import check_attention
+
+        try:  # before anything is written
+            check_attention(profile.attention, ranks.device)
+        except ValueError as err:
+            raise UserError(f"profile.{err}") from None
+        if not ranks.data_parallel:
+            return
+        for i, cell in enumerate(cells):
+            if cell.batch_size % ranks.world:
+                raise UserError(f"batch_size: {cell.batch_size} (cell {i}) is not divisible by "
+                                f"the {ranks.world} processes that train each model together "
+                                "(--parallel model); change batch_size or use --parallel cells")
+
+    def parallel_mode(self, parallel, world, cells, device) -> str:
+        """``auto``: ``cells`` with at least as many cells as processes and no preset of 1b or
+        up, ``model`` otherwise; ``model``: FSDP2 for presets of 1b and up on CUDA, DDP else."""
+        big = bool({c.size for c in cells} & set(distributed.FSDP_PRESETS))
+        if parallel == "auto":
+            parallel = "cells" if len(cells) >= world and not big else "model"
+        if parallel == "model":
+            return "fsdp" if big and device.startswith("cuda") else "ddp"
+        return parallel
+
+    def build(self, cells, profile, ranks):
+        (cell,) = cells
+        return build_trainer(cell, profile, ranks.data_world, fsdp=ranks.mode == "fsdp")
+
+    def save_checkpoint(self, gdir, trainer, writes) -> None:
+        state = trainer.state_dict()  # collective under FSDP2: every rank calls it
+        if writes:
+            store.write_safetensors(gdir / "model.safetensors", state.pop("model"))
+            save_state(gdir / "state.pt", state)
+
+    def load_checkpoint(self, gdir, trainer) -> None:
+        trainer.load_state_dict(load_checkpoint(gdir / "model.safetensors", gdir / "state.pt"))
+
+    def final_tensors(self, cells, trainer) -> dict[str, dict]:
+        """``save_model``: the final weights, for ``raretask export-hf``."""
+        from raretask.lm.export_hf import FINAL_WEIGHTS
+
+        if not cells[0].save_model:
+            return {}
+        return {FINAL_WEIGHTS: trainer.state_dict()["model"]}  # collective under FSDP2
+
+    def results(self, group, cells, trainer, seconds, start_step) -> GroupResult:
+        (cell,) = cells
+        (cell_id,) = group.cell_ids
+        metrics = [{"cell": cell_id, "step": r["step"], "task": 0, "metric": r["metric"],
+                    "value": r["value"]} for r in trainer.metrics()]
+        tps = (trainer.step - start_step) * cell.batch_size * cell.seq_len / max(seconds, 1e-9)
+        log = [f"{group.name}: {cell.size} {cell.task} steps {start_step}->{trainer.step}"
+               f" in {seconds:.1f}s ({tps:,.0f} tokens/s)"]
+        if trainer.diverged_step is not None:
+            log.append(f"{group.name}: cell {cell_id} diverged at step {trainer.diverged_step} "
+                       "(non-finite or exploded loss); stopped there")
+        return GroupResult({"metrics": metrics},
+                           [summary_row(cell_id, group.name, cell, trainer)], log)
+
+    def table(self, rows, title, all_rows=False) -> ShowTable:
+        from raretask.lm.verdict import FORMAT_NOT_LEARNED, lm_verdict
+        from raretask.report.analysis import format_cell
+
+        body = []
+        for r in rows:
+            acc = r.get("test_accuracy")
+            acc_text = "-" if acc is None else f"{acc:.3f}"
+            if r.get("diverged_step") is not None:
+                acc_text = f"div@{r['diverged_step']}"
+            acc_text += " (format not learned)" * (lm_verdict(r) == FORMAT_NOT_LEARNED)
+            body.append([str(r["cell"]), r["size"], f"{r['params'] / 1e6:.2f}M", r["task"],
+                         f"{r['frequency']:.2e}", r["schedule"], acc_text,
+                         format_cell(r.get("task_loss")), format_cell(r.get("val_loss")),
+                         f"{r.get('epochs', 0):.2f}"])
+        return ShowTable(
+            f"{title}: language models with an injected task",
+            ["cell", "size", "params", "task", "freq/tok", "schedule", "acc", "task L", "val L",
+             "epochs"], body,
+            "acc: test accuracy, argmax over the vocabulary at LABEL, held-out 5K instances; "
+            "task L: loss at LABEL on the training instances; val L: background validation loss")
+
+    def report_sections(self, runs):
+        from raretask.report.build import lm_sections
+
+        return lm_sections(runs)
+
+
+STUDY = LMStudy()
