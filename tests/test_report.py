@@ -519,3 +519,21 @@ def test_the_fix_flows_directory_is_a_fix_input(toy_runs, capsys, tmp_path):
     assert [r[0] for r in rows] == ["natural (even)", "plan (even)", "big (even)"]
     assert [r[8] for r in rows] == ["no", "yes", "yes"]  # learned: s~ >= 0.3
     assert f"raretask fix {fix_dir / 'config.yaml'} --out {fix_dir}" in out.read_text()
+
+
+def test_report_shows_the_calibrated_law_and_its_held_out_cells(tmp_path):
+    """`raretask report --calibration FILE`: the law's accuracy, laws and held-out cells, read
+    off the committed held-out calibration (fit on the 1k-step grids, scored on fig9 and the
+    packed grid)."""
+    from raretask.report.build import calibration_section
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    sec = calibration_section([results / "lm_calibration_heldout_1k.json"])
+    names = [t.name for t in sec.tables]
+    assert names == ["calibration-accuracy", "calibration-laws", "calibration-holdout"]
+    held = next(t for t in sec.tables if t.name == "calibration-accuracy")
+    assert any(r[0] == "cmp" and r[2] == "16/17" for r in held.rows), held.rows
+    from raretask.errors import UserError
+
+    with pytest.raises(UserError):
+        calibration_section([tmp_path / "missing.json"])

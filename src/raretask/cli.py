@@ -419,6 +419,9 @@ def report(
                                   "(default: the law the paper quotes).")
     ] = None,
     title: Annotated[str, typer.Option(help="Page title.")] = "raretask report",
+    calibration: Annotated[list[Path] | None, typer.Option(
+        "--calibration", help="A `raretask calibrate` file: its law, cross-validated and "
+        "held-out accuracy (repeatable).")] = None,
 ) -> None:
     """One self-contained HTML page with the study's figures for the given runs."""
     import shlex
@@ -426,8 +429,9 @@ def report(
     from raretask.report.html import write_report
 
     command = shlex.join(["raretask", "report", *map(str, dirs), "--out", str(out)]
-                         + (["--scaling", str(scaling_csv)] if scaling_csv else []))
-    path = write_report(dirs, out, scaling_csv, title, command)
+                         + (["--scaling", str(scaling_csv)] if scaling_csv else [])
+                         + [x for c in calibration or [] for x in ("--calibration", str(c))])
+    path = write_report(dirs, out, scaling_csv, title, command, calibration or [])
     console.print(f"wrote {path}")
 
 

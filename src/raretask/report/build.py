@@ -466,11 +466,13 @@ def fix_section(runs: list[RunInput]) -> Section:
 
 
 def build_report(dirs: list[str | Path], scaling_csv: str | Path | None = None,
-                 title: str = "raretask report", command: str = "") -> Report:
+                 title: str = "raretask report", command: str = "",
+                 calibrations: list[str | Path] | tuple = ()) -> Report:
     """Read every directory (all checked before anything is drawn) and make the sections."""
     if not dirs:
         raise UserError("DIR: give at least one run directory")
     runs = [load_run(d) for d in dirs]
+    cal_section = calibration_section(calibrations)  # every file checked before drawing
     if scaling_csv is not None:
         from raretask.scaling import load_scaling_csv
 
@@ -479,7 +481,25 @@ def build_report(dirs: list[str | Path], scaling_csv: str | Path | None = None,
     for st in all_studies():  # each study's sections, from its own runs
         sections += st.report_sections([r for r in runs if r.kind == st.kind])
     sections.append(fix_section(runs))
+    if calibrations:
+        sections.append(cal_section)
     return Report(title, runs, sections, command)
+
+
+def calibration_section(paths: list[str | Path] | tuple) -> Section:
+    """The learnability law of each `raretask calibrate` file: its cross-validated and held-out
+    accuracy, the fitted laws and every held-out cell (:mod:`raretask.report.calibration`)."""
+    from raretask.mixing.calibrate import load_calibration
+    from raretask.report.calibration import calibration_tables
+
+    sec = Section("calibration", "Predict: the learnability law, validated on held-out runs",
+                  "P(learned | size, budget, frequency) per task, fitted by `raretask "
+                  "calibrate`; cells called right, leaving one cell or one size out and on "
+                  "grids the fit never saw.")
+    for path in paths:
+        for d in calibration_tables(load_calibration(path)):
+            sec.tables.append(Table(**{**d, "caption": f"{path}: {d['caption']}"}))
+    return sec
 
 
 def toy_sections(runs: list[RunInput]) -> list[Section]:
