@@ -288,6 +288,7 @@ def calibrate_runs(run_dirs: list[Path], learned_accuracy: float = 0.9,
         fit_laws,
         predict_obs,
         score,
+        toy_family,
         toy_theory_check,
     )
 
@@ -340,8 +341,9 @@ def calibrate_runs(run_dirs: list[Path], learned_accuracy: float = 0.9,
     if kind == "toy":
         try:
             for law in laws:
-                t, notes = toy_theory_check(law, [r for r in toy_rows
-                                                  if str(r["width"]) not in excluded])
+                family = [r for r in toy_rows if str(r["width"]) not in excluded
+                          and toy_family(r) == law.task]
+                t, notes = toy_theory_check(law, calibrate_rows(family)[1])
                 theory.append(t)
                 warnings += notes
         except UserError:

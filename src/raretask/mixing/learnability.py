@@ -427,14 +427,11 @@ def cross_validate(obs: list[Obs], prior_sd: float = PRIOR_SD) -> list[Score]:
 # -- toy: the law against Theorem 3 ------------------------------------------------------------
 
 
-def toy_theory_check(law: Law, rows: list[dict]) -> tuple[dict, list[str]]:
+def toy_theory_check(law: Law, curves: list) -> tuple[dict, list[str]]:
     """Compare the law's size exponent with Theorem 3's over the same widths (a least-squares
     line through the share the family's rarest task needs at each width), and say where the
     measured verdicts disagree with the theorem (the per-width brackets of
-    :func:`raretask.mixing.calibrate.calibrate_rows`)."""
-    from raretask.mixing.calibrate import calibrate_rows
-
-    _, curves = calibrate_rows([r for r in rows if toy_family(r) == law.task])
+    :func:`raretask.mixing.calibrate.calibrate_rows` of the family's rows, ``curves``)."""
     points = [p for c in curves for p in c.points]
     disagree = sorted({p.size for p in points if p.agrees is False})
     # the exponent is local: compare over the widths whose cells bracket a threshold (the others
