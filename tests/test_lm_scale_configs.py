@@ -61,7 +61,7 @@ def test_grok_config_contrasts_weight_decay_at_many_passes():
     assert {c.weight_decay for c in cs} == {0.1, 1.0} and {c.task for c in cs} == {"add"}
     for c in cs:
         per_step = c.frequency * c.batch_size * c.seq_len
-        assert per_step == 128 and c.steps * per_step / 5000 == 204.8  # passes over the train split
+        assert per_step == 64 and c.steps * per_step / 5000 == 153.6  # passes over the train split
 
 
 def test_fig8_bursts_fit_a_batch_and_are_traced():

@@ -10,8 +10,8 @@
 #   bash benchmarks/gpu/session.sh toy_check toy_grid fig2     (CUDA-only toy tests; ~4.5 min)
 #   bash benchmarks/gpu/session.sh multi_ddp multi_fsdp         (kind nvidia-h200-x2: issue 10)
 #   bash benchmarks/gpu/session.sh fig5_scale                  (issue 19: ~3 calls, resumed; docs/lm_study.md)
-#   bash benchmarks/gpu/session.sh add_grok fig8_retention      (issue 19: T_ADD grokking, Fig. 8; one call each
-#                                                               if 60m/150m run below 30% MFU)
+#   LM_TIMEOUT=300 bash benchmarks/gpu/session.sh add_grok; LM_TIMEOUT=250 bash benchmarks/gpu/session.sh fig8_retention
+#                                                               (issue 19: T_ADD grokking and Fig. 8 in one call)
 # $OUT returns at most 8 files: a job leaves two to four (JOB.out, a JSON, a log, NAME.tgz); count
 # them before a call (tar the .out files together at the end, as session 6 did).
 # LM grids run packed: LM_PROCS (default 6) processes share the GPU, --parallel cells.
