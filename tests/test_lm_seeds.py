@@ -96,3 +96,15 @@ def test_non_monotone_frequencies_are_reported():
 def test_schedule_family_from_labels_without_cells():
     assert schedule_family({"cell": 0, "schedule": "32/4 burst"}) == "every 4 burst"
     assert schedule_family({"cell": 0, "schedule": "spread"}) == "spread"
+
+
+def test_summary_tables_of_the_committed_fig9_run(capsys):
+    from raretask.report.lm_seeds import main, summary_tables
+
+    seeds, bounds, retention = summary_tables(RESULTS / "fig9_lm_gradients")
+    assert (seeds.row_count, bounds.row_count) == (3, 3)
+    # its log-spaced evaluations happen to cover 3 whole burst cycles early on (steps 3-7, ...)
+    assert retention.row_count == 3
+    main([str(RESULTS / "fig9_lm_gradients")])
+    out = capsys.readouterr().out
+    assert "0.919 +- 0.016" in out and "not learned (boundary above 0.000977)" in out

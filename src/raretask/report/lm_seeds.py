@@ -37,6 +37,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from raretask.lm.verdict import LEARNED_FRACTION, learned_threshold, seed_learned
 
@@ -201,6 +202,68 @@ def learned_boundaries(settings: list[SeedCell]) -> list[Boundary]:
     return out
 
 
+def summary_tables(run_dir: str | Path) -> list:
+    """rich Tables of an LM run directory: settings over seeds (mean +- sd, learned seeds,
+    disagreement), the lowest learned frequency per size with its bracket, and, when the run
+    traced injections (Fig. 8), drop / rebound / kept per size and gap."""
+    import json
+
+    from rich import box
+    from rich.table import Table
+
+    from raretask.lm.retention import retention_by_size, run_windows
+    from raretask.report.analysis import load_metrics
+
+    run_dir = Path(run_dir)
+    rows = json.loads((run_dir / "summary.json").read_text())
+    cells = {c["cell"]: c for c in json.loads((run_dir / "cells.json").read_text())}
+    settings = seed_cells(rows, cells)
+    t1 = Table(title=f"{run_dir}: final values over seeds (mean +- sd)", box=box.SIMPLE_HEAD)
+    for c in ("task", "size", "freq/tok", "schedule", "seeds", "test acc", "task L",
+              "held-out task L", "val L", "learned"):
+        t1.add_column(c, justify="right", no_wrap=True)
+    for c in settings:
+        flag = f"{c.n_learned}/{len(c.seeds)}" + (" disagree" if c.disagree else "")
+        t1.add_row(c.task, c.size, f"{c.frequency:.3g}", c.schedule, str(len(c.seeds)),
+                   c.text("test_accuracy"), c.text("task_loss"), c.text("task_test_loss"),
+                   c.text("val_loss"), flag)
+    t2 = Table(title="lowest learned frequency per size (boundary bracket)", box=box.SIMPLE_HEAD)
+    for c in ("task", "size", "schedule", "lowest learned", "monotone"):
+        t2.add_column(c, justify="right", no_wrap=True)
+    for b in learned_boundaries(settings):
+        t2.add_row(b.task, b.size, b.schedule, b.text(), "yes" if b.monotone else "no")
+    tables = [t1, t2]
+    lines = retention_by_size(run_windows(load_metrics(run_dir), rows, cells), rows, cells)
+    if lines:
+        t3 = Table(title="retention around injections (task loss; per seed mean over windows, "
+                   "then mean +- sd over seeds)", box=box.SIMPLE_HEAD)
+        for c in ("size", "every", "seeds", "windows", "drop", "rebound", "kept"):
+            t3.add_column(c, justify="right", no_wrap=True)
+
+        def ms(pair):
+            m, s = pair
+            return "-" if m is None else (f"{m:.3f}" if s is None else f"{m:.3f} +- {s:.3f}")
+
+        for ln in lines:
+            t3.add_row(ln.size, str(ln.every), str(ln.seeds), str(ln.windows), ms(ln.drop),
+                       ms(ln.rebound), ms(ln.kept))
+        tables.append(t3)
+    return tables
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m raretask.report.lm_seeds RUN_DIR``: print :func:`summary_tables`."""
+    import sys
+
+    from rich.console import Console
+
+    args = sys.argv[1:] if argv is None else argv
+    console = Console()
+    for run_dir in args:
+        for table in summary_tables(run_dir):
+            console.print(table)
+
+
 __all__ = [
     "LEARNED_FRACTION",
     "METRICS",
@@ -212,4 +275,9 @@ __all__ = [
     "schedule_family",
     "seed_cells",
     "seed_learned",
+    "summary_tables",
 ]
+
+
+if __name__ == "__main__":
+    main()
