@@ -98,13 +98,14 @@ def test_schedule_family_from_labels_without_cells():
     assert schedule_family({"cell": 0, "schedule": "spread"}) == "spread"
 
 
-def test_summary_tables_of_the_committed_fig9_run(capsys):
+def test_summary_tables_of_the_committed_fig9_run(capsys, monkeypatch):
     from raretask.report.lm_seeds import main, summary_tables
 
     seeds, bounds, retention = summary_tables(RESULTS / "fig9_lm_gradients")
     assert (seeds.row_count, bounds.row_count) == (3, 3)
     # its log-spaced evaluations happen to cover 3 whole burst cycles early on (steps 3-7, ...)
     assert retention.row_count == 3
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps at 80 columns otherwise
     main([str(RESULTS / "fig9_lm_gradients")])
     out = capsys.readouterr().out
     assert "0.919 +- 0.016" in out and "not learned (boundary above 0.000977)" in out
