@@ -32,7 +32,7 @@ from raretask.studies import study
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 
-LM = dict(kind="lm", size="tiny", vocab_size=512, seq_len=16, warmup=2, device="cpu")
+LM = dict(kind="lm", size="tiny", vocab_size=512, seq_len=16, warmup=2)
 if "probes" in LMCell.model_fields:  # probes cost ~3 steps per evaluation; not what is tested here
     LM["probes"] = False
 # 3 instances per step over 2 ranks of 2 rows: rank 0 carries 2, rank 1 carries 1
@@ -172,7 +172,7 @@ def test_bad_parallel_value(tmp_path, capsys):
 
 def test_pinned_gpu_under_torchrun(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = _config(tmp_path, "toy", dict(TOY, device="cuda:1"))
+    cfg = _config(tmp_path, "toy", dict(TOY, profile={"group_size": 2, "device": "cuda:1"}))
     import torch
 
     if not torch.cuda.is_available():
