@@ -395,8 +395,7 @@ def show(
 
 def rich_table(table: ShowTable) -> Table:
     """A study's :class:`~raretask.studies.base.ShowTable` as rich draws it."""
-    out = Table(title=table.title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1),
-                min_width=len(table.title))  # the title on one line, as before
+    out = Table(title=table.title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1))
     for c in table.columns:
         out.add_column(c, justify="right", no_wrap=True, min_width=len(c))
     for row in table.rows:

@@ -218,7 +218,7 @@ class LMStudy(Study):
             acc_text = "-" if acc is None else f"{acc:.3f}"
             if r.get("diverged_step") is not None:
                 acc_text = f"div@{r['diverged_step']}"
-            acc_text += " (format not learned)" * (lm_verdict(r) == FORMAT_NOT_LEARNED)
+            acc_text += "*" * (lm_verdict(r) == FORMAT_NOT_LEARNED)  # narrow: 80 columns fit
             body.append([str(r["cell"]), r["size"], f"{r['params'] / 1e6:.2f}M", r["task"],
                          f"{r['frequency']:.2e}", r["schedule"], acc_text,
                          format_cell(r.get("task_loss")), format_cell(r.get("val_loss")),
@@ -227,8 +227,11 @@ class LMStudy(Study):
             f"{title}: language models with an injected task",
             ["cell", "size", "params", "task", "freq/tok", "schedule", "acc", "task L", "val L",
              "epochs"], body,
-            "acc: test accuracy, argmax over the vocabulary at LABEL, held-out 5K instances; "
-            "task L: loss at LABEL on the training instances; val L: background validation loss")
+            "acc: test accuracy, argmax over the vocabulary at LABEL, held-out 5K instances"
+            + ("; *: format not learned (below the format-only chance)"
+               if any(b[6].endswith("*") for b in body) else "")
+            + "; task L: loss at LABEL on the training instances; val L: background validation "
+            "loss")
 
     def report_sections(self, runs):
         from raretask.report.build import lm_sections
