@@ -174,9 +174,9 @@ def test_law_threshold_converts_to_token_and_example_shares(lm_all):
     law = lm_all.law("cmp")
     f = law.required_frequency(4724928, 8192000)[0]
     tpe = [100.0, 10.0]
-    tok = LawThreshold(law, "lm", "tokens", 8192000, tpe)
+    tok = LawThreshold(law, 4, "tokens", 8192000, tpe)
     assert tok.required(np.array([0.9, 0.1]), 4724928) == pytest.approx([f * 100, f * 10])
-    ex = LawThreshold(law, "lm", "examples", 8192000, tpe)
+    ex = LawThreshold(law, 4, "examples", 8192000, tpe)
     mean = 0.5 * 100 + 0.5 * 10  # the mix's tokens per example
     assert ex.required(np.array([0.5, 0.5]), 4724928) == pytest.approx([f * mean] * 2)
 
@@ -184,7 +184,7 @@ def test_law_threshold_converts_to_token_and_example_shares(lm_all):
 def test_law_threshold_refuses_without_tokens_per_example(lm_all):
     with pytest.raises(UserError, match="instances per token; converting it to shares of "
                        "examples needs each task's tokens per example"):
-        LawThreshold(lm_all.law("cmp"), "lm", "examples", 1e7, None)
+        LawThreshold(lm_all.law("cmp"), 4, "examples", 1e7, None)
 
 
 def test_plan_with_a_calibration_warns_when_extrapolated(tmp_path, capsys):

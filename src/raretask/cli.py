@@ -144,24 +144,14 @@ def predict(
 
 
 def _resolve_size(size: str | None, kind: str) -> float:
-    """--size as a number: a parameter count (toy: width), or an LM preset's non-embedding
-    parameters (looked up at run time, so new presets work)."""
+    """--size as the calibrated study's size (its plug-in reads preset names, e.g. LM's)."""
     import math
+
+    from raretask.studies import study
 
     if size is None:
         raise UserError("--size: required with --calibration (a preset name or a size)")
-    try:
-        n = float(size)
-    except ValueError:
-        if kind != "lm":
-            raise UserError(f"--size: a toy calibration's size is a width N, got {size!r}") \
-                from None
-        from raretask.lm.model import PRESETS, ModelConfig
-
-        if size not in PRESETS:
-            raise UserError(f"--size: unknown size {size!r} (presets: {', '.join(PRESETS)}; or "
-                            "a parameter count)") from None
-        return float(ModelConfig.preset(size).num_params(include_embedding=False))
+    n = study(kind, "--calibration").resolve_size(size)
     if not (math.isfinite(n) and n > 0):
         raise UserError(f"--size: expected a number > 0 or a preset name, got {size!r}")
     return n

@@ -35,10 +35,7 @@ from pydantic import BaseModel, ConfigDict
 from raretask.errors import UserError
 from raretask.mixing.learnability import PRIOR_SD, Law, Score
 from raretask.runs.grid import load_summary  # the one place calibration reads rows from
-
-TOY_CURVE_KEYS = ("tasks", "features_per_task", "alpha", "beta", "frequent_mass", "schedule",
-                  "gap")
-LM_CURVE_KEYS = ("task", "schedule")
+from raretask.studies import all_studies, study, study_of_rows
 
 
 @dataclass(frozen=True)
@@ -126,66 +123,48 @@ def fit_curve(points: list[Point]) -> Fit | None:
     return Fit(float(a), float(b), np.asarray(cov).tolist(), len(use))
 
 
-def _theory(rows: list[dict], width: int) -> tuple[float, np.ndarray]:
-    """(share the curve's rarest task needs at ``width``, Theorem 3's verdict for each row)."""
-    from raretask.theory import TaskSet, Theory
-
-    r = rows[0]
-    ts = TaskSet.power_law(r["tasks"], r["features_per_task"], r["alpha"], r["beta"])
-    th = Theory(ts, r["frequent_mass"])
-    learned = th.learned(width)
-    return th.required_frequency(ts.size - 1, width), np.array([learned[x["task"] - 1]
-                                                                for x in rows])
-
-
 def calibrate_rows(rows: list[dict], learned_accuracy: float = 0.9) -> tuple[str, list[Curve]]:
-    """(kind, curves) from a grid's summary rows."""
+    """(kind, curves) from a grid's summary rows; the rows' study says what a curve, a size and
+    "learned" are, and compares each point with its closed-form theory where it has one."""
     if not rows:
         raise UserError("calibrate: the run has no finished cells")
-    kind = "lm" if rows[0].get("kind") == "lm" else "toy"
+    st = study_of_rows(rows)
     groups: dict[tuple, list[dict]] = {}
-    keys = LM_CURVE_KEYS if kind == "lm" else TOY_CURVE_KEYS
+    keys = st.curve_keys
     for r in rows:
         groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
     curves = []
     for key, rs in groups.items():
         by_size: dict[float, list[dict]] = {}
         for r in rs:
-            size = float(r["params"] if kind == "lm" else r["width"])
-            by_size.setdefault(size, []).append(r)
+            by_size.setdefault(st.cell_size(r), []).append(r)
         points = []
         for size in sorted(by_size):
             grp = by_size[size]
-            if kind == "lm":
-                freq = [r["frequency"] for r in grp]
-                learned = [(r.get("test_accuracy") or 0.0) >= learned_accuracy for r in grp]
-            else:
-                freq = [r["frequency"] for r in grp]
-                learned = [r["learned"] for r in grp]
-            p = threshold_point(size, np.array(freq), np.array(learned))
-            if kind == "toy":
-                th, predicted = _theory(grp, int(size))
-                tp = threshold_point(size, np.array(freq), predicted)
+            freq = np.array([r["frequency"] for r in grp])
+            p = threshold_point(size, freq, np.array([st.learned_row(r, learned_accuracy)
+                                                      for r in grp]))
+            theory = st.theory_verdicts(grp, size)
+            if theory is not None:
+                th, predicted = theory
+                tp = threshold_point(size, freq, predicted)
                 overlap = (p.low or 0.0) <= (tp.high if tp.high is not None else np.inf) and \
                     (tp.low or 0.0) <= (p.high if p.high is not None else np.inf)
                 p = Point(**{**asdict(p), "theory": th, "theory_low": tp.low,
                              "theory_high": tp.high, "agrees": bool(overlap)})
             points.append(p)
         name = ",".join(f"{k}={v}" for k, v in zip(keys, key, strict=True))
-        theory_fit = None
-        if kind == "toy":
-            tp = [Point(p.size, p.theory, None, None, 0.01, 0, 1, None) for p in points
-                  if p.theory and p.theory > 0 and p.threshold is not None]
-            theory_fit = fit_curve(tp)
+        tp = [Point(p.size, p.theory, None, None, 0.01, 0, 1, None) for p in points
+              if p.theory and p.theory > 0 and p.threshold is not None]
+        theory_fit = fit_curve(tp) if any(p.agrees is not None for p in points) else None
         curves.append(Curve(name, dict(zip(keys, key, strict=True)), tuple(points),
                             fit_curve(points), theory_fit))
-    return kind, curves
+    return st.kind, curves
 
 
 # -- the calibration file (format 2: the learnability law) --------------------------------------
 
 FORMAT = "raretask-calibration-2"
-LM_TOKENS_PER_INSTANCE = 4  # TOK1 TOK2 LABEL EOD (raretask.lm.tasks)
 
 
 class Units(BaseModel):
@@ -254,21 +233,12 @@ class CalibrationFile(BaseModel):
 
 
 def _observations(run_dir: Path, learned_accuracy: float) -> tuple[str, list[dict], list]:
-    from raretask.config import load_yaml
-    from raretask.mixing.learnability import lm_observations, toy_observations
-
     rows = load_summary(run_dir)
     if not rows:
         raise UserError(f"{run_dir}: the run has no finished cells")
-    kind = "lm" if rows[0].get("kind") == "lm" else "toy"
+    st = study_of_rows(rows, str(run_dir))
     try:
-        if kind == "lm":
-            return kind, rows, lm_observations(rows, str(run_dir), learned_accuracy)
-        cfg = load_yaml(run_dir / "config.yaml")
-        steps, batch = cfg["steps"], cfg["batch_size"]
-        if not all(isinstance(v, int) and v > 0 for v in (steps, batch)):
-            raise UserError(f"{run_dir}/config.yaml: steps and batch_size must be integers > 0")
-        return kind, rows, toy_observations(rows, str(run_dir), float(steps * batch))
+        return st.kind, rows, st.observations(rows, run_dir, learned_accuracy)
     except UserError:
         raise
     except (KeyError, TypeError, ValueError) as err:  # rows edited outside raretask
@@ -288,8 +258,6 @@ def calibrate_runs(run_dirs: list[Path], learned_accuracy: float = 0.9,
         fit_laws,
         predict_obs,
         score,
-        toy_family,
-        toy_theory_check,
     )
 
     if not run_dirs:
@@ -299,19 +267,22 @@ def calibrate_runs(run_dirs: list[Path], learned_accuracy: float = 0.9,
     if not (math.isfinite(prior_sd) and prior_sd > 0):
         raise UserError(f"--prior-sd must be a number > 0, got {prior_sd}")
     excluded = [str(x) for x in exclude_sizes or []]
-    kinds, obs, toy_rows, test = set(), [], [], []
+    kinds, obs, fit_rows, test = set(), [], [], []
     for d in run_dirs:
         kind, rows, o = _observations(Path(d), learned_accuracy)
         kinds.add(kind)
         obs += o
-        toy_rows += rows if kind == "toy" else []
+        fit_rows += rows
     for d in holdout or []:
         kind, _, o = _observations(Path(d), learned_accuracy)
         kinds.add(kind)
         test += o
     if len(kinds) > 1:
-        raise UserError("calibrate: the runs mix toy and LM grids; calibrate each kind alone")
+        labels = [s.label for s in all_studies() if s.kind in kinds]
+        raise UserError(f"calibrate: the runs mix {' and '.join(labels)} grids; calibrate each "
+                        "kind alone")
     (kind,) = kinds
+    st = study(kind)
     sizes = {o.size for o in obs}
     for x in excluded:
         if x not in sizes:
@@ -337,20 +308,14 @@ def calibrate_runs(run_dirs: list[Path], learned_accuracy: float = 0.9,
         if bx <= 0:
             warnings.append(f"{law.task}: the fitted probability does not rise with frequency "
                             f"(bX = {bx:.3g})")
-    theory = []
-    if kind == "toy":
-        try:
-            for law in laws:
-                family = [r for r in toy_rows if str(r["width"]) not in excluded
-                          and toy_family(r) == law.task]
-                t, notes = toy_theory_check(law, calibrate_rows(family)[1])
-                theory.append(t)
-                warnings += notes
-        except UserError:
-            raise
-        except (KeyError, TypeError, ValueError, StopIteration, ZeroDivisionError) as err:
-            raise UserError(f"{', '.join(map(str, run_dirs))}: malformed summary rows "
-                            f"({type(err).__name__}: {err})") from None
+    try:  # the study's closed-form theory, where it has one (the toy: Theorem 3)
+        theory, notes = st.theory_check(laws, fit_rows, excluded)
+        warnings += notes
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, StopIteration, ZeroDivisionError) as err:
+        raise UserError(f"{', '.join(map(str, run_dirs))}: malformed summary rows "
+                        f"({type(err).__name__}: {err})") from None
     calls = predict_obs(laws, test)
     held = [HeldOut(source=c.obs.source, task=c.obs.task, size=c.obs.size, params=c.obs.params,
                     tokens=c.obs.tokens, frequency=c.obs.frequency, schedule=c.obs.schedule,
@@ -358,15 +323,9 @@ def calibrate_runs(run_dirs: list[Path], learned_accuracy: float = 0.9,
                     probability=c.probability, verdict=c.verdict) for c in calls]
     held_scores = [score(t, "held out", [c for c in calls if c.obs.task == t])
                    for t in sorted({c.obs.task for c in calls})]
-    lm = kind == "lm"
-    units = Units(size="non-embedding parameters" if lm else "width N",
-                  budget="training tokens" if lm else "training samples (steps x batch)",
-                  frequency="instances per token" if lm else "share of samples",
-                  tokens_per_instance=LM_TOKENS_PER_INSTANCE if lm else None)
-    learned = (f"test accuracy >= {learned_accuracy:g}" if lm
-               else "normalised signal >= the grid's learned_threshold")
+    units, learned = st.calibration_units(learned_accuracy)
     return CalibrationFile(
-        format=FORMAT, kind=kind, sources=[str(d) for d in run_dirs], units=units,
+        format=FORMAT, kind=kind, sources=[str(d) for d in run_dirs], units=Units(**units),
         learned=learned, prior_sd=prior_sd, duplicates_dropped=dropped, excluded_sizes=excluded,
         laws=laws, cross_validation=cross_validate(obs, prior_sd),
         holdout_sources=[str(d) for d in holdout or []], holdout=held, holdout_scores=held_scores,

@@ -45,15 +45,16 @@ def _threshold(names, size, calibration, curve, alpha, features, spectra=None,
     if calibration is not None:
         cal = load_calibration(calibration)
         law = cal.law(curve, "--curve")
-        if cal.kind == "lm" and tokens_per_example is None:  # refuse before asking for more
-            LawThreshold(law, cal.kind, unit, 1.0, None, label=calibration.name)
+        per_instance = cal.units.tokens_per_instance
+        if per_instance is not None and tokens_per_example is None:  # refuse before asking more
+            LawThreshold(law, per_instance, unit, 1.0, None, label=calibration.name)
         if budget is None:
             lo, hi = law.ranges.tokens
             if lo != hi:
                 raise UserError(f"--budget: needed with {calibration.name}: its law saw budgets "
                                 f"{lo:.3g}..{hi:.3g} ({cal.units.budget})")
             budget = lo
-        return LawThreshold(law, cal.kind, unit, budget, tokens_per_example,
+        return LawThreshold(law, per_instance, unit, budget, tokens_per_example,
                             label=calibration.name)
     return TheoryThreshold(names, spectra=spectra, alpha=alpha, features=features)
 

@@ -154,8 +154,10 @@ class LawThreshold:
     ----------
     law:
         A fitted :class:`~raretask.mixing.learnability.Law` (a bound has no threshold: refused).
-    kind:
-        "lm" or "toy" (the calibration's kind).
+    tokens_per_instance:
+        The calibration's tokens per instance: a rate per token (an LM law) needs each task's
+        tokens per example to become a share; None (a toy law, a share of samples) is used as
+        it is.
     unit:
         The plan's unit, "examples" or "tokens".
     budget:
@@ -166,32 +168,34 @@ class LawThreshold:
         Names the calibration in messages and tables.
     """
 
-    def __init__(self, law, kind: str, unit: str, budget: float,
+    def __init__(self, law, tokens_per_instance: float | None, unit: str, budget: float,
                  tokens_per_example: Sequence[float] | None = None, label: str = "calibration"):
         if law.kind != "logistic":
             raise UserError(f"--curve: task {law.task!r} of {label} has no threshold "
                             f"({law.learned_cells} of {law.cells} cells learned); choose a "
                             "fitted task")
-        if kind == "lm" and tokens_per_example is None:
+        per_token = tokens_per_instance is not None
+        if per_token and tokens_per_example is None:
             raise UserError(f"--calibration: {label} is in instances per token; converting it to "
                             f"shares of {unit} needs each task's tokens per example (analyze "
                             "with a text field or --tokens-field)")
-        if kind == "lm" and np.any(np.asarray(tokens_per_example, float) <= 0):
+        if per_token and np.any(np.asarray(tokens_per_example, float) <= 0):
             raise UserError(f"--calibration: converting {label} needs tokens per example > 0 "
                             "for every task (a task has examples without tokens)")
-        if kind == "toy" and unit == "tokens":
+        if not per_token and unit == "tokens":
             raise UserError(f"--unit tokens: {label} is a toy calibration (share of samples); "
                             "use --unit examples")
         if not (np.isfinite(budget) and budget > 0):
             raise UserError(f"--budget: the calibrated law needs a training budget > 0, got "
                             f"{budget}")
-        self.law, self.kind, self.unit, self.budget, self.label = law, kind, unit, budget, label
+        self.law, self.per_token, self.unit, self.budget, self.label = (law, per_token, unit,
+                                                                          budget, label)
         self.tpe = None if tokens_per_example is None else np.asarray(tokens_per_example, float)
 
     def _factor(self, shares: np.ndarray) -> np.ndarray:
         """Share in the plan's unit per unit of the law's rate, for every task."""
         q = np.asarray(shares, float)
-        if self.kind == "toy":
+        if not self.per_token:
             return np.ones(q.size)
         if self.unit == "tokens":
             return self.tpe

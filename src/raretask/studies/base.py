@@ -67,6 +67,8 @@ class Study:
     """Base of the study plug-ins; :mod:`raretask.studies` maps each kind to one instance."""
 
     kind: ClassVar[str]
+    label: ClassVar[str]
+    """The study's name in messages ("toy", "LM")."""
     row_schema: ClassVar[dict[str, Any]]
     """The fields (and types) of a summary row that show, the report and calibrate read."""
     checkpoint_files: ClassVar[tuple[str, ...]]
@@ -137,3 +139,36 @@ class Study:
     def report_sections(self, runs: list) -> list:
         """The report's sections for this study's runs (:mod:`raretask.report.build`)."""
         return []
+
+    # -- calibration (`raretask calibrate`, `predict --calibration`, `plan`) ------------------
+    curve_keys: ClassVar[tuple[str, ...]]
+    """Rows that agree on these and differ only in size, seed and frequency form one curve."""
+
+    def cell_size(self, row: dict) -> float:
+        """The model size the law is fitted in (LM: non-embedding parameters; toy: width)."""
+        raise NotImplementedError
+
+    def resolve_size(self, text: str) -> float:
+        """``--size`` as this study's size: a number, or a name the study knows."""
+        raise NotImplementedError
+
+    def learned_row(self, row: dict, learned_accuracy: float) -> bool:
+        raise NotImplementedError
+
+    def theory_verdicts(self, rows: list[dict], size: float):
+        """(share the curve's rarest task needs at ``size``, the theory's verdict per row), or
+        None for a study without a closed-form theory."""
+        return None
+
+    def observations(self, rows: list[dict], run_dir: Path, learned_accuracy: float) -> list:
+        """The rows as :class:`raretask.mixing.learnability.Obs` for the law's fit."""
+        raise NotImplementedError
+
+    def calibration_units(self, learned_accuracy: float) -> tuple[dict, str]:
+        """(the units of a calibration of this study, what "learned" means there)."""
+        raise NotImplementedError
+
+    def theory_check(self, laws: list, rows: list[dict], excluded: list[str]):
+        """(one comparison with the closed-form theory per law, warnings); nothing without a
+        theory."""
+        return [], []

@@ -135,6 +135,7 @@ def summary_row(cell_id: int, group_name: str, cell: LMCell, trainer) -> dict:
 
 class LMStudy(Study):
     kind = "lm"
+    label = "LM"
     checkpoint_files = ("model.safetensors", "state.pt")
     row_schema = {
         "cell": int, "kind": str, "size": str, "params": int, "task": str, "schedule": str,
@@ -237,6 +238,40 @@ class LMStudy(Study):
         from raretask.report.build import lm_sections
 
         return lm_sections(runs)
+
+    # -- calibration --------------------------------------------------------------------------
+    curve_keys = ("task", "schedule")
+
+    def cell_size(self, row):
+        return float(row["params"])
+
+    def resolve_size(self, text):
+        """A parameter count, or a preset's non-embedding parameters (looked up at run time,
+        so new presets work)."""
+        from raretask.lm.model import PRESETS, ModelConfig
+
+        try:
+            return float(text)
+        except ValueError:
+            if text not in PRESETS:
+                raise UserError(f"--size: unknown size {text!r} (presets: {', '.join(PRESETS)};"
+                                " or a parameter count)") from None
+            return float(ModelConfig.preset(text).num_params(include_embedding=False))
+
+    def learned_row(self, row, learned_accuracy):
+        return (row.get("test_accuracy") or 0.0) >= learned_accuracy
+
+    def observations(self, rows, run_dir, learned_accuracy):
+        from raretask.mixing.learnability import lm_observations
+
+        return lm_observations(rows, str(run_dir), learned_accuracy)
+
+    def calibration_units(self, learned_accuracy):
+        from raretask.lm.tasks import INSTANCE_LEN
+
+        return ({"size": "non-embedding parameters", "budget": "training tokens",
+                 "frequency": "instances per token", "tokens_per_instance": INSTANCE_LEN},
+                f"test accuracy >= {learned_accuracy:g}")
 
 
 STUDY = LMStudy()

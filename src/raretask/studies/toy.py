@@ -131,6 +131,7 @@ def summary_rows(group: Group, cells: list[ToyCell], rows: list[dict],
 
 class ToyStudy(Study):
     kind = "toy"
+    label = "toy"
     checkpoint_files = ("checkpoint.safetensors",)
     row_schema = {
         "cell": int, "task": int, "tasks": int, "features_per_task": int, "width": int,
@@ -229,6 +230,59 @@ class ToyStudy(Study):
         from raretask.report.build import toy_sections
 
         return toy_sections(runs)
+
+    # -- calibration --------------------------------------------------------------------------
+    curve_keys = ("tasks", "features_per_task", "alpha", "beta", "frequent_mass", "schedule",
+                  "gap")
+
+    def cell_size(self, row):
+        return float(row["width"])
+
+    def resolve_size(self, text):
+        try:
+            return float(text)
+        except ValueError:
+            raise UserError(f"--size: a toy calibration's size is a width N, got {text!r}") \
+                from None
+
+    def learned_row(self, row, learned_accuracy):
+        return bool(row["learned"])
+
+    def theory_verdicts(self, rows, size):
+        r = rows[0]
+        ts = TaskSet.power_law(r["tasks"], r["features_per_task"], r["alpha"], r["beta"])
+        th = Theory(ts, r["frequent_mass"])
+        learned = th.learned(int(size))
+        return (th.required_frequency(ts.size - 1, int(size)),
+                np.array([learned[x["task"] - 1] for x in rows]))
+
+    def observations(self, rows, run_dir, learned_accuracy):
+        from raretask.config import load_yaml
+        from raretask.mixing.learnability import toy_observations
+
+        cfg = load_yaml(Path(run_dir) / "config.yaml")
+        steps, batch = cfg["steps"], cfg["batch_size"]
+        if not all(isinstance(v, int) and v > 0 for v in (steps, batch)):
+            raise UserError(f"{run_dir}/config.yaml: steps and batch_size must be integers > 0")
+        return toy_observations(rows, str(run_dir), float(steps * batch))
+
+    def calibration_units(self, learned_accuracy):
+        return ({"size": "width N", "budget": "training samples (steps x batch)",
+                 "frequency": "share of samples", "tokens_per_instance": None},
+                "normalised signal >= the grid's learned_threshold")
+
+    def theory_check(self, laws, rows, excluded):
+        from raretask.mixing.calibrate import calibrate_rows
+        from raretask.mixing.learnability import toy_family, toy_theory_check
+
+        theory, warnings = [], []
+        for law in laws:
+            family = [r for r in rows if str(r["width"]) not in excluded
+                      and toy_family(r) == law.task]
+            t, notes = toy_theory_check(law, calibrate_rows(family)[1])
+            theory.append(t)
+            warnings += notes
+        return theory, warnings
 
 
 STUDY = ToyStudy()
