@@ -18,7 +18,7 @@ Writes ``OUT/lm_pack.json`` (figures, commands, device) and ``OUT/lm_pack.log`` 
 directories ``OUT/packed`` and ``OUT/alone_<cell>``.
 
     python benchmarks/lm_pack.py --out /tmp/pack     # benchmarks/lm_pack_grid.yaml, 6 processes
-    python benchmarks/lm_pack.py --out /tmp/pack --procs 2 --set profile.device=cpu --set size=tiny \\
+    python benchmarks/lm_pack.py --out /tmp/pack --procs 2 --set size=tiny \\
         --set steps=4 --set batch_size=16 --set eval_points=2 --set profile.device=cpu  # CPU check
 """
 

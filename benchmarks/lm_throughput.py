@@ -46,7 +46,6 @@ import io
 import json
 import math
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -59,6 +58,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
+from raretask.errors import UserError
+from raretask.lm import export_hf
+from raretask.lm.export_hf import olmo2_config  # noqa: F401 (the parity tests read it here)
 from raretask.lm.model import PRESETS, ModelConfig, Transformer, _token_losses
 from raretask.lm.trainer import ATTENTION_BACKENDS, LMTrainer, LMTrainSettings, check_attention
 
@@ -101,68 +103,13 @@ class RandomTokens:
 
 
 # -- the Hugging Face model -----------------------------------------------------------------------
-def olmo2_config(cfg: ModelConfig):
-    """An ``Olmo2Config`` with ``cfg``'s dimensions (full multi-head attention, untied unless
-    ``cfg`` ties, no biases, SDPA attention, no cache, no padding id)."""
-    import transformers
-    from transformers import Olmo2Config
-
-    if int(transformers.__version__.split(".")[0]) >= 5:  # RoPE settings moved in v5
-        rope = {"rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
-    else:
-        rope = {"rope_theta": cfg.rope_theta}
-    return Olmo2Config(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.mlp_hidden,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_heads,
-        hidden_act="silu",
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        **rope,
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False,
-        attention_dropout=0.0,
-        initializer_range=cfg.init_std,
-        use_cache=False,
-        # the default pad id 1 would make embedding row 1 a padding_idx row (zero gradient)
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
-        attn_implementation="sdpa",
-    )
-
-
-_HF_NAMES = [  # raretask parameter name -> Olmo2ForCausalLM name (modeling_olmo2.py)
-    (r"embed\.weight", "model.embed_tokens.weight"),
-    (r"blocks\.(\d+)\.attn\.(q|k|v|o)_proj\.weight", r"model.layers.\1.self_attn.\2_proj.weight"),
-    (r"blocks\.(\d+)\.attn\.(q|k)_norm\.weight", r"model.layers.\1.self_attn.\2_norm.weight"),
-    (r"blocks\.(\d+)\.attn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
-    (r"blocks\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.post_feedforward_layernorm.weight"),
-    (r"norm\.weight", "model.norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-]
-
-
 def hf_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """raretask's ``Transformer.state_dict()`` under ``Olmo2ForCausalLM``'s names (same tensors).
-
-    Every tensor keeps its shape: both models hold q/k/v/o as [C, C] (``nn.Linear`` layout),
-    q_norm/k_norm as [C] over the whole projection (before the split into heads) and apply RoPE
-    in the rotate-half layout, so no permutation is needed. An unknown name is an error.
-    """
-    out = {}
-    for name, tensor in state.items():
-        for pattern, target in _HF_NAMES:
-            if re.fullmatch(pattern, name):
-                out[re.sub(pattern, target, name)] = tensor
-                break
-        else:
-            raise KeyError(f"no Olmo2ForCausalLM name for raretask parameter {name!r}")
-    return out
+    """:func:`raretask.lm.export_hf.hf_state_dict` (the mapping ``raretask export-hf`` uses);
+    an unknown name is a KeyError here, as a benchmark's bug rather than a user's input."""
+    try:
+        return export_hf.hf_state_dict(state)
+    except UserError as err:
+        raise KeyError(str(err)) from None
 
 
 def build_hf(cfg: ModelConfig, state: dict[str, Tensor]) -> nn.Module:
@@ -170,7 +117,7 @@ def build_hf(cfg: ModelConfig, state: dict[str, Tensor]) -> nn.Module:
     (float32, train mode, on ``state``'s device)."""
     from transformers import Olmo2ForCausalLM
 
-    model = Olmo2ForCausalLM(olmo2_config(cfg))
+    model = Olmo2ForCausalLM(olmo2_config(cfg, attn_implementation="sdpa"))
     model.load_state_dict(hf_state_dict(state), strict=True)
     return model.train()
 

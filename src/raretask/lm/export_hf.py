@@ -55,9 +55,10 @@ HF_NAMES = [  # raretask parameter name -> Olmo2ForCausalLM name (transformers m
 ]
 
 
-def olmo2_config(cfg: ModelConfig):
+def olmo2_config(cfg: ModelConfig, **extra):
     """An ``Olmo2Config`` with ``cfg``'s dimensions: full multi-head attention, untied unless
-    ``cfg`` ties, no biases, no padding/bos/eos ids (raretask's EOD is a token like any other)."""
+    ``cfg`` ties, no biases, no padding/bos/eos ids (raretask's EOD is a token like any other);
+    ``extra``: further ``Olmo2Config`` fields (e.g. ``attn_implementation``)."""
     import transformers
     from transformers import Olmo2Config
 
@@ -73,7 +74,7 @@ def olmo2_config(cfg: ModelConfig):
         tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, attention_dropout=0.0,
         initializer_range=cfg.init_std, use_cache=False,
         # the default pad id 1 would make embedding row 1 a padding_idx row
-        pad_token_id=None, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None, bos_token_id=None, eos_token_id=None, **extra,
     )
 
 
