@@ -451,14 +451,39 @@ def _lm_trajectory_figure(rows, m, metrics: list[tuple[str, str]], title: str, l
     layout = [row for row in layout if row]
     if not layout:
         return None
-    ncol = max(len(row) for row in layout)
-    fig, axes = plt.subplots(len(layout), ncol, figsize=(4.6 * ncol, 3.3 * len(layout)),
-                             squeeze=False)
+    fig, panels = _metric_panels(layout, 4.6, 3.3)
     freqs = sorted({r["frequency"] for r in rows})
     sizes = sorted({r["size"] for r in rows}, key=lambda s: min(r["params"] for r in rows
                                                                 if r["size"] == s))
     cmap = plt.get_cmap("plasma")
     styles = ["-", "--", ":", "-."]
+    for ax, metric, _label, task in panels:
+        for r in rows:
+            if r["task"] != task:
+                continue
+            steps, v = metric_series(m, r["cell"], metric)
+            keep = (steps > 0) & np.isfinite(v)
+            if not keep.any():
+                continue
+            fi = freqs.index(r["frequency"])
+            ax.plot(steps[keep], v[keep], styles[sizes.index(r["size"]) % 4], lw=1.1,
+                    color=cmap(0.85 * fi / max(len(freqs) - 1, 1)), label=lm_label(r))
+        if logy:
+            ax.set_yscale("log")
+        ax.legend(fontsize=5.5)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _metric_panels(layout: list[list[tuple[str, str, str]]], panel_w: float, panel_h: float,
+                   extra_w: float = 0.0):
+    """(figure, [(ax, metric, label, task)]): a row of panels per task, one per (metric, label,
+    task) of ``layout``, each over log-spaced steps and titled; unused grid cells hidden."""
+    ncol = max(len(row) for row in layout)
+    fig, axes = plt.subplots(len(layout), ncol, squeeze=False,
+                             figsize=(panel_w * ncol + extra_w, panel_h * len(layout)))
+    panels = []
     for ri, row in enumerate(layout):
         for ci in range(ncol):
             ax = axes[ri, ci]
@@ -466,27 +491,13 @@ def _lm_trajectory_figure(rows, m, metrics: list[tuple[str, str]], title: str, l
                 ax.set_visible(False)
                 continue
             metric, label, task = row[ci]
-            for r in rows:
-                if r["task"] != task:
-                    continue
-                steps, v = metric_series(m, r["cell"], metric)
-                keep = (steps > 0) & np.isfinite(v)
-                if not keep.any():
-                    continue
-                fi = freqs.index(r["frequency"])
-                ax.plot(steps[keep], v[keep], styles[sizes.index(r["size"]) % 4], lw=1.1,
-                        color=cmap(0.85 * fi / max(len(freqs) - 1, 1)), label=lm_label(r))
             ax.set_xscale("log")
-            if logy:
-                ax.set_yscale("log")
             ax.set_xlabel("step", fontsize=8)
             ax.set_ylabel(label, fontsize=8)
             ax.set_title(f"T_{task.upper()}: {label}", fontsize=9)
             ax.tick_params(labelsize=7)
-            ax.legend(fontsize=5.5)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+            panels.append((ax, metric, label, task))
+    return fig, panels
 
 
 def _has(m, cell, metric) -> bool:
@@ -597,43 +608,29 @@ def lm_seed_band_figure(rows, m, metrics: list[tuple[str, str]], title: str, zer
     layout = [row for row in layout if row]
     if not layout:
         return None
-    ncol = max(len(row) for row in layout)
-    fig, axes = plt.subplots(len(layout), ncol, figsize=(4.2 * ncol + 2.2, 3.2 * len(layout)),
-                             squeeze=False)
+    fig, panels = _metric_panels(layout, 4.2, 3.2, extra_w=2.2)
     sizes = sorted({(k[1], k[2]) for k in settings})
     colours = {s: plt.get_cmap("viridis")(0.9 * i / max(len(sizes) - 1, 1))
                for i, (_, s) in enumerate(sizes)}
     variants = sorted({(k[3], k[4]) for k in settings}, key=lambda v: (v[0], -v[1]))
     styles = ["-", "--", ":", "-."]
     handles: dict[str, object] = {}
-    for ri, row in enumerate(layout):
-        for ci in range(ncol):
-            ax = axes[ri, ci]
-            if ci >= len(row):
-                ax.set_visible(False)
+    for ax, metric, _label, task in panels:
+        for (t, _, size, sched, freq), seed_rows in settings.items():
+            if t != task:
                 continue
-            metric, label, task = row[ci]
-            for (t, _, size, sched, freq), seed_rows in settings.items():
-                if t != task:
-                    continue
-                got = _seed_mean_series(m, seed_rows, metric)
-                if got is None:
-                    continue
-                steps, mean, sd = got
-                style = styles[variants.index((sched, freq)) % len(styles)]
-                name = f"{size}, {freq:.2e} {sched}, {len(seed_rows)} seed" + (
-                    "s" if len(seed_rows) > 1 else "")
-                (line,) = ax.plot(steps, mean, style, color=colours[size], lw=1.3)
-                ax.fill_between(steps, mean - sd, mean + sd, color=colours[size], alpha=0.2,
-                                lw=0)
-                handles.setdefault(name, line)
-            if zero_line:
-                ax.axhline(0, color="0.5", lw=0.6)
-            ax.set_xscale("log")
-            ax.set_xlabel("step", fontsize=8)
-            ax.set_ylabel(label, fontsize=8)
-            ax.set_title(f"T_{task.upper()}: {label}", fontsize=9)
-            ax.tick_params(labelsize=7)
+            got = _seed_mean_series(m, seed_rows, metric)
+            if got is None:
+                continue
+            steps, mean, sd = got
+            style = styles[variants.index((sched, freq)) % len(styles)]
+            name = f"{size}, {freq:.2e} {sched}, {len(seed_rows)} seed" + (
+                "s" if len(seed_rows) > 1 else "")
+            (line,) = ax.plot(steps, mean, style, color=colours[size], lw=1.3)
+            ax.fill_between(steps, mean - sd, mean + sd, color=colours[size], alpha=0.2, lw=0)
+            handles.setdefault(name, line)
+        if zero_line:
+            ax.axhline(0, color="0.5", lw=0.6)
     fig.suptitle(f"{title} (seed mean, band: +- sd)", fontsize=10)
     fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7,
                frameon=False)
