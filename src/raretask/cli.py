@@ -167,12 +167,7 @@ def _predict_calibrated(path: Path, task: str | None, size: str | None, tokens: 
     cal = load_calibration(path)
     law = cal.law(task)
     params = _resolve_size(size, cal.kind)
-    if tokens is None:
-        lo, hi = law.ranges.tokens
-        if lo != hi:
-            raise UserError(f"--tokens: required; the calibration saw budgets {lo:.3g}..{hi:.3g} "
-                            f"({cal.units.budget})")
-        tokens = lo
+    tokens = law.budget(tokens, "--tokens", cal.units.budget)
     if not (math.isfinite(tokens) and tokens > 0):
         raise UserError(f"--tokens: expected a number > 0, got {tokens:g}")
     if frequency is not None and not (math.isfinite(frequency) and 0 < frequency <= 1):

@@ -48,12 +48,7 @@ def _threshold(names, size, calibration, curve, alpha, features, spectra=None,
         per_instance = cal.units.tokens_per_instance
         if per_instance is not None and tokens_per_example is None:  # refuse before asking more
             LawThreshold(law, per_instance, unit, 1.0, None, label=calibration.name)
-        if budget is None:
-            lo, hi = law.ranges.tokens
-            if lo != hi:
-                raise UserError(f"--budget: needed with {calibration.name}: its law saw budgets "
-                                f"{lo:.3g}..{hi:.3g} ({cal.units.budget})")
-            budget = lo
+        budget = law.budget(budget, "--budget", cal.units.budget)
         return LawThreshold(law, per_instance, unit, budget, tokens_per_example,
                             label=calibration.name)
     return TheoryThreshold(names, spectra=spectra, alpha=alpha, features=features)

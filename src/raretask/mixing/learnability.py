@@ -234,6 +234,17 @@ class Law(BaseModel):
         lo, hi = np.quantile(s, [0.05, 0.95])
         return float(-coef[1] / coef[2]), float(lo), float(hi)
 
+    def budget(self, given: float | None, flag: str, unit: str) -> float:
+        """``given``, or the one training budget the law saw; with several seen, a one-line
+        UserError naming ``flag`` (``unit``: what the budget counts)."""
+        if given is not None:
+            return given
+        lo, hi = self.ranges.tokens
+        if lo != hi:
+            raise UserError(f"{flag}: required; the calibration saw budgets {lo:.3g}..{hi:.3g} "
+                            f"({unit})")
+        return lo
+
     def extrapolation(self, params: float, tokens: float, freq: float | None) -> list[str]:
         """One phrase per axis outside the fitted ranges (empty: inside)."""
         out = []
