@@ -15,7 +15,8 @@ from raretask.cli import main
 from raretask.config import load_experiment
 from raretask.lm.config import LMCell
 from raretask.lm.retention import Window, retention_by_size, run_windows, windows
-from raretask.lm.schedule import eval_schedule, log_spaced_steps, traced_windows
+from raretask.lm.schedule import eval_schedule, traced_windows
+from raretask.studies.base import eval_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -34,7 +35,7 @@ def test_without_trace_the_schedule_is_the_one_the_committed_gpu_runs_used():
         used = sorted({s for s, c in zip(m["step"], m["cell"], strict=True) if c == 0})
         (first, *_) = load_experiment(CONFIGS / f"{name}.yaml").cells()
         assert first.trace_windows == 0 and list(eval_schedule(first)) == used, name
-    assert log_spaced_steps(1000, 12)[:6] == (1, 2, 4, 7, 12, 23)
+    assert eval_steps(1000, 12)[:6] == (1, 2, 4, 7, 12, 23)
 
 
 def test_windows_bracket_each_traced_injection():

@@ -34,13 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from raretask.lm.config import LMCell
-
-
-def log_spaced_steps(steps: int, points: int) -> tuple[int, ...]:
-    """About ``points`` log-spaced steps in [1, steps], always including the last (the grids'
-    long-standing schedule, equal to ``raretask.runs.toy_grid.eval_steps``)."""
-    grid = np.unique(np.round(np.geomspace(1, steps, points)).astype(int))
-    return tuple(int(s) for s in np.union1d(grid, [steps]))
+from raretask.studies.base import eval_steps
 
 
 @dataclass(frozen=True)
@@ -89,12 +83,13 @@ def traced_windows(cell: LMCell) -> list[TracedWindow]:
 def eval_schedule(cell: LMCell) -> tuple[int, ...]:
     """Every evaluation step of ``cell``, ascending: 0, the ``eval_points`` log-spaced steps, and
     the steps of its :func:`traced_windows`. With ``trace_windows`` 0 this is exactly the
-    schedule the grids have always used, ``(0, *log_spaced_steps(steps, eval_points))``."""
-    base = (0, *log_spaced_steps(cell.steps, cell.eval_points))
+    schedule the grids have always used, ``(0, *eval_steps(steps, eval_points))``
+    (:func:`raretask.studies.base.eval_steps`, the toy's too)."""
+    base = (0, *eval_steps(cell.steps, cell.eval_points))
     dense = {s for w in traced_windows(cell) for s in w.steps}
     if not dense:
         return base
     return tuple(sorted(set(base) | dense))
 
 
-__all__ = ["TracedWindow", "eval_schedule", "log_spaced_steps", "traced_windows"]
+__all__ = ["TracedWindow", "eval_schedule", "traced_windows"]

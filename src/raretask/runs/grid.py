@@ -85,13 +85,6 @@ def load_summary(out: Path) -> list[dict]:
     return rows
 
 
-def check_rows(rows: list[dict], source: Path | str) -> None:
-    """Every row has the fields of its study with the right types; else a one-line UserError
-    naming the file, row and field."""
-    if rows:
-        study_of_rows(rows, str(source)).check_rows(rows, source)
-
-
 def _read_rows(path: Path) -> list[dict]:
     """A summary.json's rows; a damaged file (changed outside raretask: our writes are atomic)
     is a one-line UserError naming it."""
@@ -103,7 +96,8 @@ def _read_rows(path: Path) -> list[dict]:
     if not isinstance(rows, list) or not all(
             isinstance(r, dict) and type(r.get("cell")) is int for r in rows):
         raise UserError(f"{path}: expected a list of rows, each with an integer 'cell'")
-    check_rows(rows, path)
+    if rows:  # the fields of the rows' study, with the right types
+        study_of_rows(rows, str(path)).check_rows(rows, path)
     return rows
 
 

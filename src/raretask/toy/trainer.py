@@ -200,7 +200,6 @@ class _Group:
     rare_coef: Tensor  # [I, K] 2/B on the rare task, training dtype
     rare_basis: Tensor  # [I, d, M]           training dtype
     rare_lam: Tensor  # [I, M]                training dtype
-    gaps: list[int]  # injection period per instance (1 for iid, with size 0)
     sizes: list[int]  # rare samples per injection per instance
     params: Tensor  # [2, I, d, N]: params[0] = U, params[1] = D (rows task-major)
     exp_avg: Tensor  # [2, I, d, N]
@@ -397,7 +396,6 @@ class ToyTrainer:
         rare_basis = torch.gather(full, 2, cols[:, None, :].expand(i_n, dim, m))
         del full
         onehot_rare = torch.nn.functional.one_hot(rare, k).to(dt)
-        gaps = [x.schedule.gap if x.schedule.kind != "iid" else 1 for x in insts]
         sizes = [self._sizes[i] for i in idx]
         n_trace = len(s.trace_steps)
         return _Group(
@@ -418,7 +416,7 @@ class ToyTrainer:
             rare_coef=onehot_rare * (2.0 / bsz),
             rare_basis=rare_basis.contiguous(),
             rare_lam=torch.gather(lam64, 1, rare[:, None, None].expand(i_n, 1, m))[:, 0].to(dt),
-            gaps=gaps, sizes=sizes,
+            sizes=sizes,
             params=params,
             exp_avg=torch.zeros_like(params),
             exp_avg_sq=torch.zeros_like(params),
