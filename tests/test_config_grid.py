@@ -31,11 +31,6 @@ def test_defaults_follow_the_paper_and_are_recorded():
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_shipped_configs_load(name):
-    if name.startswith("fix_toy"):  # not a grid: `raretask fix` (tests/test_mixing_fix.py)
-        from raretask.mixing.fix import load_fix_config
-
-        assert load_fix_config(CONFIGS / name).kind == "fix_toy"
-        return
     grid = load_experiment(CONFIGS / name)
     cells = list(grid.cells())
     assert cells
@@ -114,11 +109,18 @@ def test_eval_steps_are_log_spaced_and_end_at_the_last_step():
     assert eval_steps(5, 30) == (1, 2, 3, 4, 5)
 
 
-def test_a_fix_config_given_to_run_points_to_raretask_fix(capsys):
+def test_the_fix_is_an_ordinary_grid_and_an_old_fix_config_says_how(capsys, tmp_path):
+    """configs/fix_toy.yaml is a toy grid whose `arm` axis holds the fix's arms; a config of
+    the old kind fix_toy gets one line saying what to write instead."""
     from raretask.cli import main
 
+    grid = load_experiment(CONFIGS / "fix_toy.yaml")
+    assert grid.kind == "toy" and grid.axes["arm"] == ["natural", "plan", "even", "burst", "big"]
+    old = tmp_path / "old.yaml"
+    old.write_text("kind: fix_toy\nwidth: 16\n")
     with pytest.raises(SystemExit) as exc:
-        main(["run", str(CONFIGS / "fix_toy.yaml"), "--out", "/nonexistent/never-written"])
+        main(["run", str(old), "--out", "/nonexistent/never-written"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1
-    assert "kind: 'fix_toy' is a fix config: run it with raretask fix" in err[0]
+    assert "kind: 'fix_toy' configs are now toy grids: write kind: toy with an 'arm' axis" \
+        in err[0]

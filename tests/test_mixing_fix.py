@@ -5,18 +5,20 @@ import pytest
 
 from raretask.cli import main
 from raretask.demo import builtin_config
-from raretask.mixing.fix import load_fix_config, run_fix_toy, write_fix
+from raretask.mixing.fix import toy_fix_results
 
 
 @pytest.fixture(scope="module")
 def demo_fix(tmp_path_factory):
+    """The demo's fix grid run by `raretask fix` (an ordinary toy grid with an arm axis)."""
     import torch
 
     torch.set_num_threads(1)
-    cfg = load_fix_config(builtin_config("demo_fix.yaml"))
-    plan, arms = run_fix_toy(cfg)
-    out = tmp_path_factory.mktemp("fix")
-    write_fix(out, cfg, plan, arms)
+    out = tmp_path_factory.mktemp("fix") / "run"
+    with pytest.raises(SystemExit) as exc:
+        main(["fix", str(builtin_config("demo_fix.yaml")), "--out", str(out), "--quiet"])
+    assert exc.value.code == 0
+    cfg, plan, arms = toy_fix_results(out)
     return cfg, plan, {a.arm: a for a in arms}, out
 
 
@@ -49,9 +51,10 @@ def test_fix_json_is_what_the_report_reads(demo_fix):
 
 @pytest.mark.parametrize("override, message", [
     ("bogus=1", "bogus: unknown key"),
-    ("arms=[natural,huge]", "arms: unknown arm 'huge'"),
-    ("width=1000", "width: 1000 exceeds tasks*features = 256"),
+    ("arm=[natural,huge]", "arm: Input should be 'natural', 'plan', 'even', 'burst' or 'big'"),
+    ("width=1000", "width: 1000 exceeds the total feature count tasks*features = 256"),
     ("margin=0.5", "margin: Input should be greater than or equal to 1"),
+    ("gap=1", "gap: a fix arm needs gap >= 2"),
 ])
 def test_bad_fix_config_exits_2(tmp_path, capsys, override, message):
     with pytest.raises(SystemExit) as exc:

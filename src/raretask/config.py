@@ -192,6 +192,16 @@ class ToyCell(StrictModel):
     rare_task: int = Field(-1, description="Index of the rare task (negative counts from the "
                            "end; default the rarest).")
     frequent_mass: float = Field(0.8, gt=0, le=1, description="Prior mass of the frequent set F.")
+    arm: Literal["natural", "plan", "even", "burst", "big"] | None = Field(
+        None, description="An arm of the fix (raretask fix; None: an ordinary cell): "
+        "'natural' the mix as it is; 'plan' the planned mix (minimum KL, the rare task at "
+        "`margin` x the share Theorem 3 needs at `width`), i.i.d.; 'even' the plan's share in "
+        "every batch; 'burst' withheld, then `gap` steps' worth at once; 'big' the natural mix "
+        "on the width it would need (`big_width`, default from the plan).")
+    margin: float = Field(1.5, ge=1, le=100, allow_inf_nan=False,
+                          description="Fix arms: the plan's safety factor on the share.")
+    big_width: int | None = Field(None, ge=1, description="Fix arm 'big': its width (default: "
+                                  "the width the natural mix needs, from the plan).")
     learned_threshold: float = Field(
         0.3, gt=0, lt=1, description="A task is learned when its normalised signal s~ reaches "
         "this (ours: 0.3; one feature of an alpha=2 task holds ~0.6 of its variance).")
@@ -218,6 +228,18 @@ class ToyCell(StrictModel):
                              "'every'; 'matched' with gap 1 spreads the rare task evenly)")
         if self.stop is not None and self.stop <= self.start:
             raise ValueError(f"stop: {self.stop} is not after start {self.start}")
+        if self.arm is not None:
+            if self.schedule != "iid" or self.stop is not None or self.start:
+                raise ValueError("schedule: a fix arm sets how the rare task arrives; leave "
+                                 "schedule, start and stop at their defaults")
+            if self.gap < 2:
+                raise ValueError("gap: a fix arm needs gap >= 2 (the burst arm's G, and the "
+                                 "window its results average over)")
+            if self.trace_every < 1:
+                raise ValueError("trace_every: a fix arm needs the rare task's trace (>= 1)")
+        if self.big_width is not None and self.big_width > d:
+            raise ValueError(f"big_width: {self.big_width} exceeds the total feature count "
+                             f"tasks*features = {d}")
         return self
 
     @property
@@ -230,10 +252,6 @@ class ToyCell(StrictModel):
 
         return Schedule(kind=self.schedule, gap=self.gap, count=self.count, start=self.start,
                         stop=self.stop)
-
-    def schedule_fields(self) -> dict:
-        """How the rare task arrived, as the summary rows report it."""
-        return {"schedule": self.schedule, "gap": self.gap}
 
 
 GridValue = Any

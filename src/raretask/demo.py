@@ -22,6 +22,7 @@ from raretask.config import load_experiment
 from raretask.predict import predict
 from raretask.report.analysis import agreement_by_width, injection_contrast
 from raretask.report.figures import injection_traces, phase_diagram
+from raretask.runs import store
 from raretask.runs.grid import GridRun, load_summary
 from raretask.theory import TaskSet
 
@@ -100,23 +101,27 @@ def run_demo(out: Path, console: Console, progress_factory, overrides: list[str]
         if f is not None:
             console.print(f"wrote {f}")
     results["figures"] = [f for f in figs if f is not None]
-    results["fix"] = run_fix_section(out / "fix", console, list(overrides))
+    results["fix"] = run_fix_section(out / "fix", console, progress_factory, list(overrides))
     results["report"] = write_demo_report(out, console)
     return results
 
 
-def run_fix_section(out: Path, console: Console, overrides: list[str] = ()) -> list:
-    """5. Fix: plan the mixture for the width-16 model and prove it by training
-    (built-in ``demo_fix.yaml``; ``--set`` overrides apply where the fix config has the field)."""
-    from raretask.mixing import fix
+def run_fix_section(out: Path, console: Console, progress_factory,
+                    overrides: list[str] = ()) -> list[dict]:
+    """5. Fix: plan the mixture for the width-16 model and prove it by training (built-in
+    ``demo_fix.yaml``, an ordinary toy grid with an ``arm`` axis; ``--set`` overrides apply to
+    it as to the other demo grids)."""
+    from raretask.studies import study
 
-    mine = [o for o in overrides if o.split("=", 1)[0].strip() in fix.FixToyConfig.model_fields]
-    cfg = fix.load_fix_config(builtin_config("demo_fix.yaml"), mine)
+    grid = load_experiment(builtin_config("demo_fix.yaml"), list(overrides))
     console.rule(f"[bold]5. Fix[/]: plan the mixture, then train it -> {out}")
-    plan, arms = fix.run_fix_toy(cfg)
-    fix.write_fix(out, cfg, plan, arms)
-    console.print(fix.fix_table(arms, cfg, plan))
-    return arms
+    with progress_factory() as progress:
+        GridRun(grid, out).run(progress=progress)
+    table, files = study(grid.kind).fix_outputs(out)
+    for name, obj in files.items():
+        store.write_json(out / name, obj)
+    console.print(table)
+    return files["results.json"]  # one dict per arm (raretask.mixing.fix.ArmResult)
 
 
 def write_demo_report(out: Path, console: Console) -> Path:

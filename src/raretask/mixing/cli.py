@@ -360,48 +360,33 @@ def plan_table(result, out: Path | None = None, extrapolated: list[str] | None =
 
 
 def fix(
-    config: Annotated[Path, typer.Argument(help="configs/fix_toy.yaml (kind: fix_toy) or "
-                                           "configs/fix_lm.yaml (kind: lm).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    config: Annotated[Path, typer.Argument(help="A grid holding the fix's arms: "
+                                           "configs/fix_toy.yaml (arm axis) or "
+                                           "configs/fix_lm.yaml.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")],
     overrides: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a field: key=value (YAML value).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
-    """Prove a plan by training: natural mix vs plan vs the bigger model, even vs bursts."""
-    from raretask.config import load_yaml
+    """Prove a plan by training: natural mix vs plan vs the bigger model, even vs bursts.
 
-    data = load_yaml(config)
-    if isinstance(data, dict) and data.get("kind") == "lm":
-        from raretask.mixing.fix_lm import run_fix_lm
-
-        console.print(run_fix_lm(config, out, overrides or [], quiet))
-        return
-    from raretask.mixing.fix import fix_table, load_fix_config, run_fix_toy, write_fix
+    The arms are an ordinary grid: it runs (and resumes) as `raretask run` would, then the
+    study's fix table is printed and fix.json (for the report) written beside it."""
+    from raretask.config import load_experiment
     from raretask.runs import store
+    from raretask.runs.grid import GridRun
+    from raretask.runs.progress import GridProgress
+    from raretask.studies import study
 
-    cfg = load_fix_config(config, overrides or [])
-    with store.run_lock(out):  # held while training: a second `fix` on this directory refuses
-        plan_, results = run_fix_toy(cfg, progress=None if quiet else _step_progress())
-        write_fix(out, cfg, plan_, results)
-    console.print(fix_table(results, cfg, plan_))
-    console.print(f"wrote {out}/results.json, {out}/plan.json")
-
-
-def _step_progress():
-    from rich.progress import Progress
-
-    prog = Progress(console=Console(stderr=True), transient=True)
-    state: dict = {}
-
-    def update(step: int, total: int) -> None:
-        if "task" not in state:
-            prog.start()
-            state["task"] = prog.add_task("training the arms", total=total)
-        prog.update(state["task"], completed=step)
-        if step >= total:
-            prog.stop()
-
-    return update
+    grid = load_experiment(config, overrides or [])
+    with GridProgress(quiet) as progress:
+        GridRun(grid, out).run(progress=progress)
+    table, files = study(grid.kind).fix_outputs(out)
+    with store.run_lock(Path(out)):  # the grid's own lock is released by now
+        for name, obj in files.items():
+            store.write_json(Path(out) / name, obj)
+    console.print(table)
+    console.print(f"wrote {', '.join(f'{out}/{n}' for n in files)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -4,7 +4,8 @@
 axes hold the arms: ``size`` (the small model and the bigger one), ``frequency`` (the natural
 rate and the planned one) and ``every`` (1: spread evenly; > 1: the same rate in bursts). The grid
 runs and resumes like any other (:mod:`raretask.studies.lm`); this module labels its cells as
-arms, prints one table and writes ``fix.json`` for the report (:mod:`raretask.report.fix`).
+arms and gives ``raretask fix`` one table and ``fix.json`` for the report
+(:mod:`raretask.report.fix`).
 
 Labels: the smallest size at the lowest frequency, spread, is "natural"; the smallest size at a
 higher frequency, spread, is "plan"; a larger size at the lowest frequency, spread, is "big";
@@ -75,16 +76,9 @@ def fix_lm_json(rows: list[dict]) -> dict:
                       "run": "."} for r, lab in zip(rows, labels, strict=True)]}
 
 
-def run_fix_lm(config: Path, out: Path, overrides: list[str], quiet: bool = True) -> Table:
-    """Run (or resume) the grid, write ``fix.json``, return the table."""
-    from raretask.config import load_experiment
-    from raretask.runs import store
-    from raretask.runs.grid import GridRun, load_summary
+def lm_fix_outputs(out: Path):
+    """(the fix table, {"fix.json": ...}) of a finished LM fix grid."""
+    from raretask.runs.grid import load_summary
 
-    grid = load_experiment(config, overrides)
-    runner = GridRun(grid, out)
-    runner.run()
     rows = load_summary(out)
-    with store.run_lock(Path(out)):  # the grid's own lock is released by now
-        store.write_json(Path(out) / "fix.json", fix_lm_json(rows))
-    return fix_lm_table(rows, str(out))
+    return fix_lm_table(rows, str(out)), {"fix.json": fix_lm_json(rows)}

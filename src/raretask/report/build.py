@@ -80,7 +80,7 @@ class RunInput:
     """A finished run directory (or a directory holding only a ``fix.json``)."""
 
     path: Path
-    kind: str  # "toy", "lm" or "fix"
+    kind: str | None  # the experiment's study ("toy", "lm"); None for a bare fix.json
     name: str
     config: dict[str, Any]
     config_text: str
@@ -95,11 +95,16 @@ class RunInput:
         """The command that made this run (the resolved config reproduces it exactly)."""
         if self.name.startswith("demo_"):
             return f"raretask demo --out {shlex.quote(str(self.path.parent))}"
-        if self.kind == "fix" and not self.config:
+        if self.fix_only and not self.config:
             return "the fix flow (no config.yaml beside fix.json)"
-        verb = "fix" if self.kind == "fix" else "run"
+        verb = "fix" if self.fix is not None else "run"
         return (f"raretask {verb} {shlex.quote(str(self.path / 'config.yaml'))} "
                 f"--out {shlex.quote(str(self.path))}")
+
+    @property
+    def fix_only(self) -> bool:
+        """A directory holding a fix result and no grid (made before the arms were a grid)."""
+        return self.kind is None
 
     @property
     def axes(self) -> str:
@@ -144,8 +149,8 @@ def load_run(path: str | Path) -> RunInput:
         if not isinstance(config, dict):
             raise UserError(f"{cfg_path}: expected a mapping of config fields")
     if fix is not None and not (path / "cells.json").exists():
-        # the fix flow's directory (e.g. `raretask fix`: config.yaml of kind fix_toy, fix.json)
-        return RunInput(path, "fix", str(config.get("name", path.name)), config, text, "", [],
+        # an older fix flow's directory (config.yaml of kind fix_toy and fix.json, no grid)
+        return RunInput(path, None, str(config.get("name", path.name)), config, text, "", [],
                         {}, {}, fix)
     kind = config.get("kind", DEFAULT_KIND)
     study(kind, str(cfg_path))  # an unknown kind: one line naming the file
@@ -478,8 +483,9 @@ def build_report(dirs: list[str | Path], scaling_csv: str | Path | None = None,
 
         load_scaling_csv(scaling_csv)  # fail on a bad file before drawing anything
     sections = [scaling_section(None if scaling_csv is None else Path(scaling_csv))]
-    for st in all_studies():  # each study's sections, from its own runs
-        sections += st.report_sections([r for r in runs if r.kind == st.kind])
+    for st in all_studies():  # each study's sections, from its own runs (a fix grid's arms are
+        sections += st.report_sections(  # the fix section's, not a phase or frequency sweep)
+            [r for r in runs if r.kind == st.kind and r.fix is None])
     sections.append(fix_section(runs))
     if calibrations:
         sections.append(cal_section)

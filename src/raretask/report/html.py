@@ -73,11 +73,11 @@ def render(report: Report) -> str:
         + ("" if s.has_data else " (no data)") + "</li>" for s in report.sections)
     inputs = []
     for r in report.inputs:
-        cells = len(r.cells) if r.kind != "fix" else 0
+        cells = len(r.cells)
         line = (f"<li><code>{_e(r.path)}</code>: {_e(r.kind)} run <b>{_e(r.name)}</b>, "
                 f"{cells} cells, axes {_e(r.axes)}; made by <code>{_e(r.made_by)}</code>"
                 + (f" [{_e(r.version)}]" if r.version else ""))
-        if r.kind == "fix":
+        if r.fix_only:
             line = (f"<li><code>{_e(r.path)}</code>: fix result <b>{_e(r.name)}</b> "
                     f"(<code>{FIX_FILE}</code>); made by <code>{_e(r.made_by)}</code>")
         if r.config_text:

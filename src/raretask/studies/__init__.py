@@ -20,8 +20,9 @@ STUDIES: dict[str, str] = {"toy": "raretask.studies.toy", "lm": "raretask.studie
 """Experiment kind -> the module holding its ``STUDY``."""
 
 NOT_STUDIES: dict[str, str] = {
-    "fix_toy": "'fix_toy' is a fix config: run it with raretask fix {source} --out DIR"}
-"""Kinds of other commands' configs, with the hint ``raretask run`` gives for them."""
+    "fix_toy": "'fix_toy' configs are now toy grids: write kind: toy with an 'arm' axis "
+               "(configs/fix_toy.yaml) and run it with raretask fix {source} --out DIR"}
+"""Kinds that are no longer experiments, with the hint their error gives."""
 
 DEFAULT_KIND = "toy"
 """The kind of a config without ``kind:`` and of summary rows without a ``kind`` field (the toy

@@ -140,6 +140,11 @@ class Study:
         """The report's sections for this study's runs (:mod:`raretask.report.build`)."""
         return []
 
+    def fix_outputs(self, out: Path):
+        """(table, {file name: JSON object}) that `raretask fix` prints and writes for a
+        finished grid of this study holding the fix's arms."""
+        raise UserError(f"{out}: raretask fix has no arms for {self.kind} grids")
+
     # -- calibration (`raretask calibrate`, `predict --calibration`, `plan`) ------------------
     curve_keys: ClassVar[tuple[str, ...]]
     """Rows that agree on these and differ only in size, seed and frequency form one curve."""

@@ -239,6 +239,11 @@ class LMStudy(Study):
 
         return lm_sections(runs)
 
+    def fix_outputs(self, out):
+        from raretask.mixing.fix_lm import lm_fix_outputs
+
+        return lm_fix_outputs(out)
+
     # -- calibration --------------------------------------------------------------------------
     curve_keys = ("task", "schedule")
 

@@ -18,6 +18,7 @@ model: signal 0, loss 1, features 0, no task learned. The log names it.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,45 @@ def plan_groups(cells: list[ToyCell], group_size: int) -> list[Group]:
 
 
 def task_set(cell: ToyCell) -> TaskSet:
+    """The cell's natural mix: pi_k ∝ k^-beta, spectra j^-alpha."""
     return TaskSet.power_law(cell.tasks, cell.features, alpha=cell.alpha, beta=cell.beta)
+
+
+@functools.lru_cache(maxsize=32)
+def fix_plan(tasks: int, features: int, alpha: float, beta: float, width: int, rare: int,
+             margin: float):
+    """The plan of the fix's arms: minimum KL to the natural mix with Theorem 3's thresholds at
+    ``width``, target the rare task (:func:`raretask.mixing.plan.make_plan`); the toy's theory is
+    exact, so nothing is calibrated. Cached: every arm x seed of a grid shares it."""
+    from raretask.mixing.plan import make_plan
+    from raretask.mixing.thresholds import TheoryThreshold
+
+    ts = TaskSet.power_law(tasks, features, alpha, beta)
+    return make_plan(ts.names, ts.frequencies, TheoryThreshold(ts.names, spectra=ts.spectra),
+                     width, targets=[ts.names[rare]], margin=margin)
+
+
+def cell_plan(cell: ToyCell):
+    return fix_plan(cell.tasks, cell.features, cell.alpha, cell.beta, cell.width,
+                    cell.rare_index, cell.margin)
+
+
+def trained_setting(cell: ToyCell):
+    """(width, task priors, rare-task schedule) the cell trains with: its own fields, or what
+    its fix arm sets (:class:`~raretask.config.ToyCell` ``arm``)."""
+    from raretask.toy.spec import Schedule
+
+    natural = task_set(cell).frequencies
+    if cell.arm is None:
+        return cell.width, natural, cell.delivery_schedule()
+    plan = cell_plan(cell)
+    planned = np.array([t.weight for t in plan.tasks])
+    if cell.arm == "big":
+        width = cell.big_width or int(np.ceil(plan.natural_size_needed))
+        return min(width, cell.tasks * cell.features), natural, Schedule()
+    return cell.width, *{"natural": (natural, Schedule()), "plan": (planned, Schedule()),
+                         "even": (planned, Schedule("matched", gap=1)),
+                         "burst": (planned, Schedule("matched", gap=cell.gap))}[cell.arm]
 
 
 def build_instances(cells: list[ToyCell]):
@@ -56,11 +95,12 @@ def build_instances(cells: list[ToyCell]):
     out = []
     for c in cells:
         ts = task_set(c)
-        frequent = np.zeros(c.tasks, dtype=bool)
+        frequent = np.zeros(c.tasks, dtype=bool)  # F of the natural mix, whatever the arm
         frequent[Theory(ts, c.frequent_mass).frequent_tasks()] = True
+        width, priors, schedule = trained_setting(c)
         out.append(ToyInstance(
-            width=c.width, frequencies=ts.frequencies, eigenvalues=np.stack(ts.spectra),
-            seed=c.seed, rare_task=c.rare_index, frequent=frequent, schedule=c.delivery_schedule(),
+            width=width, frequencies=priors, eigenvalues=np.stack(ts.spectra), seed=c.seed,
+            rare_task=c.rare_index, frequent=frequent, schedule=schedule,
         ))
     return out
 
@@ -97,8 +137,11 @@ def summary_rows(group: Group, cells: list[ToyCell], rows: list[dict],
             last[(r["cell"], r["task"], r["metric"])] = r["value"]
     out = []
     for i, c in zip(group.cell_ids, cells, strict=True):
+        width, priors, schedule = trained_setting(c)
         ts = task_set(c)
-        kept = Theory(ts, c.frequent_mass).features_kept(c.width)
+        if c.arm is not None:  # the arm's mix, for Theorem 3 and the rows' frequencies
+            ts = TaskSet(ts.names, priors / priors.sum(), ts.spectra)
+        kept = Theory(ts, c.frequent_mass).features_kept(width)
         # the model-level loss (sum_k pi_k loss_k, unnormalised) as model_loss: "loss" is the
         # task's normalised loss
         model = {m: last.get((i, -1, m)) for m in
@@ -115,8 +158,8 @@ def summary_rows(group: Group, cells: list[ToyCell], rows: list[dict],
             out.append({
                 "cell": i, "group": group.name, "tasks": c.tasks,
                 "features_per_task": c.features, "frequent_mass": c.frequent_mass,
-                "width": c.width, "beta": c.beta,
-                "alpha": c.alpha, "seed": c.seed, **c.schedule_fields(),
+                "width": width, "beta": c.beta, "alpha": c.alpha, "seed": c.seed,
+                "schedule": schedule.kind, "gap": schedule.gap, "arm": c.arm,
                 "task": k + 1, "frequency": float(ts.frequencies[k]),
                 "signal": float(signal),
                 "loss": float(last[(i, k, "loss_norm")]) if div is None else 1.0,
@@ -230,6 +273,11 @@ class ToyStudy(Study):
         from raretask.report.build import toy_sections
 
         return toy_sections(runs)
+
+    def fix_outputs(self, out):
+        from raretask.mixing.fix import toy_fix_outputs
+
+        return toy_fix_outputs(out)
 
     # -- calibration --------------------------------------------------------------------------
     curve_keys = ("tasks", "features_per_task", "alpha", "beta", "frequent_mass", "schedule",
