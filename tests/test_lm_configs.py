@@ -135,10 +135,10 @@ def test_fig9_measures_bursts_with_probes_on_every_size():
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_cpu_check_override_keeps_every_cell_valid(name):
     """The documented CPU check (`--set size=tiny --set steps=4 --set batch_size=16 ...`)."""
-    grid = load_experiment(CONFIGS / f"{name}.yaml",
-                           ["size=tiny", "steps=4", "batch_size=16", "eval_points=2"])
+    grid = load_experiment(CONFIGS / f"{name}.yaml", ["size=tiny", "steps=4", "batch_size=16",
+                                                      "eval_points=2", "profile.device=cpu"])
     n_cells, _ = EXPECTED[name]
-    assert grid.device == "cpu"
+    assert grid.profile.device == "cpu"
     assert len(list(grid.cells())) == n_cells // 3  # one size of three
 
 

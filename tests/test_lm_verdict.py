@@ -50,12 +50,12 @@ def test_committed_fig5_run():
 
 
 def test_show_marks_format_not_learned_cells_and_says_so():
-    """`raretask show` flags the three cells below the format-only chance with a '*' and
-    explains the mark in the caption (the report renders the same table)."""
+    """`raretask show` flags the three cells below the format-only chance with a '*' on their
+    task and explains the mark in the caption (the report renders the same table)."""
     from raretask.studies import study
 
     rows = json.loads((FIG5 / "summary.json").read_text())
     table = study("lm").table(rows, "fig5")
-    marked = [r[6] for r in table.rows if r[6].endswith("*")]
-    assert marked == ["0.165*", "0.001*", "0.095*"]
-    assert "*: format not learned (below the format-only chance)" in table.caption
+    marked = [(r[3], r[6]) for r in table.rows if r[3].endswith("*")]
+    assert marked == [("cmp*", "0.165"), ("cmp*", "0.001"), ("cmp*", "0.095")]
+    assert "task*: format not learned (accuracy below the format-only chance)" in table.caption

@@ -500,9 +500,10 @@ def test_demo_report_takes_both_runs_and_any_fix_dir(toy_runs, tmp_path):
 def test_the_fix_flows_directory_is_a_fix_input(toy_runs, capsys, tmp_path):
     """Contract with raretask.mixing.fix: its fix.json validates and its directory (config.yaml
     of kind fix_toy, no grid files) is read as a fix result, not as a run."""
-    from raretask.mixing.fix import ArmResult, fix_json, load_fix_config
+    from raretask.mixing.fix import ArmResult, FixSetting, fix_json
 
-    cfg = load_fix_config(None, ["name=my_fix"])
+    cfg = FixSetting(tasks=16, features=16, beta=1.5, rare=15, width=16, margin=1.5, steps=4000,
+                     batch_size=256, gap=400, learned_threshold=0.3, seeds=1)
     arms = [ArmResult(arm=a, width=w, schedule="even", rare_share=s, rare_signal=sig,
                       rare_signal_final=sig, rare_learned="", rare_per_seed=[sig],
                       rare_loss=1 - sig, frequent_loss=0.2, tasks_learned=8.0, samples=1e6,

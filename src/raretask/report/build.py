@@ -28,7 +28,7 @@ import yaml
 from raretask.errors import UserError
 from raretask.report import analysis, figures
 from raretask.report.fix import FIX_FILE, FixResult, load_fix
-from raretask.studies import DEFAULT_KIND, all_studies, study
+from raretask.studies import DEFAULT_KIND, STUDIES, all_studies, study
 
 PAPER_LAW = {"L0": 1.69, "A": 406.4, "B": 410.7, "a": 0.46, "b": 0.51}
 """The law drawn when no scaling measurements are given: the exponents the paper quotes
@@ -153,7 +153,9 @@ def load_run(path: str | Path) -> RunInput:
         return RunInput(path, None, str(config.get("name", path.name)), config, text, "", [],
                         {}, {}, fix)
     kind = config.get("kind", DEFAULT_KIND)
-    study(kind, str(cfg_path))  # an unknown kind: one line naming the file
+    if not isinstance(kind, str) or kind not in STUDIES:
+        raise UserError(f"{cfg_path}: kind: the report reads {', '.join(STUDIES)} runs, got "
+                        f"{kind!r}")
     cells_path = path / "cells.json"
     try:
         cells = {c["cell"]: c for c in json.loads(cells_path.read_text(encoding="utf-8"))}

@@ -192,8 +192,6 @@ class GridRun:
                         f"{old.get(key)!r} there, {resolved.get(key)!r} now); use a new --out")
         self._note_profile_change(resolved_profile)
         store.write_text(path, yaml.safe_dump(resolved, sort_keys=False))
-        store.write_text(self.out / "profile.yaml",
-                         yaml.safe_dump(resolved_profile.model_dump(), sort_keys=False))
         cell_table = [
             {"cell": i, "group": g.name, **self.cells[i].model_dump()}
             for g in self.groups for i in g.cell_ids
@@ -316,11 +314,13 @@ class GridRun:
                           f"{device}, {len(self.cells)} cells in {len(self.groups)} groups, "
                           f"{len(todo)} groups to run"
                           + (f", {world} processes ({mode})" if world > 1 else ""))
+                # after the start line: what the log says began is what profile.yaml records
+                store.write_text(self.out / "profile.yaml", yaml.safe_dump(
+                    self.resolved_profile.model_dump(), sort_keys=False))
             if progress:
                 progress({"event": "start", "cells_total": len(self.cells),
                           "cells_done": self._cells_done(), "groups_todo": len(todo),
-                          "steps_todo": sum(self.study.steps(self.cells[g.cell_ids[0]])
-                                            for g in todo)})
+                          "steps_todo": sum(self.cells[g.cell_ids[0]].steps for g in todo)})
             if mode == "cells":
                 self._run_claimed(todo, progress)
             else:

@@ -33,7 +33,7 @@ PROBE_METRICS = ("cos_g_gr", "cos_gt_gr", "cos_gnt_gr", "order_r2", "fourier_mod
 def build_trainer(cell: LMCell, profile, stream_world: tuple[int, int] | None = None,
                   fsdp: bool = False):
     """The background, task, schedule and :class:`~raretask.lm.trainer.LMTrainer` of a cell, run
-    as ``profile`` (:class:`~raretask.runs.profile.ResolvedProfile`) says.
+    as ``profile`` (a resolved :class:`~raretask.runs.profile.Profile`) says.
 
     ``stream_world``: (rank, processes) training this cell together (default: the process
     group's); ``fsdp``: shard the model with FSDP2 rather than DDP when processes > 1.
@@ -219,8 +219,9 @@ class LMStudy(Study):
             acc_text = "-" if acc is None else f"{acc:.3f}"
             if r.get("diverged_step") is not None:
                 acc_text = f"div@{r['diverged_step']}"
-            acc_text += "*" * (lm_verdict(r) == FORMAT_NOT_LEARNED)  # narrow: 80 columns fit
-            body.append([str(r["cell"]), r["size"], f"{r['params'] / 1e6:.2f}M", r["task"],
+            # the mark on the task keeps the acc column a plain number and 80 columns enough
+            task = r["task"] + "*" * (lm_verdict(r) == FORMAT_NOT_LEARNED)
+            body.append([str(r["cell"]), r["size"], f"{r['params'] / 1e6:.2f}M", task,
                          f"{r['frequency']:.2e}", r["schedule"], acc_text,
                          format_cell(r.get("task_loss")), format_cell(r.get("val_loss")),
                          f"{r.get('epochs', 0):.2f}"])
@@ -229,8 +230,8 @@ class LMStudy(Study):
             ["cell", "size", "params", "task", "freq/tok", "schedule", "acc", "task L", "val L",
              "epochs"], body,
             "acc: test accuracy, argmax over the vocabulary at LABEL, held-out 5K instances"
-            + ("; *: format not learned (below the format-only chance)"
-               if any(b[6].endswith("*") for b in body) else "")
+            + ("; task*: format not learned (accuracy below the format-only chance)"
+               if any(b[3].endswith("*") for b in body) else "")
             + "; task L: loss at LABEL on the training instances; val L: background validation "
             "loss")
 
