@@ -65,31 +65,13 @@ class Profile(StrictModel):
     deterministic: bool | None = Field(None, description="LM: deterministic kernels only (the "
                                        "same numbers alone or packed on one GPU; slower).")
 
-    def resolve(self, device: str) -> ResolvedProfile:
-        """Every field concrete for ``device`` (already resolved: 'cpu' or 'cuda[:i]')."""
+    def resolve(self, device: str) -> Profile:
+        """The profile a run uses and logs: every field set, the unset ones to ``device``'s
+        defaults (``device`` already resolved: 'cpu' or 'cuda[:i]')."""
         kind = "cuda" if device.startswith("cuda") else "cpu"
         values = {**DEVICE_DEFAULTS[kind],
                   **{k: v for k, v in self.model_dump().items() if v is not None}}
-        values["device"] = device
-        return ResolvedProfile(**values)
-
-
-class ResolvedProfile(StrictModel):
-    """A :class:`Profile` with every field set: what a run uses and logs."""
-
-    device: str
-    group_size: int
-    retraction: Retraction
-    tf32: bool
-    cuda_graph: bool
-    fuse: bool
-    share_inputs: bool
-    group_streams: bool
-    pad_width: int
-    compile: bool
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
-    attention: Literal["auto", "flash", "cudnn", "efficient", "math"]
-    deterministic: bool
+        return Profile(**{**values, "device": device})
 
     @property
     def cuda(self) -> bool:

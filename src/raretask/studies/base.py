@@ -83,9 +83,6 @@ class Study:
         """Groups in config order (default: one cell each)."""
         return [Group(f"g{i:04d}", (i,)) for i in range(len(cells))]
 
-    def steps(self, cell) -> int:
-        return int(cell.steps)
-
     def check(self, cells: list, profile, ranks) -> None:
         """Refuse (UserError) what this grid cannot do on ``ranks`` before anything is written."""
 

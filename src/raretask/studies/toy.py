@@ -107,7 +107,7 @@ def build_instances(cells: list[ToyCell]):
 
 def build_settings(cell: ToyCell, profile):
     """The :class:`~raretask.toy.spec.TrainSettings` of a group led by ``cell``, run as
-    ``profile`` (:class:`~raretask.runs.profile.ResolvedProfile`) says."""
+    ``profile`` (a resolved :class:`~raretask.runs.profile.Profile`) says."""
     from raretask.toy.spec import TrainSettings
 
     cuda = profile.cuda
