@@ -22,7 +22,6 @@ from raretask.config import load_experiment
 from raretask.predict import predict
 from raretask.report.analysis import agreement_by_width, injection_contrast
 from raretask.report.figures import injection_traces, phase_diagram
-from raretask.runs import store
 from raretask.runs.grid import GridRun, load_summary
 from raretask.theory import TaskSet
 
@@ -111,15 +110,12 @@ def run_fix_section(out: Path, console: Console, progress_factory,
     """5. Fix: plan the mixture for the width-16 model and prove it by training (built-in
     ``demo_fix.yaml``, an ordinary toy grid with an ``arm`` axis; ``--set`` overrides apply to
     it as to the other demo grids)."""
-    from raretask.studies import study
+    from raretask.mixing.prove import prove
 
     grid = load_experiment(builtin_config("demo_fix.yaml"), list(overrides))
     console.rule(f"[bold]5. Fix[/]: plan the mixture, then train it -> {out}")
     with progress_factory() as progress:
-        GridRun(grid, out).run(progress=progress)
-    table, files = study(grid.kind).fix_outputs(out)
-    for name, obj in files.items():
-        store.write_json(out / name, obj)
+        table, files = prove(grid, out, progress)
     console.print(table)
     return files["results.json"]  # one dict per arm (raretask.mixing.fix.ArmResult)
 

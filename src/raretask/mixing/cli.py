@@ -373,18 +373,12 @@ def fix(
     The arms are an ordinary grid: it runs (and resumes) as `raretask run` would, then the
     study's fix table is printed and fix.json (for the report) written beside it."""
     from raretask.config import load_experiment
-    from raretask.runs import store
-    from raretask.runs.grid import GridRun
+    from raretask.mixing.prove import prove
     from raretask.runs.progress import GridProgress
-    from raretask.studies import study
 
     grid = load_experiment(config, overrides or [])
     with GridProgress(quiet) as progress:
-        GridRun(grid, out).run(progress=progress)
-    table, files = study(grid.kind).fix_outputs(out)
-    with store.run_lock(Path(out)):  # the grid's own lock is released by now
-        for name, obj in files.items():
-            store.write_json(Path(out) / name, obj)
+        table, files = prove(grid, out, progress)
     console.print(table)
     console.print(f"wrote {', '.join(f'{out}/{n}' for n in files)}")
 
