@@ -271,6 +271,7 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
     proc.communicate()
 
 
+@pytest.mark.slow  # 36 s: LM resume after a kill is also tested in one process (test_lm_grid)
 @needs_torchrun
 def test_cells_lm_grid_equals_one_process_and_resumes_after_kill(tmp_path, one_thread, capsys):
     cfg = _config(tmp_path, "lm", LM_FOUR)

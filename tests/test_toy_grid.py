@@ -192,6 +192,7 @@ def test_show_on_a_non_run_directory(tmp_path):
     assert res.returncode == 2 and "not a raretask run directory" in res.stderr
 
 
+@pytest.mark.slow  # 96 s on 2 cores: the whole demo (make demo runs it; its parts are tested alone)
 def test_demo_meets_the_issue_checks(tmp_path):
     from raretask.cli import _GridProgress
     from raretask.demo import run_demo
