@@ -6,7 +6,7 @@ The arms are an ordinary toy grid: ``arm`` is a field of :class:`~raretask.confi
 (``configs/fix_toy.yaml`` makes it an axis, with ``seed``), so the fix runs, resumes, runs on a
 GPU and shows like any grid (``raretask fix CONFIG --out DIR`` runs it, then writes this
 module's table and ``fix.json``). What each arm trains
-(:func:`raretask.studies.toy.trained_setting`):
+(:func:`arm_setting`):
 
 ========== ======= ========================= =============================================
 arm        width   task shares               how the rare task arrives
@@ -29,12 +29,14 @@ and backward) times the samples actually drawn (injections included).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from raretask.errors import UserError
+from raretask.theory import TaskSet
 
 ARMS = ("natural", "plan", "even", "burst", "big")
 
@@ -56,6 +58,42 @@ class ArmResult:
     tasks_learned: float
     samples: float
     flops: float
+
+
+@functools.lru_cache(maxsize=32)
+def fix_plan(tasks: int, features: int, alpha: float, beta: float, width: int, rare: int,
+             margin: float):
+    """The plan of the fix's arms: minimum KL to the natural mix with Theorem 3's thresholds at
+    ``width``, target the rare task (:func:`raretask.mixing.plan.make_plan`); the toy's theory is
+    exact, so nothing is calibrated. Cached: every arm x seed of a grid shares it."""
+    from raretask.mixing.plan import make_plan
+    from raretask.mixing.thresholds import TheoryThreshold
+
+    ts = TaskSet.power_law(tasks, features, alpha, beta)
+    return make_plan(ts.names, ts.frequencies, TheoryThreshold(ts.names, spectra=ts.spectra),
+                     width, targets=[ts.names[rare]], margin=margin)
+
+
+def cell_plan(cell):
+    """The plan of a toy cell's setting (:func:`fix_plan`)."""
+    return fix_plan(cell.tasks, cell.features, cell.alpha, cell.beta, cell.width,
+                    cell.rare_index, cell.margin)
+
+
+def arm_setting(cell):
+    """(width, task priors, rare-task schedule) a toy cell's fix arm trains with (the table in
+    the module docstring)."""
+    from raretask.toy.spec import Schedule
+
+    natural = TaskSet.power_law(cell.tasks, cell.features, cell.alpha, cell.beta).frequencies
+    plan = cell_plan(cell)
+    planned = np.array([t.weight for t in plan.tasks])
+    if cell.arm == "big":
+        width = cell.big_width or int(np.ceil(plan.natural_size_needed))
+        return min(width, cell.tasks * cell.features), natural, Schedule()
+    return cell.width, *{"natural": (natural, Schedule()), "plan": (planned, Schedule()),
+                         "even": (planned, Schedule("matched", gap=1)),
+                         "burst": (planned, Schedule("matched", gap=cell.gap))}[cell.arm]
 
 
 @dataclass(frozen=True)
@@ -81,7 +119,6 @@ def toy_fix_results(out: Path) -> tuple[FixSetting, object, list[ArmResult]]:
     import pyarrow.parquet as pq
 
     from raretask.runs.grid import load_summary
-    from raretask.studies.toy import cell_plan, task_set, trained_setting
     from raretask.theory import Theory
 
     out = Path(out)
@@ -103,12 +140,13 @@ def toy_fix_results(out: Path) -> tuple[FixSetting, object, list[ArmResult]]:
     for c, step, v in zip(traces["cell"], traces["step"], traces["rare_signal"], strict=True):
         if step > c0.steps - c0.gap:
             late.setdefault(c, []).append(v)
-    frequent = sorted(Theory(task_set(c0), c0.frequent_mass).frequent_tasks().tolist())
+    natural = TaskSet.power_law(c0.tasks, c0.features, c0.alpha, c0.beta)
+    frequent = sorted(Theory(natural, c0.frequent_mass).frequent_tasks().tolist())
     d, k, rare = c0.tasks * c0.features, c0.tasks, c0.rare_index
     results = []
     for arm in [a for a in ARMS if any(c.arm == a for c in cells)]:
         ids = [i for i, c in enumerate(cells) if c.arm == arm]
-        width = trained_setting(cells[ids[0]])[0]
+        width = arm_setting(cells[ids[0]])[0]
         rare_avg = [float(np.mean(late[i])) for i in ids]
         seen = [sum(final[(i, t, "seen")] for t in range(k)) for i in ids]
         learned = [sum(final[(i, t, "signal_norm")] >= c0.learned_threshold for t in range(k))

@@ -18,7 +18,6 @@ model: signal 0, loss 1, features 0, no task learned. The log names it.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -51,41 +50,14 @@ def task_set(cell: ToyCell) -> TaskSet:
     return TaskSet.power_law(cell.tasks, cell.features, alpha=cell.alpha, beta=cell.beta)
 
 
-@functools.lru_cache(maxsize=32)
-def fix_plan(tasks: int, features: int, alpha: float, beta: float, width: int, rare: int,
-             margin: float):
-    """The plan of the fix's arms: minimum KL to the natural mix with Theorem 3's thresholds at
-    ``width``, target the rare task (:func:`raretask.mixing.plan.make_plan`); the toy's theory is
-    exact, so nothing is calibrated. Cached: every arm x seed of a grid shares it."""
-    from raretask.mixing.plan import make_plan
-    from raretask.mixing.thresholds import TheoryThreshold
-
-    ts = TaskSet.power_law(tasks, features, alpha, beta)
-    return make_plan(ts.names, ts.frequencies, TheoryThreshold(ts.names, spectra=ts.spectra),
-                     width, targets=[ts.names[rare]], margin=margin)
-
-
-def cell_plan(cell: ToyCell):
-    return fix_plan(cell.tasks, cell.features, cell.alpha, cell.beta, cell.width,
-                    cell.rare_index, cell.margin)
-
-
 def trained_setting(cell: ToyCell):
     """(width, task priors, rare-task schedule) the cell trains with: its own fields, or what
-    its fix arm sets (:class:`~raretask.config.ToyCell` ``arm``)."""
-    from raretask.toy.spec import Schedule
-
-    natural = task_set(cell).frequencies
+    its fix arm sets (:func:`raretask.mixing.fix.arm_setting`)."""
     if cell.arm is None:
-        return cell.width, natural, cell.delivery_schedule()
-    plan = cell_plan(cell)
-    planned = np.array([t.weight for t in plan.tasks])
-    if cell.arm == "big":
-        width = cell.big_width or int(np.ceil(plan.natural_size_needed))
-        return min(width, cell.tasks * cell.features), natural, Schedule()
-    return cell.width, *{"natural": (natural, Schedule()), "plan": (planned, Schedule()),
-                         "even": (planned, Schedule("matched", gap=1)),
-                         "burst": (planned, Schedule("matched", gap=cell.gap))}[cell.arm]
+        return cell.width, task_set(cell).frequencies, cell.delivery_schedule()
+    from raretask.mixing.fix import arm_setting
+
+    return arm_setting(cell)
 
 
 def build_instances(cells: list[ToyCell]):
