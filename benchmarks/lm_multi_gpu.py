@@ -63,7 +63,7 @@ def worker(args) -> None:
     mode = "single" if world == 1 else args.parallel
     device = distributed.rank_device(args.device, world, local, mode)
     total = args.steps
-    cell = LMCell(size=args.preset, task="cmp", frequency=1 / args.seq_len / 4, steps=total,
+    cell = LMCell(size=args.preset, task="cmp", rate=1 / args.seq_len / 4, steps=total,
                   batch_size=args.batch_size, seq_len=args.seq_len, vocab_size=args.vocab_size,
                   warmup=min(10, total // 10 or 1), source="ngram", probes=False,
                   eval_points=2)

@@ -162,7 +162,7 @@ def _bench(args) -> int:
             mine, theirs = _cell_rows(run_dir, 0), _cell_rows(packed, cell)
             diff = _max_abs_diff(mine, theirs)
             alone.append({"cell": cell, "size": fields.get("size"),
-                          "frequency": fields.get("frequency"), "seconds": round(seconds, 2),
+                          "rate": fields.get("rate"), "seconds": round(seconds, 2),
                           "rows": len(mine), "identical": mine == theirs or diff == 0.0,
                           "max_abs_diff": diff if math.isfinite(diff) else None})
         tokens = sum(c["steps"] * c["batch_size"] * c["seq_len"] for c in cells)
@@ -180,7 +180,7 @@ def _bench(args) -> int:
                    f"processes: {packed_s:.1f} s ({tokens / packed_s / 1e6:.2f}M tokens/s) on "
                    f"{result['device']}")
         lines = [summary] + [
-            f"cell {a['cell']} ({a['size']}, frequency {a['frequency']}) alone: {a['seconds']} s, "
+            f"cell {a['cell']} ({a['size']}, rate {a['rate']}) alone: {a['seconds']} s, "
             f"{a['rows']} metric rows, identical to packed: {a['identical']} "
             f"(max |diff| {a['max_abs_diff']})" for a in alone]
         log.write("\n".join(lines) + "\n")

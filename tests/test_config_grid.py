@@ -43,7 +43,7 @@ def test_paper_configs_have_the_paper_grids():
     assert len(fig2) == 63 and {c.width for c in fig2} == {8, 16, 32, 64, 128, 256, 512}
     assert {c.beta for c in fig2} == {1.0, 1.5, 2.0} and {c.steps for c in fig2} == {100_000}
     fig4 = list(load_experiment(CONFIGS / "fig4_injection.yaml").cells())
-    assert {32, 256} <= {c.width for c in fig4} and 1280 in {c.gap for c in fig4}
+    assert {32, 256} <= {c.width for c in fig4} and 1280 in {c.every for c in fig4}
     short = list(load_experiment(CONFIGS / "fig2_phase.yaml", ["steps=2000"]).cells())
     assert {c.steps for c in short} == {2000}
 
@@ -55,8 +55,10 @@ def test_paper_configs_have_the_paper_grids():
         (["width=-1"], "config: width: Input should be greater than or equal to 1, got -1"),
         (["beta=[]"], "config: beta: list is empty"),
         (["width=2000"], "config: width: 2000 exceeds the total feature count"),
-        (["schedule=matched"], "config: gap: schedule 'matched' needs gap >= 1"),
-        (["schedule=every", "gap=5"], "config: count: schedule 'every' needs count >= 1"),
+        (["schedule=matched"], "config: schedule: renamed: use delivery (iid, even or burst; "
+                               "'matched' is burst)"),
+        (["delivery=even", "every=5"], "config: every: only a burst delivery has a period"),
+        (["rate=1.5"], "config: rate: Input should be less than 1"),
         (["lr=0"], "config: lr: Input should be greater than 0"),
         (["kind=vision"], "config: kind: unknown experiment kind 'vision'"),
         (["profile.group_size=0"],
@@ -87,7 +89,7 @@ def test_override_values_are_yaml():
     assert parse_override("lr=0.01") == ("lr", 0.01)
     # YAML 1.1 reads 1e-2 as a string; validation makes it a number in the resolved config
     assert load_experiment(None, ["lr=1e-2"]).resolved()["lr"] == 0.01
-    assert parse_override("schedule=matched") == ("schedule", "matched")
+    assert parse_override("delivery=burst") == ("delivery", "burst")
 
 
 def test_groups_pack_cells_of_the_same_shape():

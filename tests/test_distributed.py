@@ -36,8 +36,8 @@ LM = dict(kind="lm", size="tiny", vocab_size=512, seq_len=16, warmup=2)
 if "probes" in LMCell.model_fields:  # probes cost ~3 steps per evaluation; not what is tested here
     LM["probes"] = False
 # 3 instances per step over 2 ranks of 2 rows: rank 0 carries 2, rank 1 carries 1
-LM_ONE = dict(LM, steps=8, batch_size=4, instances=3, every=1, eval_points=24, lr=1e-2)
-LM_FOUR = dict(LM, steps=8, batch_size=4, instances=[1, 2], seed=[0, 1], eval_points=4)
+LM_ONE = dict(LM, steps=8, batch_size=4, rate=3 / 64, eval_points=24, lr=1e-2)
+LM_FOUR = dict(LM, steps=8, batch_size=4, rate=[1 / 64, 2 / 64], seed=[0, 1], eval_points=4)
 TOY = dict(kind="toy", tasks=4, features=4, width=[2, 4, 8], seed=[0, 1], steps=300,
            batch_size=64, eval_points=6, profile={"group_size": 2})
 
@@ -99,7 +99,7 @@ def _ok(proc) -> None:
 def test_choose_mode(parallel, kind, cells, sizes, device, mode):
     plugin = study(kind)
     grid = plugin.grid_class.from_dict(
-        {"kind": kind, **({"size": sorted(sizes), "frequency": 1e-3} if sizes else {})}, "test")
+        {"kind": kind, **({"size": sorted(sizes), "rate": 1e-3} if sizes else {})}, "test")
     chosen = list(grid.cells()) * cells
     assert plugin.parallel_mode(parallel, 2, chosen[:max(cells, 1)], device) == mode
 

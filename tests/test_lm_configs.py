@@ -31,8 +31,8 @@ SIZES = ["tiny", "4m", "20m"]
 # name -> (cells, axes in config order)
 EXPECTED = {
     "fig5_lm_heatmap": (24, {"size": SIZES, "task": ["cmp", "add"],
-                             "frequency": [1 / 128, 1 / 256, 1 / 512, 1 / 1024]}),
-    "fig6_lm_schedule": (18, {"size": SIZES, "frequency": [1 / 512, 1 / 1024],
+                             "rate": [1 / 128, 1 / 256, 1 / 512, 1 / 1024]}),
+    "fig6_lm_schedule": (18, {"size": SIZES, "rate": [1 / 512, 1 / 1024],
                               "every": [1, 2, 4]}),
     "fig9_lm_gradients": (9, {"size": SIZES, "seed": [0, 1, 2]}),
 }
@@ -90,7 +90,7 @@ def test_cost_comment_matches_the_cells_and_fits_the_budget(name):
 
 def test_fig5_frequencies_span_every_row_down_to_one_in_eight():
     """Instances per row = frequency x seq_len: 1, 1/2, 1/4, 1/8, spread over the steps."""
-    per_row = sorted({Fraction(c.frequency * c.seq_len) for c in cells("fig5_lm_heatmap")})
+    per_row = sorted({Fraction(c.rate * c.seq_len) for c in cells("fig5_lm_heatmap")})
     assert per_row == [Fraction(1, 8), Fraction(1, 4), Fraction(1, 2), Fraction(1)]
     by_size_task = defaultdict(int)
     for c in cells("fig5_lm_heatmap"):
@@ -98,7 +98,7 @@ def test_fig5_frequencies_span_every_row_down_to_one_in_eight():
         by_size_task[c.size, c.task] += 1
     assert by_size_task == {(s, t): 4 for s in SIZES for t in ("cmp", "add")}
     c = cells("fig5_lm_heatmap")[0]
-    assert round(c.frequency * c.batch_size * c.seq_len * c.steps) == 64_000  # instances at p=1
+    assert round(c.rate * c.batch_size * c.seq_len * c.steps) == 64_000  # instances at p=1
 
 
 def test_fig6_delivers_the_same_count_in_bursts_as_spread():
@@ -106,7 +106,7 @@ def test_fig6_delivers_the_same_count_in_bursts_as_spread():
     last evaluation falls every - 1 steps after each schedule's last burst."""
     totals = defaultdict(dict)
     for c in cells("fig6_lm_schedule"):
-        per_step = Fraction(c.frequency * c.batch_size * c.seq_len)
+        per_step = Fraction(c.rate * c.batch_size * c.seq_len)
         if c.every == 1:
             assert c.schedule_label == "spread"
             total = int(per_step * c.steps)
@@ -118,7 +118,7 @@ def test_fig6_delivers_the_same_count_in_bursts_as_spread():
             total = sched.total(c.steps)
             last_burst = max(s for s in range(c.steps) if sched.per_step(s))
             assert c.steps - 1 - last_burst == c.every - 1
-        totals[c.size, c.frequency][c.every] = total
+        totals[c.size, c.rate][c.every] = total
     assert totals["4m", 1 / 512] == {1: 16368, 2: 16352, 4: 16320}
     assert totals["4m", 1 / 1024] == {1: 8184, 2: 8176, 4: 8160}
     assert len(totals) == 6
@@ -144,23 +144,25 @@ def test_cpu_check_override_keeps_every_cell_valid(name):
 
 # -- a frequency delivered every `every` steps -------------------------------------------------
 def test_frequency_with_every_is_a_burst_of_the_same_rate():
-    cell = LMCell(frequency=1 / 2048, batch_size=64, seq_len=128, every=16)
+    cell = LMCell(rate=1 / 2048, batch_size=64, seq_len=128, every=16, delivery="burst")
     assert cell.injection_size == 64 and cell.schedule_label == "64/16 burst"
-    spread = LMCell(frequency=1 / 2048, batch_size=64, seq_len=128, every=16, mode="spread")
-    assert spread.schedule_label == "64/16 spread"
-    assert LMCell(frequency=1 / 2048, batch_size=64, seq_len=128).schedule_label == "spread"
-    assert LMCell(frequency=1 / 2048, batch_size=64, seq_len=128, every=3).injection_size == 12
+    with pytest.raises(ValueError, match="every: only a burst delivery has a period"):
+        LMCell(rate=1 / 2048, batch_size=64, seq_len=128, every=16)  # delivery: even
+    assert LMCell(rate=1 / 2048, batch_size=64, seq_len=128).schedule_label == "spread"
+    assert LMCell(rate=1 / 2048, batch_size=64, seq_len=128, every=3,
+                  delivery="burst").injection_size == 12
+    assert LMCell(rate=1 / 2048, delivery="iid").schedule_label == "iid"
 
 
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        (dict(frequency=1 / 3000, batch_size=64, every=4),
+        (dict(rate=1 / 3000, batch_size=64, every=4, delivery="burst"),
          r"every: 0\.000333333 per token x 64 x 128 tokens x every 4 steps = 10\.9227 "
          r"instances per injection, not a whole number >= 1"),
-        (dict(frequency=1 / 8192, batch_size=16, every=2),
+        (dict(rate=1 / 8192, batch_size=16, every=2, delivery="burst"),
          r"= 0\.5 instances per injection, not a whole number >= 1"),
-        (dict(frequency=1 / 512, batch_size=64, every=8),
+        (dict(rate=1 / 512, batch_size=64, every=8, delivery="burst"),
          r"every: a burst of 128 instances .* does not fit in a batch of 64 sequences"),
     ],
 )
@@ -185,11 +187,11 @@ def cache(tmp_path_factory):
 
 @pytest.mark.parametrize(("every", "mode", "per_step"),
                          [(1, "burst", [2, 2, 2, 2]), (4, "burst", [0, 0, 0, 8]),
-                          (4, "spread", [2, 2, 2, 2])])
+                          (1, "even", [2, 2, 2, 2])])
 def test_trainer_injects_the_burst_schedule(cache, one_thread, every, mode, per_step):
     """1/64 per token at 8 x 16 tokens is 2 instances per step: every step, or 8 every 4."""
     cell = LMCell(size="tiny", vocab_size=512, seq_len=16, batch_size=8, steps=12,
-                  frequency=1 / 64, every=every, mode=mode, source="ngram", eval_points=2,
+                  rate=1 / 64, every=every, delivery=mode, source="ngram", eval_points=2,
                   probes=False)
     trainer = build_trainer(cell, Profile().resolve("cpu"))
     assert trainer.schedule.rate == 2
@@ -235,7 +237,7 @@ def test_bin_shards_train_with_the_cells_eod_id(tmp_path, cache, one_thread):
     for i, part in enumerate(np.split(tokens, 2)):
         part.tofile(tmp_path / "shards" / f"train_{i:02d}.bin")
     base = dict(size="tiny", corpus=str(tmp_path / "shards"), vocab_size=1024, seq_len=16,
-                batch_size=8, steps=6, frequency=1 / 64, source="corpus", eval_points=2,
+                batch_size=8, steps=6, rate=1 / 64, source="corpus", eval_points=2,
                 probes=False)
     with pytest.raises(UserError, match="a pre-tokenised corpus needs eod_id"):
         build_trainer(LMCell(**base), Profile().resolve("cpu"))
@@ -255,7 +257,7 @@ def test_packed_small_grid_is_the_issues_fig5_small_end():
     grid = load_experiment(path)
     got = list(grid.cells())
     assert grid.axes == {"size": ["4m", "20m"],
-                         "frequency": [2.0 ** -k for k in range(7, 13)]}
+                         "rate": [2.0 ** -k for k in range(7, 13)]}
     flops = 0
     for c in got:
         tokens = c.steps * c.batch_size * c.seq_len

@@ -27,7 +27,7 @@ from raretask.studies.lm import PROBE_METRICS, build_trainer
 
 # two cells, one per task; every row carries an instance (16 per step: 1/32 per token)
 TINY = ["kind=lm", "name=tiny", "size=tiny", "vocab_size=512", "seq_len=32", "batch_size=16",
-        "steps=40", "task=[cmp,add]", "instances=16", "source=ngram", "eval_points=6"]
+        "steps=40", "task=[cmp,add]", "rate=0.03125", "source=ngram", "eval_points=6"]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_show_json_rows_carry_the_issue_fields(reference, capsys):
     for r in rows:
         assert r["size"] == "tiny" and r["params"] == params == 131_648
         assert r["params_total"] == params + 2 * 512 * 64  # untied embedding and LM head
-        assert r["schedule"] == "16/1 burst" and r["steps"] == 40
+        assert r["schedule"] == "spread" and r["steps"] == 40  # 16 a step: rate 1/32 even
         assert r["tokens"] == 40 * 16 * 32 and r["instances"] == 40 * 16
         assert r["frequency"] == r["instances"] / r["tokens"] == 1 / 32
         assert 0.0 <= r["test_accuracy"] <= 1.0 and 0.0 <= r["train_accuracy"] <= 1.0
@@ -152,7 +152,7 @@ def test_kill_and_resume_gives_identical_results(tiny_config, reference, tmp_pat
         ("sise=4m", "sise: unknown key"),
         ("size=huge", "size: unknown preset (known: tiny, 4m, 20m, 60m, 150m, 300m, 1b, 4b)"),
         ("probe_k=300", "probe_k: 300 exceeds the 256 MLP neurons of size 'tiny'"),
-        ("frequency=0.1", "frequency: give exactly one of 'frequency' (per token) or"),
+        ("frequency=0.1", "frequency: renamed: use rate (instances per training token)"),
         ("source=web", "source: Input should be 'corpus' or 'ngram'"),
     ],
 )
@@ -166,15 +166,16 @@ def test_bad_lm_config_exits_2_with_one_line(tiny_config, tmp_path, capsys, over
 
 
 def test_frequency_above_one_instance_per_row_is_refused():
-    with pytest.raises(ValueError, match=r"frequency: 0\.05 per token needs more than one "
+    with pytest.raises(ValueError, match=r"rate: 0\.05 per token needs more than one "
                        r"instance per sequence of 32 tokens"):
-        LMCell(seq_len=32, frequency=0.05)
+        LMCell(seq_len=32, rate=0.05)
 
 
 # -- probes in the trainer ----------------------------------------------------------------------
 def test_probes_are_read_only_and_measure_the_next_injection_batch(cache, one_thread):
     base = dict(size="tiny", vocab_size=512, seq_len=16, batch_size=8, steps=10, lr=1e-2,
-                task="cmp", instances=6, every=3, mode="burst", source="ngram", eval_points=4)
+                task="cmp", rate=6 / 384, every=3, delivery="burst", source="ngram",
+                eval_points=4)
     with_probes = build_trainer(LMCell(**base, probes=True, probe_k=32), Profile().resolve("cpu"))
     without = build_trainer(LMCell(**base, probes=False), Profile().resolve("cpu"))
     with_probes.run()
@@ -203,7 +204,7 @@ def test_prefetching_stream_changes_no_number_of_a_run(cache, one_thread):
     """The background thread samples 3-step chunks ahead while the trainer trains and probes
     (which peek at the next batch); every metric and weight equals a run without it."""
     base = dict(size="tiny", vocab_size=512, seq_len=16, batch_size=8, steps=20, lr=1e-2,
-                task="add", instances=3, every=2, mode="burst", source="ngram", eval_points=5,
+                task="add", rate=3 / 256, every=2, delivery="burst", source="ngram", eval_points=5,
                 probes=True, probe_k=16)
     ahead = build_trainer(LMCell(**base), Profile().resolve("cpu"))
     plain = build_trainer(LMCell(**base), Profile().resolve("cpu"))
@@ -230,7 +231,7 @@ def test_compiled_training_follows_the_eager_run(cache, one_thread):
     """``compile: true`` (here with the CUDA-graph mode, which a CPU compiles without graphs)
     trains the same run: every evaluation's losses and accuracies within float32 noise."""
     base = dict(size="tiny", vocab_size=512, seq_len=16, batch_size=4, steps=6, warmup=2,
-                task="cmp", instances=2, every=1, probes=False, eval_points=3)
+                task="cmp", rate=2 / 64, probes=False, eval_points=3)
     rows = {}
     for compiled in (False, True):
         trainer = build_trainer(LMCell(**base), Profile(
@@ -248,7 +249,7 @@ def test_deterministic_switch_holds_while_training_only(cache, one_thread):
     """``deterministic: true`` turns on torch's deterministic kernels for the run (every op the
     run uses has one: none raises), restores the switch after, and changes no number here."""
     base = dict(size="tiny", vocab_size=512, seq_len=16, batch_size=4, steps=6, warmup=2,
-                task="add", instances=2, every=1, probes=True, probe_k=16, eval_points=3)
+                task="add", rate=2 / 64, probes=True, probe_k=16, eval_points=3)
     rows, seen = {}, []
     for det in (False, True):
         trainer = build_trainer(LMCell(**base), Profile(deterministic=det).resolve("cpu"))
@@ -273,7 +274,7 @@ def test_chance_levels_follow_the_task_tables():
 # -- the real effect ----------------------------------------------------------------------------
 def _train_cmp(frequency: float) -> tuple[float, dict]:
     cell = LMCell(size="tiny", vocab_size=512, seq_len=16, batch_size=32, steps=600,
-                  task="cmp", frequency=frequency, source="ngram", eval_points=2,
+                  task="cmp", rate=frequency, source="ngram", eval_points=2,
                   probes=False)
     trainer = build_trainer(cell, Profile().resolve("cpu"))
     trainer.run()
@@ -298,7 +299,7 @@ def test_a_diverging_lm_run_stops_and_is_marked(tmp_path, cache, capsys, one_thr
     non-finite or above 2 ln V, the summary and show say so, a sane cell is untouched."""
     cfg = tmp_path / "div.yaml"
     cfg.write_text("kind: lm\nsize: tiny\nvocab_size: 512\nseq_len: 16\nbatch_size: 8\n"
-                   "steps: 30\nwarmup: 1\ntask: cmp\ninstances: 4\nsource: ngram\n"
+                   "steps: 30\nwarmup: 1\ntask: cmp\nrate: 0.03125\nsource: ngram\n"
                    "eval_points: 8\nprobes: false\nlr: [0.003, 1.0]\n")
     code, _, err = in_process(capsys, "run", str(cfg), "--out", str(tmp_path / "run"), "--quiet")
     assert code == 0, err
@@ -324,7 +325,7 @@ def test_attention_backend_pins_the_kernel_and_cuda_only_ones_are_refused(cache,
     """``attention: math`` trains with the math kernel (the same run as PyTorch's own choice up
     to float32 rounding); ``cudnn`` on a CPU ends with one line before anything is written."""
     base = dict(size="tiny", vocab_size=512, seq_len=16, batch_size=4, steps=4, warmup=2,
-                task="cmp", instances=2, every=1, probes=False, eval_points=2)
+                task="cmp", rate=2 / 64, probes=False, eval_points=2)
     rows = {}
     for backend in ("auto", "math"):
         trainer = build_trainer(LMCell(**base), Profile(attention=backend).resolve("cpu"))

@@ -17,7 +17,7 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 TINY = ["size=tiny", "steps=4", "batch_size=16", "eval_points=2",
-        "profile.device=cpu", "frequency=[0.0078125,0.001953125]", "probes=false"]
+        "profile.device=cpu", "rate=[0.0078125,0.001953125]", "probes=false"]
 
 
 def _bench(*args, timeout=300):
@@ -68,4 +68,4 @@ def test_packed_cells_equal_the_same_cells_run_alone(tmp_path):
                                                        rel=1e-3)
     # both runs trained: the packed grid is finished and each alone run has its one cell
     assert (out / "packed" / "log.txt").read_text().endswith("grid complete\n")
-    assert json.loads((out / "alone_1" / "cells.json").read_text())[0]["frequency"] == 0.001953125
+    assert json.loads((out / "alone_1" / "cells.json").read_text())[0]["rate"] == 0.001953125

@@ -23,7 +23,8 @@ CONFIGS = ROOT / "configs"
 
 
 def cell(**kw) -> LMCell:
-    return LMCell(**{"task": "cmp", "instances": 8, "every": 10, "steps": 100, "eval_points": 4,
+    return LMCell(**{"task": "cmp", "rate": 8 / 40960, "every": 10, "delivery": "burst",
+                     "steps": 100, "eval_points": 4,
                      "probes": False, **kw})
 
 
@@ -50,10 +51,10 @@ def test_windows_bracket_each_traced_injection():
 
 def test_more_windows_than_cycles_traces_each_cycle_once_and_spread_cells_pairs():
     assert [x.injection for x in traced_windows(cell(trace_windows=50))] == list(range(1, 10))
-    spread = traced_windows(LMCell(task="cmp", frequency=1 / 128, steps=10, trace_windows=3,
+    spread = traced_windows(LMCell(task="cmp", rate=1 / 128, steps=10, trace_windows=3,
                                    probes=False))
     assert [x.steps for x in spread] == [(0, 1), (5, 6), (9, 10)]  # m = 1, 5.5 -> 6, 10
-    assert traced_windows(cell(task="none", instances=None)) == []
+    assert traced_windows(cell(task="none", rate=None, delivery="even", every=1)) == []
     # no complete cycle: the first injection's window, cut at the last step
     assert [x.steps for x in traced_windows(cell(steps=15, trace_windows=2))] == [
         (9, 10, 11, 12, 13, 14, 15)]
@@ -95,7 +96,7 @@ def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fig8") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RARETASK_CACHE", str(tmp_path_factory.mktemp("cache")))
-        sets = ["size=tiny", "steps=8", "batch_size=16", "frequency=0.0078125", "every=[2]",
+        sets = ["size=tiny", "steps=8", "batch_size=16", "rate=0.0078125", "every=[2]",
                 "seed=0", "vocab_size=512", "trace_windows=2", "eval_points=2"]
         args = ["run", str(CONFIGS / "fig8_lm_retention.yaml"), "--out", str(out), "--quiet"]
         for s in sets:

@@ -49,7 +49,7 @@ def test_fig5_scale_grid_is_what_the_issue_asks():
     sizes = {c.size for c in cs}
     n = {s: ModelConfig.preset(s).num_params(False) for s in sizes}
     assert len(sizes) >= 4 and max(n.values()) >= 100e6 and max(n.values()) / min(n.values()) >= 25
-    assert len({c.frequency for c in cs}) >= 5 and {c.seed for c in cs} == {0, 1, 2}
+    assert len({c.rate for c in cs}) >= 5 and {c.seed for c in cs} == {0, 1, 2}
     assert {c.task for c in cs} == {"cmp", "add"}
     # every T_CMP cell comes before any T_ADD cell: a grid cut short keeps T_CMP whole
     assert [c.task for c in cs] == ["cmp"] * 60 + ["add"] * 60
@@ -60,7 +60,7 @@ def test_grok_config_contrasts_weight_decay_at_many_passes():
     cs = cells("fig5_lm_add_grok")
     assert {c.weight_decay for c in cs} == {0.1, 1.0} and {c.task for c in cs} == {"add"}
     for c in cs:
-        per_step = c.frequency * c.batch_size * c.seq_len
+        per_step = c.rate * c.batch_size * c.seq_len
         assert per_step == 64 and c.steps * per_step / 5000 == 153.6  # passes over the train split
 
 

@@ -268,3 +268,22 @@ def test_schedule_window_starts_and_stops_injections():
         assert [s.total(n) for n in range(25)] == [sum(per[:n]) for n in range(25)]
     with pytest.raises(UserError, match="stop must be > start"):
         InjectionSchedule(instances=1, start=4, stop=4)
+
+
+def test_iid_delivery_draws_each_row_with_the_rate_and_repeats_on_resume():
+    """delivery: iid: each of the 64 rows carries an instance with probability rate x seq_len
+    = 1/8, drawn from (seed, step, row) alone: the counts average 8 a step, vary between
+    steps, and are the same whenever they are asked for (a resumed run repeats them)."""
+    from raretask.lm.config import LMCell
+
+    cell = LMCell(rate=1 / 1024, seq_len=128, batch_size=64, delivery="iid", steps=4000)
+    s = cell.injection_schedule()
+    counts = [s.per_step(i) for i in range(4000)]
+    assert s.total(4000) == sum(counts)
+    assert sum(counts) / 4000 == pytest.approx(8, rel=0.03) and len(set(counts)) > 5
+    assert [s.per_step(i) for i in range(3990, 4000)] == counts[3990:]
+    other = LMCell(rate=1 / 1024, seq_len=128, batch_size=64, delivery="iid", seed=1)
+    assert [other.injection_schedule().per_step(i) for i in range(50)] != counts[:50]
+    assert cell.schedule_label == "iid"
+    with pytest.raises(ValueError, match="every: only a burst delivery has a period"):
+        LMCell(rate=1 / 1024, delivery="iid", every=4)

@@ -54,7 +54,7 @@ def test_fix_json_is_what_the_report_reads(demo_fix):
     ("arm=[natural,huge]", "arm: Input should be 'natural', 'plan', 'even', 'burst' or 'big'"),
     ("width=1000", "width: 1000 exceeds the total feature count tasks*features = 256"),
     ("margin=0.5", "margin: Input should be greater than or equal to 1"),
-    ("gap=1", "gap: a fix arm needs gap >= 2"),
+    ("every=1", "every: a fix arm needs every >= 2"),
 ])
 def test_bad_fix_config_exits_2(tmp_path, capsys, override, message):
     with pytest.raises(SystemExit) as exc:
@@ -65,7 +65,7 @@ def test_bad_fix_config_exits_2(tmp_path, capsys, override, message):
 
 
 FIX_LM_CPU = ["size=tiny", "seq_len=16", "batch_size=32", "steps=300", "vocab_size=512",
-              "frequency=[0.0078125,0.0625]", "every=[1]", "probes=false"]
+              "rate=[0.0078125,0.0625]", "every=[1]", "probes=false"]
 
 
 def test_fix_lm_config_holds_the_arms():
@@ -75,12 +75,12 @@ def test_fix_lm_config_holds_the_arms():
 
     grid = load_experiment("configs/fix_lm.yaml")
     assert grid.kind == "lm" and grid.axes == {"size": ["tiny", "4m"],
-                                               "frequency": [1 / 8192, 1 / 1024],
+                                               "rate": [1 / 8192, 1 / 1024],
                                                "every": [1, 8]}
     cells = list(grid.cells())
     assert len(cells) == 8
     for c in cells:  # rows per instance: 1 in 64 (natural), 1 in 8 (plan); bursts fit a batch
-        assert Fraction(c.frequency * c.seq_len) in (Fraction(1, 64), Fraction(1, 8))
+        assert Fraction(c.rate * c.seq_len) in (Fraction(1, 64), Fraction(1, 8))
         assert c.every == 1 or c.injection_size <= c.batch_size
     tiny = list(load_experiment("configs/fix_lm.yaml", FIX_LM_CPU).cells())
     assert len(tiny) == 2 and {c.schedule_label for c in tiny} == {"spread"}

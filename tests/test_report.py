@@ -25,10 +25,10 @@ from raretask.runs.grid import GridRun
 PHASE = ["name=rep_phase", "tasks=4", "features=4", "width=[2,8]", "seed=[0,1]", "beta=1.5",
          "steps=400", "batch_size=64", "lr=0.01", "eval_points=8"]
 INJECT = ["name=rep_inject", "tasks=4", "features=4", "width=[2,8]", "seed=0", "beta=2",
-          "schedule=matched", "gap=[10,40]", "steps=400", "batch_size=64", "lr=0.01",
+          "delivery=burst", "every=[10,40]", "steps=400", "batch_size=64", "lr=0.01",
           "trace_every=1", "eval_points=8"]
 LM = ["kind=lm", "name=rep_lm", "size=tiny", "vocab_size=512", "seq_len=32", "batch_size=16",
-      "steps=12", "task=[cmp,add]", "instances=16", "source=ngram", "eval_points=3"]
+      "steps=12", "task=[cmp,add]", "rate=0.03125", "source=ngram", "eval_points=3"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -223,7 +223,7 @@ def test_stop_ends_the_rare_task_and_the_trace_shows_what_follows(tmp_path):
     import pyarrow.parquet as pq
 
     grid = load_experiment(None, ["name=stop", "tasks=4", "features=4", "beta=1.5", "width=12",
-                                  "schedule=matched", "gap=1", "stop=[300,null]", "steps=1200",
+                                  "delivery=even", "stop=[300,null]", "steps=1200",
                                   "batch_size=64", "lr=0.01", "eval_points=6", "trace_every=50"])
     GridRun(grid, tmp_path / "run").run()
     trace: dict[int, dict[int, float]] = {}
@@ -235,9 +235,36 @@ def test_stop_ends_the_rare_task_and_the_trace_shows_what_follows(tmp_path):
     assert kept[1200] > 0.3  # learned when it keeps arriving
     rows = {r["cell"]: r for r in load_summary(tmp_path / "run") if r["rare"]}
     assert not rows[0]["learned"] and rows[1]["learned"]
-    res = cli("run", "--set", "schedule=iid", "--out", str(tmp_path / "x"),
+    res = cli("run", "--set", "delivery=iid", "--out", str(tmp_path / "x"),
               str(tmp_path / "run" / "config.yaml"))
     assert res.returncode == 2 and not (tmp_path / "x").exists()
-    assert res.stderr.strip().endswith("stop: start and stop need injections (schedule "
-                                       "'matched' or 'every'; 'matched' with gap 1 spreads the "
-                                       "rare task evenly)")
+    assert res.stderr.strip().endswith("stop: start and stop need a delivery that injects "
+                                       "the rare task (even or burst)")
+
+
+def test_rate_sets_the_rare_share_and_keeps_the_others_in_proportion(tmp_path):
+    """`rate:` gives the rare task that share of the samples, the others keep their natural
+    proportions: the rows' frequencies say so, Theorem 3 is asked about that mix, and the
+    realised share of the trained samples is the rate."""
+    import numpy as np
+
+    from raretask.studies.toy import task_set
+
+    grid = load_experiment(None, ["name=rate", "tasks=4", "features=4", "beta=1.5", "width=4",
+                                  "rate=[null,0.2]", "steps=300", "batch_size=64",
+                                  "eval_points=3"])
+    GridRun(grid, tmp_path / "run").run()
+    rows = load_summary(tmp_path / "run")
+    natural = task_set(list(grid.cells())[0]).frequencies
+    got = {c: np.array([r["frequency"] for r in rows if r["cell"] == c]) for c in (0, 1)}
+    assert np.array_equal(got[0], natural)
+    assert got[1][3] == pytest.approx(0.2)
+    assert got[1][:3] / got[1][:3].sum() == pytest.approx(natural[:3] / natural[:3].sum())
+    import pyarrow.parquet as pq
+
+    m = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pydict()
+    seen = {(c, t): v for c, s, t, k, v in zip(m["cell"], m["step"], m["task"], m["metric"],
+                                                m["value"], strict=True)
+            if k == "seen" and s == 300}
+    share = seen[(1, 3)] / sum(seen[(1, t)] for t in range(4))
+    assert share == pytest.approx(0.2, abs=0.01)

@@ -156,7 +156,7 @@ def load_task_file(path: str | Path) -> TaskFile:
 
 # -- toy experiments -----------------------------------------------------------------------------
 
-ScheduleKind = Literal["iid", "matched", "every"]
+Delivery = Literal["iid", "even", "burst"]
 
 
 class ToyCell(StrictModel):
@@ -178,17 +178,22 @@ class ToyCell(StrictModel):
     batch_size: int = Field(512, ge=1, le=1 << 20, description="Samples per step (ours: 512).")
     lr: float = Field(1e-3, gt=0, le=10, allow_inf_nan=False,
                       description="Adam learning rate (ours: 1e-3).")
-    schedule: ScheduleKind = Field(
-        "iid", description="How the rare task arrives: 'iid' sampling at its prior; 'matched': "
-        "withheld for `gap` steps then m = gap*batch*pi_r samples in one batch (Fig. 4); "
-        "'every': `count` samples every `gap` steps.")
-    gap: int = Field(0, ge=0, le=10**9, description="Injection gap G in steps.")
-    count: int = Field(0, ge=0, le=10**9, description="Rare samples per injection ('every').")
-    start: int = Field(0, ge=0, le=10**9, description="Inject only after this step ('matched', "
-                       "'every'; 0: from the first).")
-    stop: int | None = Field(None, ge=1, le=10**9, description="Inject no more after this step "
-                             "('matched', 'every'; None: to the end): what is kept afterwards "
-                             "is retention.")
+    rate: float | None = Field(
+        None, gt=0, lt=1, allow_inf_nan=False, description="The rare task's share of the "
+        "samples (None: its natural prior, pi_k ∝ k^-beta); the other tasks keep their "
+        "proportions.")
+    delivery: Delivery = Field(
+        "iid", description="How the rare task arrives: 'iid', drawn at its share in every "
+        "batch; 'even', withheld from the draws and round(batch_size x rate) samples added to "
+        "every batch; 'burst', withheld, then round(every x batch_size x rate) samples at once "
+        "every `every` steps (the paper's matched-frequency injection, Fig. 4; every 1 is even).")
+    every: int = Field(1, ge=1, le=10**9, description="Steps between bursts, G (delivery "
+                       "'burst').")
+    start: int = Field(0, ge=0, le=10**9, description="Deliver only after this step (even, "
+                       "burst; 0: from the first).")
+    stop: int | None = Field(None, ge=1, le=10**9, description="Deliver no more after this step "
+                             "(even, burst; None: to the end): what is kept afterwards is "
+                             "retention.")
     rare_task: int = Field(-1, description="Index of the rare task (negative counts from the "
                            "end; default the rarest).")
     frequent_mass: float = Field(0.8, gt=0, le=1, description="Prior mass of the frequent set F.")
@@ -219,22 +224,22 @@ class ToyCell(StrictModel):
                              f"tasks*features = {d}")
         if not -self.tasks <= self.rare_task < self.tasks:
             raise ValueError(f"rare_task: must be in [-{self.tasks}, {self.tasks})")
-        if self.schedule != "iid" and self.gap < 1:
-            raise ValueError(f"gap: schedule '{self.schedule}' needs gap >= 1")
-        if self.schedule == "every" and self.count < 1:
-            raise ValueError("count: schedule 'every' needs count >= 1")
-        if self.schedule == "iid" and (self.start or self.stop is not None):
-            raise ValueError("stop: start and stop need injections (schedule 'matched' or "
-                             "'every'; 'matched' with gap 1 spreads the rare task evenly)")
+        if self.delivery != "burst" and self.every > 1 and self.arm is None:
+            raise ValueError(f"every: only a burst delivery has a period (delivery "
+                             f"{self.delivery!r})")
+        if self.delivery == "iid" and (self.start or self.stop is not None):
+            raise ValueError("stop: start and stop need a delivery that injects the rare task "
+                             "(even or burst)")
         if self.stop is not None and self.stop <= self.start:
             raise ValueError(f"stop: {self.stop} is not after start {self.start}")
         if self.arm is not None:
-            if self.schedule != "iid" or self.stop is not None or self.start:
-                raise ValueError("schedule: a fix arm sets how the rare task arrives; leave "
-                                 "schedule, start and stop at their defaults")
-            if self.gap < 2:
-                raise ValueError("gap: a fix arm needs gap >= 2 (the burst arm's G, and the "
-                                 "window its results average over)")
+            if self.delivery != "iid" or self.rate is not None or self.stop is not None \
+                    or self.start:
+                raise ValueError("delivery: a fix arm sets the rare task's share and delivery; "
+                                 "leave rate, delivery, start and stop at their defaults")
+            if self.every < 2:
+                raise ValueError("every: a fix arm needs every >= 2 (the burst arm's G, and "
+                                 "the window its results average over)")
             if self.trace_every < 1:
                 raise ValueError("trace_every: a fix arm needs the rare task's trace (>= 1)")
         if self.big_width is not None and self.big_width > d:
@@ -247,11 +252,20 @@ class ToyCell(StrictModel):
         return self.rare_task % self.tasks
 
     def delivery_schedule(self):
-        """The trainer's :class:`~raretask.toy.spec.Schedule` of the rare task."""
+        """The trainer's :class:`~raretask.toy.spec.Schedule` of the rare task: even and burst
+        are its matched injection every 1 and every ``every`` steps."""
         from raretask.toy.spec import Schedule
 
-        return Schedule(kind=self.schedule, gap=self.gap, count=self.count, start=self.start,
-                        stop=self.stop)
+        if self.delivery == "iid":
+            return Schedule()
+        return Schedule(kind="matched", gap=self.every if self.delivery == "burst" else 1,
+                        start=self.start, stop=self.stop)
+
+    @property
+    def delivery_label(self) -> tuple[str, int]:
+        """(delivery, period) as the summary rows name it: ('iid', 0), ('even', 1) or
+        ('burst', every)."""
+        return self.delivery, {"iid": 0, "even": 1, "burst": self.every}[self.delivery]
 
 
 GridValue = Any
@@ -341,6 +355,11 @@ class ToyGrid(Grid):
     """A toy experiment: :class:`ToyCell` fields, any of them a list."""
 
     cell_model: ClassVar[type[StrictModel]] = ToyCell
+    moved_keys: ClassVar[dict[str, str]] = {
+        "schedule": "renamed: use delivery (iid, even or burst; 'matched' is burst)",
+        "gap": "renamed: use every (the steps between bursts)",
+        "count": "give the rare task's share instead: rate = count / (every x batch_size), "
+                 "with delivery: burst"}
 
     kind: Literal["toy"] = "toy"
     name: str = Field("toy", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",

@@ -17,24 +17,22 @@ from raretask.lm.model import PRESETS
 
 
 class LMCell(StrictModel):
-    """One language-model run: a model size, a rare task at a frequency, background text."""
+    """One language-model run: a model size, a rare task at a rate, background text."""
 
     size: str = Field("tiny", description="Model preset: " + ", ".join(PRESETS) + ".")
     task: Literal["cmp", "add", "none"] = Field(
         "cmp", description="Injected task: T_CMP, T_ADD (PAPER.md Sec. 3) or none.")
-    frequency: float | None = Field(
+    rate: float | None = Field(
         None, gt=0, le=0.25, allow_inf_nan=False,
-        description="Instances per training token, spread evenly over steps (or delivered in "
-        "bursts: `every`). Give this or `instances`.")
-    instances: int | None = Field(
-        None, ge=1, description="Instances per `every` steps (the paper's 'N every N batches').")
-    every: int = Field(
-        1, ge=1, description="Steps between injections of `instances`; with `frequency`, > 1 "
-        "delivers the same rate as frequency * batch_size * seq_len * every instances every "
-        "`every` steps (matched frequency; 1: spread evenly).")
-    mode: Literal["spread", "burst"] = Field(
-        "burst", description="For `instances`, or `frequency` with `every` > 1: all at once "
-        "every `every` steps (burst, as the paper) or spread evenly.")
+        description="Instances of the task per training token (the paper's unit); required "
+        "with a task.")
+    delivery: Literal["even", "burst", "iid"] = Field(
+        "even", description="How the rate arrives: 'even', the same count in every step (as "
+        "evenly as whole instances allow); 'burst', rate x batch_size x seq_len x `every` "
+        "instances at once every `every` steps (the paper's 'N instances every N batches'; "
+        "every 1 is even); 'iid', each row carries an instance with probability rate x "
+        "seq_len, drawn afresh every step.")
+    every: int = Field(1, ge=1, description="Steps between bursts (delivery 'burst').")
     start: int = Field(0, ge=0, description="Inject only from this step on (0-based).")
     stop: int | None = Field(None, ge=1, description="Inject no more from this step on (None: "
                              "to the end): what is kept afterwards is retention.")
@@ -88,7 +86,7 @@ class LMCell(StrictModel):
         return size
 
     @model_validator(mode="after")
-    def _frequency_or_instances(self) -> LMCell:
+    def _consistent(self) -> LMCell:
         hidden = PRESETS[self.size]["mlp_hidden"]
         if self.probes and self.probe_k > hidden:
             raise ValueError(f"probe_k: {self.probe_k} exceeds the {hidden} MLP neurons of size "
@@ -98,44 +96,43 @@ class LMCell(StrictModel):
                              f"at steps {self.steps}")
         if self.task == "none":
             return self
-        if (self.frequency is None) == (self.instances is None):
-            raise ValueError("frequency: give exactly one of 'frequency' (per token) or "
-                             "'instances' (with 'every')")
-        if self.frequency is not None and self.frequency * self.seq_len > 1:
-            raise ValueError(f"frequency: {self.frequency:g} per token needs more than one "
-                             f"instance per sequence of {self.seq_len} tokens (one per row: at "
-                             f"most 1/seq_len = {1 / self.seq_len:g})")
-        if self.frequency is not None and self.every > 1:
-            k = self.frequency * self.batch_size * self.seq_len * self.every
+        if self.rate is None:
+            raise ValueError("rate: required with a task (instances per training token)")
+        if self.rate * self.seq_len > 1:
+            raise ValueError(f"rate: {self.rate:g} per token needs more than one instance per "
+                             f"sequence of {self.seq_len} tokens (one per row: at most "
+                             f"1/seq_len = {1 / self.seq_len:g})")
+        if self.delivery != "burst" and self.every > 1:
+            raise ValueError(f"every: only a burst delivery has a period (delivery "
+                             f"{self.delivery!r})")
+        if self.every > 1:
+            k = self.rate * self.batch_size * self.seq_len * self.every
             if k < 1 or abs(k - round(k)) > 1e-6 * k:
-                raise ValueError(f"every: {self.frequency:g} per token x {self.batch_size} x "
+                raise ValueError(f"every: {self.rate:g} per token x {self.batch_size} x "
                                  f"{self.seq_len} tokens x every {self.every} steps = {k:g} "
                                  "instances per injection, not a whole number >= 1")
-            if self.mode == "burst" and round(k) > self.batch_size:
-                raise ValueError(f"every: a burst of {round(k)} instances (frequency x tokens "
-                                 f"per step x every) does not fit in a batch of "
-                                 f"{self.batch_size} sequences (one instance per row)")
-        if self.instances is not None and self.instances > self.batch_size * self.every and \
-                self.mode == "spread":
-            raise ValueError("instances: more than one per row of every batch")
-        if self.instances is not None and self.mode == "burst" and \
-                self.instances > self.batch_size:
-            raise ValueError(f"instances: a burst of {self.instances} does not fit in a batch "
-                             f"of {self.batch_size} sequences (one instance per row)")
+            if round(k) > self.batch_size:
+                raise ValueError(f"every: a burst of {round(k)} instances (rate x tokens per "
+                                 f"step x every) does not fit in a batch of {self.batch_size} "
+                                 "sequences (one instance per row)")
         return self
 
     @property
     def schedule_label(self) -> str:
+        """How the rows name the delivery: 'spread' (even, or bursts every step), 'iid',
+        'K/G burst' (K instances every G steps), 'none'."""
         if self.task == "none":
             return "none"
-        if self.frequency is not None and self.every == 1:
+        if self.delivery == "iid":
+            return "iid"
+        if self.every == 1:
             return "spread"
-        return f"{self.injection_size}/{self.every} {self.mode}"
+        return f"{self.injection_size}/{self.every} burst"
 
     @property
     def requested_rate(self) -> float | None:
-        """The rate asked for in instances per token (None: given as instances per burst)."""
-        return self.frequency
+        """The rate asked for, in instances per token (None without a task)."""
+        return self.rate
 
     def injection_schedule(self):
         """The trainer's schedule of injections (None without a task)."""
@@ -143,27 +140,61 @@ class LMCell(StrictModel):
 
         if self.task == "none":
             return None
-        if self.frequency is not None and self.every == 1:
-            schedule = Frequency(self.frequency).schedule(self.batch_size, self.seq_len)
-        else:  # `instances`, or a frequency delivered every `every` steps (same rate)
-            schedule = InjectionSchedule(self.injection_size, self.every, self.mode)
+        if self.delivery == "iid":
+            schedule = InjectionSchedule(0, 1, "iid", row_chance=self.rate * self.seq_len,
+                                         rows=self.batch_size, seed=self.seed)
+        elif self.every == 1:
+            schedule = Frequency(self.rate).schedule(self.batch_size, self.seq_len)
+        else:  # the same rate in bursts every `every` steps
+            schedule = InjectionSchedule(self.injection_size, self.every, "burst")
         return dataclasses.replace(schedule, start=self.start, stop=self.stop)
 
     @property
     def injection_size(self) -> int | None:
-        """Instances per injection: `instances`, or frequency * batch * seq_len * every when a
-        frequency is delivered every `every` > 1 steps; None for a spread frequency or no task."""
-        if self.task == "none" or (self.frequency is not None and self.every == 1):
+        """Instances per burst: rate * batch * seq_len * every (bursts every `every` > 1 steps);
+        None otherwise."""
+        if self.task == "none" or self.every == 1:
             return None
-        if self.instances is not None:
-            return self.instances
-        return round(self.frequency * self.batch_size * self.seq_len * self.every)
+        return round(self.rate * self.batch_size * self.seq_len * self.every)
+
+
+def requested_rate(cell: dict, row: dict | None = None) -> float:
+    """The rate a cell asked for, in instances per token, from its ``cells.json`` entry:
+    ``rate``, or the ``frequency`` / ``instances`` of runs made before the delivery vocabulary;
+    else the row's requested rate, else its delivered one. Cells of one matched-frequency sweep
+    share it exactly (their delivered rates differ by up to one burst)."""
+    row = row or {}
+    for key in ("rate", "frequency"):
+        if cell.get(key) is not None:
+            return float(cell[key])
+    if cell.get("instances") is not None:
+        return cell["instances"] / (cell.get("every", 1) * cell["batch_size"] * cell["seq_len"])
+    if row.get("requested_frequency") is not None:
+        return float(row["requested_frequency"])
+    return float(row["frequency"])
+
+
+def delivery_family(cell: dict) -> str:
+    """'spread', 'iid' or 'every G burst' from a ``cells.json`` entry (any vocabulary): the
+    delivery without the burst size, which grows with the rate."""
+    delivery = cell.get("delivery") or {"spread": "even"}.get(cell.get("mode"), cell.get("mode"))
+    if delivery == "iid":
+        return "iid"
+    every = cell.get("every", 1)
+    if every == 1 and (cell.get("rate") is not None or cell.get("frequency") is not None):
+        return "spread"
+    return f"every {every} {delivery or 'burst'}".replace(" even", " spread")
 
 
 class LMGrid(Grid):
     """A language-model experiment: :class:`LMCell` fields, any of them a list."""
 
     cell_model: ClassVar[type[StrictModel]] = LMCell
+    moved_keys: ClassVar[dict[str, str]] = {
+        "frequency": "renamed: use rate (instances per training token)",
+        "instances": "give the rate instead: instances / (every x batch_size x seq_len) "
+                     "instances per token, with delivery: burst",
+        "mode": "renamed: use delivery (even, burst or iid; 'spread' is even)"}
 
     kind: Literal["lm"] = "lm"
     name: str = Field("lm", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",

@@ -19,8 +19,8 @@ over the complete cycles of the run (the first and the last included). A spread 
 Example::
 
     >>> from raretask.lm.config import LMCell
-    >>> cell = LMCell(task="cmp", instances=8, every=10, steps=100, eval_points=4,
-    ...               trace_windows=2, trace_stride=3, probes=False)
+    >>> cell = LMCell(task="cmp", rate=8 / 40960, every=10, delivery="burst", steps=100,
+    ...               eval_points=4, trace_windows=2, trace_stride=3, probes=False)
     >>> [w.steps for w in traced_windows(cell)]
     [(9, 10, 13, 16, 19), (89, 90, 93, 96, 99)]
     >>> eval_schedule(cell)

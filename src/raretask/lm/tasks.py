@@ -249,6 +249,9 @@ class InjectionSchedule:
       steps 9, 19, ...
     * ``mode="burst"``: all k instances at once at the last step of each window of g steps
       (steps g-1, 2g-1, ...): the paper's "N instances every N batches".
+    * ``mode="iid"``: each of the ``rows`` rows of a step carries an instance with probability
+      ``row_chance``, drawn from a hash of (``seed``, step, row) (:mod:`raretask.lm.rng`), so a
+      step's count is the same whichever process asks and a resumed run repeats it.
 
     Both forms have the same long-run rate; integer arithmetic keeps them exact. Deterministic:
     nothing is drawn at random.
@@ -262,17 +265,24 @@ class InjectionSchedule:
 
     instances: int
     every: int = 1
-    mode: Literal["spread", "burst"] = "spread"
+    mode: Literal["spread", "burst", "iid"] = "spread"
     start: int = 0  # inject only in steps start .. stop-1 (0-based; stop None: to the end)
     stop: int | None = None
+    row_chance: float = 0.0  # iid: the chance that a row carries an instance
+    rows: int = 0  # iid: rows per step
+    seed: int = 0  # iid: which draws
 
     def __post_init__(self) -> None:
         if self.instances < 0:
             raise UserError(f"schedule instances must be >= 0, got {self.instances}")
         if self.every < 1:
             raise UserError(f"schedule every must be >= 1 step, got {self.every}")
-        if self.mode not in ("spread", "burst"):
-            raise UserError(f"schedule mode must be 'spread' or 'burst', got {self.mode!r}")
+        if self.mode not in ("spread", "burst", "iid"):
+            raise UserError(f"schedule mode must be 'spread', 'burst' or 'iid', got "
+                            f"{self.mode!r}")
+        if self.mode == "iid" and not (0 < self.row_chance <= 1 and self.rows >= 1):
+            raise UserError(f"schedule iid needs 0 < row_chance <= 1 and rows >= 1, got "
+                            f"{self.row_chance}, {self.rows}")
         if self.start < 0 or (self.stop is not None and self.stop <= self.start):
             raise UserError(f"schedule stop must be > start >= 0, got start {self.start}, stop "
                             f"{self.stop}")
@@ -280,6 +290,8 @@ class InjectionSchedule:
     @property
     def rate(self) -> Fraction:
         """Expected instances per step, exactly."""
+        if self.mode == "iid":
+            return Fraction(self.row_chance) * self.rows
         return Fraction(self.instances, self.every)
 
     def per_step(self, step: int) -> int:
@@ -287,9 +299,20 @@ class InjectionSchedule:
         k, g = self.instances, self.every
         if step < self.start or (self.stop is not None and step >= self.stop):
             return 0
+        if self.mode == "iid":
+            return int(np.count_nonzero(self._draws(np.array([step]))))
         if self.mode == "burst":
             return k if (step + 1) % g == 0 else 0
         return (step + 1) * k // g - step * k // g
+
+    def _draws(self, steps: np.ndarray) -> np.ndarray:
+        """iid: [len(steps), rows] whether each row of each step carries an instance."""
+        from raretask.lm.rng import mix, uniforms
+
+        key = mix(np.array([self.seed], dtype=np.uint64) ^ np.uint64(0x1D1D))  # its own stream
+        rows = np.arange(self.rows, dtype=np.uint64)
+        keys = mix(mix(key ^ steps.astype(np.uint64)[:, None]) ^ rows[None, :]).ravel()
+        return (uniforms(keys, 1)[0] < self.row_chance).reshape(len(steps), self.rows)
 
     def total(self, steps: int) -> int:
         """Instances injected over steps 0 .. steps-1 (= the sum of per_step)."""
@@ -298,6 +321,8 @@ class InjectionSchedule:
 
     def _upto(self, steps: int) -> int:
         """Instances over steps 0 .. steps-1 without the start/stop window."""
+        if self.mode == "iid":
+            return int(self._draws(np.arange(steps)).sum()) if steps > 0 else 0
         if self.mode == "burst":
             return self.instances * (steps // self.every)
         return steps * self.instances // self.every

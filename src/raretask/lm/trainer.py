@@ -314,8 +314,10 @@ class LMTrainer:
             batch = self.data.next_batch()
             self.data.load_state_dict(saved)
             count = 0
-            if self.schedule is not None and self.schedule.instances:
-                s = self.schedule
+            s = self.schedule
+            if s is not None and s.mode == "iid":  # the expected rows, rounded up
+                count = math.ceil(s.row_chance * s.rows)
+            elif s is not None and s.instances:
                 count = s.instances if s.mode == "burst" else -(-s.instances // s.every)
             n = self.train_instances.shape[0]
             idx = (torch.arange(min(count, batch.shape[0])) + self.injected) % n

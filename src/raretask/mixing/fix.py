@@ -14,14 +14,14 @@ arm        width   task shares               how the rare task arrives
 natural    small   natural (pi_k ∝ k^-beta)  i.i.d. in every batch
 plan       small   planned (min-KL)          i.i.d. in every batch
 even       small   planned                   the same count in every batch ("matched", G=1)
-burst      small   planned                   withheld, then G = ``gap`` batches' worth at once
+burst      small   planned                   withheld, then G = ``every`` batches' worth at once
 big        N_nat   natural                   i.i.d.; N_nat = width the natural mix needs
 ========== ======= ========================= =============================================
 
 The plan comes from :func:`raretask.mixing.plan.make_plan` with Theorem 3 thresholds (the toy's
 theory is exact, so no calibration is needed); ``N_nat`` is the plan's "model size the natural mix
 would need" with the same margin. The rare task's result is its normalised signal s~, averaged
-over the last ``gap`` steps from the trace (so a burst arm is not judged right after an
+over the last ``every`` steps from the trace (so a burst arm is not judged right after an
 injection) and also at the end; the frequent tasks' result is their mean normalised loss.
 Compute is ``6 (d + M) N`` FLOPs per training sample (encoder and one task's decoder, forward
 and backward) times the samples actually drawn (injections included).
@@ -93,7 +93,7 @@ def arm_setting(cell):
         return min(width, cell.tasks * cell.features), natural, Schedule()
     return cell.width, *{"natural": (natural, Schedule()), "plan": (planned, Schedule()),
                          "even": (planned, Schedule("matched", gap=1)),
-                         "burst": (planned, Schedule("matched", gap=cell.gap))}[cell.arm]
+                         "burst": (planned, Schedule("matched", gap=cell.every))}[cell.arm]
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def toy_fix_results(out: Path) -> tuple[FixSetting, object, list[ArmResult]]:
         raise UserError(f"{out}: not a finished fix grid (every cell needs an 'arm')")
     c0 = cells[0]
     setting = FixSetting(c0.tasks, c0.features, c0.beta, c0.rare_index, c0.width, c0.margin,
-                         c0.steps, c0.batch_size, c0.gap, c0.learned_threshold,
+                         c0.steps, c0.batch_size, c0.every, c0.learned_threshold,
                          len({c.seed for c in cells}))
     m = pq.read_table(out / "metrics.parquet").to_pydict()
     final = {(c, t, k): v for c, s, t, k, v in zip(m["cell"], m["step"], m["task"], m["metric"],
@@ -138,7 +138,7 @@ def toy_fix_results(out: Path) -> tuple[FixSetting, object, list[ArmResult]]:
                                sorted(out.glob("groups/g*/traces.parquet"))]).to_pydict()
     late = {}  # the rare signal over the last `gap` steps, per cell
     for c, step, v in zip(traces["cell"], traces["step"], traces["rare_signal"], strict=True):
-        if step > c0.steps - c0.gap:
+        if step > c0.steps - c0.every:
             late.setdefault(c, []).append(v)
     natural = TaskSet.power_law(c0.tasks, c0.features, c0.alpha, c0.beta)
     frequent = sorted(Theory(natural, c0.frequent_mass).frequent_tasks().tolist())
@@ -151,7 +151,7 @@ def toy_fix_results(out: Path) -> tuple[FixSetting, object, list[ArmResult]]:
         seen = [sum(final[(i, t, "seen")] for t in range(k)) for i in ids]
         learned = [sum(final[(i, t, "signal_norm")] >= c0.learned_threshold for t in range(k))
                    for i in ids]
-        label = {"even": "every 1 step", "burst": f"every {c0.gap} steps"}.get(arm, "iid")
+        label = {"even": "every 1 step", "burst": f"every {c0.every} steps"}.get(arm, "iid")
         results.append(ArmResult(
             arm=arm, width=width, schedule=label,
             rare_share=float(sum(final[(i, rare, "seen")] for i in ids) / np.sum(seen)),

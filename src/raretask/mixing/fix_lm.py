@@ -1,7 +1,7 @@
 """The fix's language-model half: ``raretask fix configs/fix_lm.yaml --out DIR``.
 
 ``fix_lm.yaml`` is an ordinary LM grid (``kind: lm``, :class:`raretask.lm.config.LMCell`) whose
-axes hold the arms: ``size`` (the small model and the bigger one), ``frequency`` (the natural
+axes hold the arms: ``size`` (the small model and the bigger one), ``rate`` (the natural
 rate and the planned one) and ``every`` (1: spread evenly; > 1: the same rate in bursts). The grid
 runs and resumes like any other (:mod:`raretask.studies.lm`); this module labels its cells as
 arms and gives ``raretask fix`` one table and ``fix.json`` for the report

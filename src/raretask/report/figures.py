@@ -355,16 +355,10 @@ def lm_label(r: dict) -> str:
 
 
 def nominal_frequency(r: dict, cells: dict[int, dict]) -> float:
-    """The frequency a cell asked for (instances per token): its config's ``frequency``, or
-    ``instances / (every x batch_size x seq_len)``; the delivered rate when neither is known.
-    Cells of one matched-frequency sweep share it exactly (their delivered rates differ by up to
-    one burst)."""
-    c = cells.get(r["cell"], {})
-    if c.get("frequency") is not None:
-        return float(c["frequency"])
-    if c.get("instances") is not None:
-        return c["instances"] / (c.get("every", 1) * c["batch_size"] * c["seq_len"])
-    return float(r["frequency"])
+    """The rate a cell asked for (:func:`raretask.lm.config.requested_rate`)."""
+    from raretask.lm.config import requested_rate
+
+    return requested_rate(cells.get(r["cell"], {}), {"frequency": r["frequency"]})
 
 
 def _lm_key(r: dict, cells: dict[int, dict]) -> tuple[float, str]:

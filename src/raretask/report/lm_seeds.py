@@ -45,31 +45,22 @@ METRICS = ("test_accuracy", "train_accuracy", "task_loss", "task_test_loss", "va
 """Final values aggregated over seeds: accuracy, task loss (training instances), held-out task
 loss (test instances), background validation loss."""
 def nominal_frequency(row: dict, cells: dict[int, dict] | None = None) -> float:
-    """The frequency the cell asked for (instances per token), to 4 significant digits: its
-    config's ``frequency`` (or ``requested_frequency`` in the row), or instances / (every x
-    batch x seq_len); the delivered rate when nothing else is known. Seeds of one setting
-    share it exactly (their delivered rates may differ by a burst)."""
-    c = (cells or {}).get(row["cell"], {})
-    if c.get("frequency") is not None:
-        f = float(c["frequency"])
-    elif c.get("instances") is not None:
-        f = c["instances"] / (c.get("every", 1) * c["batch_size"] * c["seq_len"])
-    elif row.get("requested_frequency") is not None:
-        f = float(row["requested_frequency"])
-    else:
-        f = float(row["frequency"])
-    return float(f"{f:.4g}")
+    """The rate the cell asked for (:func:`raretask.lm.config.requested_rate`), to 4
+    significant digits, so the seeds of one setting share it exactly."""
+    from raretask.lm.config import requested_rate
+
+    return float(f"{requested_rate((cells or {}).get(row['cell'], {}), row):.4g}")
 
 
 def schedule_family(row: dict, cells: dict[int, dict] | None = None) -> str:
     """'spread', or 'every G MODE': the schedule without its injection size (which grows with
     the frequency), so one size's frequencies line up."""
+    from raretask.lm.config import delivery_family
+
     c = (cells or {}).get(row["cell"], {})
     label = row.get("schedule", "spread")
     if c:
-        if c.get("frequency") is not None and c.get("every", 1) == 1:
-            return "spread"
-        return f"every {c.get('every', 1)} {c.get('mode', 'burst')}"
+        return delivery_family(c)
     if label in ("spread", "none"):
         return label
     size_every, mode = label.split()

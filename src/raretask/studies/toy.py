@@ -54,10 +54,28 @@ def trained_setting(cell: ToyCell):
     """(width, task priors, rare-task schedule) the cell trains with: its own fields, or what
     its fix arm sets (:func:`raretask.mixing.fix.arm_setting`)."""
     if cell.arm is None:
-        return cell.width, task_set(cell).frequencies, cell.delivery_schedule()
+        return cell.width, with_rate(task_set(cell).frequencies, cell), cell.delivery_schedule()
     from raretask.mixing.fix import arm_setting
 
     return arm_setting(cell)
+
+
+def with_rate(priors: np.ndarray, cell: ToyCell) -> np.ndarray:
+    """The priors with the rare task at ``cell.rate`` and the others in their proportions (the
+    minimum-KL mix with that share); unchanged when ``rate`` is None."""
+    if cell.rate is None:
+        return priors
+    r = cell.rare_index
+    out = priors * (1 - cell.rate) / (priors.sum() - priors[r])
+    out[r] = cell.rate
+    return out
+
+
+def delivery_label(cell: ToyCell) -> tuple[str, int]:
+    """(delivery, period) for the rows: the cell's own, or what its fix arm delivers."""
+    if cell.arm is None:
+        return cell.delivery_label
+    return {"even": ("even", 1), "burst": ("burst", cell.every)}.get(cell.arm, ("iid", 0))
 
 
 def build_instances(cells: list[ToyCell]):
@@ -109,9 +127,10 @@ def summary_rows(group: Group, cells: list[ToyCell], rows: list[dict],
             last[(r["cell"], r["task"], r["metric"])] = r["value"]
     out = []
     for i, c in zip(group.cell_ids, cells, strict=True):
-        width, priors, schedule = trained_setting(c)
+        width, priors, _ = trained_setting(c)
+        delivered, period = delivery_label(c)
         ts = task_set(c)
-        if c.arm is not None:  # the arm's mix, for Theorem 3 and the rows' frequencies
+        if c.arm is not None or c.rate is not None:  # the mix it trains on, for Theorem 3
             ts = TaskSet(ts.names, priors / priors.sum(), ts.spectra)
         kept = Theory(ts, c.frequent_mass).features_kept(width)
         # the model-level loss (sum_k pi_k loss_k, unnormalised) as model_loss: "loss" is the
@@ -131,7 +150,7 @@ def summary_rows(group: Group, cells: list[ToyCell], rows: list[dict],
                 "cell": i, "group": group.name, "tasks": c.tasks,
                 "features_per_task": c.features, "frequent_mass": c.frequent_mass,
                 "width": width, "beta": c.beta, "alpha": c.alpha, "seed": c.seed,
-                "schedule": schedule.kind, "gap": schedule.gap, "arm": c.arm,
+                "schedule": delivered, "gap": period, "arm": c.arm,
                 "task": k + 1, "frequency": float(ts.frequencies[k]),
                 "signal": float(signal),
                 "loss": float(last[(i, k, "loss_norm")]) if div is None else 1.0,
@@ -253,7 +272,7 @@ class ToyStudy(Study):
 
     # -- calibration --------------------------------------------------------------------------
     curve_keys = ("tasks", "features_per_task", "alpha", "beta", "frequent_mass", "schedule",
-                  "gap")
+                  "gap")  # "schedule"/"gap": the rows' names of delivery/every
 
     def cell_size(self, row):
         return float(row["width"])
