@@ -7,7 +7,7 @@ under torch.profiler and prints the kernels by total GPU time, then the graph-re
 step for comparison. ``--phases`` first times each phase of a step (gradients, Adam, each
 retraction, per group) and rewritings of the gradient, each replayed as a CUDA graph;
 ``--time-only`` prints the graph-replayed step time alone (``--set`` any cell field, or
-``profile.FIELD`` for an execution setting).
+``profile.FIELD`` for an execution setting; ``--retraction`` any of benchmarks/toy_retractions.py).
 """
 
 from __future__ import annotations
@@ -20,17 +20,11 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from toy_retractions import polar_retraction, register, series_qr_retraction
 
 from raretask.config import load_experiment
 from raretask.studies.toy import build_instances, build_settings
-from raretask.toy.model import (
-    batch_gradients,
-    fused_masked_residual,
-    polar_retraction,
-    seed_shared_gradients,
-    series_qr_retraction,
-    tf32,
-)
+from raretask.toy.model import batch_gradients, fused_masked_residual, seed_shared_gradients, tf32
 from raretask.toy.trainer import ToyTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,10 +149,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--time-only", action="store_true", help="graph-replayed time, no profile")
     ap.add_argument("--phases", action="store_true", help="also time each phase as a graph")
+    ap.add_argument("--retraction", help="any retraction, the benchmarks' variants too "
+                    "(benchmarks/toy_retractions.py): overrides the profile's")
     args = ap.parse_args()
     exp = load_experiment(args.config, args.set)  # --set profile.FIELD=VALUE for execution
     cells = list(exp.cells())
     base = build_settings(cells[0], exp.profile.resolve("cuda"))
+    if args.retraction:
+        register()
+        base = dataclasses.replace(base, retraction=args.retraction)
     if args.phases:
         settings = dataclasses.replace(base, steps=100_000, eval_steps=())
         phases(ToyTrainer(build_instances(cells), settings))

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from bench_modules import toy_retractions
 from safetensors.torch import load_file, save_file
 
 from raretask.cli import main
@@ -162,6 +163,7 @@ def test_report_marks_diverged_cells(grids, tmp_path, capsys):
 
 def test_series_retraction_keeps_a_diverged_instance_at_zero_without_the_mask():
     """The GPU retraction maps U = 0 to 0, so the frozen model stays frozen with no extra pass."""
+    toy_retractions()  # series_qr: one of the benchmarks' GEMM retractions
     settings = TrainSettings(steps=120, batch_size=64, lr=0.01, eval_steps=(0, 10, 50, 120),
                              retraction="series_qr")
     tr = ToyTrainer(_instances(), settings)

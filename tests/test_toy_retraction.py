@@ -1,17 +1,18 @@
 """Retractions: the GEMM-only series QR gives Householder QR's Q, the GEMM-only polar retraction
-the SVD's polar factor, padded encoders included."""
+the SVD's polar factor, padded encoders included. The library keeps the reference QR and the
+one-pass polar (raretask.toy.model); the others are the GPU benchmarks' (benchmarks/
+toy_retractions.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from bench_modules import toy_retractions
 
-from raretask.toy.model import (
-    polar_once_retraction,
-    polar_retraction,
-    qr_retraction,
-    series_qr_retraction,
-)
+from raretask.toy.model import polar_once_retraction, qr_retraction
+
+_bench = toy_retractions()
+polar_retraction, series_qr_retraction = _bench.polar_retraction, _bench.series_qr_retraction
 
 
 def _perturbed(i: int, d: int, n: int, size: float, dtype, seed: int = 0) -> torch.Tensor:

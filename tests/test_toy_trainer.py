@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from bench_modules import toy_retractions
 from safetensors.torch import load, save
 
 from raretask.toy import MODEL_COLUMNS, TASK_COLUMNS, Schedule, ToyInstance, ToyTrainer
@@ -20,6 +21,8 @@ from raretask.toy.model import (
     random_orthonormal,
     seed_shared_gradients,
 )
+
+toy_retractions()  # the benchmarks' retractions too: every one is tested against the reference
 
 K, M = 4, 4
 D = K * M

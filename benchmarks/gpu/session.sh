@@ -68,13 +68,13 @@ job() {
                     cp /tmp/runs/mg_fsdp/lm_multi_gpu.json "$OUT/multi_fsdp.json" ;;
         toy_phases) python3 benchmarks/profile_toy_step.py --phases --steps 10 &&
                     for w in 64 128 256; do python3 benchmarks/profile_toy_step.py --time-only \
-                        --set profile.retraction=polar --set profile.pad_width=$w; done ;;
-        toy_opts) for o in "" "profile.share_inputs=true" "profile.retraction=polar_tf32"; do
-                      python3 benchmarks/profile_toy_step.py --time-only ${o:+--set $o}; done
+                        --retraction polar --set profile.pad_width=$w; done ;;
+        toy_opts) for o in "" "--set profile.share_inputs=true" "--retraction polar_tf32"; do
+                      python3 benchmarks/profile_toy_step.py --time-only $o; done
                   python3 benchmarks/profile_toy_step.py --time-only --set profile.share_inputs=true \
-                      --set profile.retraction=polar_tf32 ;;
+                      --retraction polar_tf32 ;;
         toy_once) for r in polar_tf32 polar_once; do  # one third-order polar pass vs two
-                      python3 benchmarks/profile_toy_step.py --time-only --set profile.retraction=$r; done ;;
+                      python3 benchmarks/profile_toy_step.py --time-only --retraction $r; done ;;
         toy_check) python3 -m pytest -p no:cacheprovider tests/test_toy_trainer.py \
                        -k "group_streams or share_inputs or retraction" ;;  # CUDA-only tests; addopts has -q (a second hides the count)
         toy_streams) for v in false true; do  # width groups on one stream vs one stream each

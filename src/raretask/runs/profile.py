@@ -28,7 +28,7 @@ from pydantic import Field
 
 from raretask.schema import StrictModel
 
-Retraction = Literal["qr", "polar_once", "cholesky_qr", "series_qr", "polar", "polar_tf32"]
+Retraction = Literal["qr", "polar_once"]
 
 
 class Profile(StrictModel):
@@ -41,8 +41,8 @@ class Profile(StrictModel):
     retraction: Retraction | None = Field(
         None, description="Toy: re-orthonormalisation after each Adam step: 'qr' (Householder "
         "QR, the reference) or 'polar_once' (one third-order polar pass from GEMMs only, same "
-        "span, the fast choice on GPUs); the other four are the variants the GPU benchmarks "
-        "compare (raretask.toy.model.RETRACTIONS).")
+        "span, the fast choice on GPUs); the variants the GPU benchmarks compare live in "
+        "benchmarks/toy_retractions.py.")
     tf32: bool | None = Field(None, description="Toy, CUDA: TF32 tensor cores for the "
                               "training matmuls (metrics stay float64).")
     cuda_graph: bool | None = Field(None, description="Toy, CUDA: replay each step as a graph.")

@@ -66,116 +66,20 @@ def qr_retraction(u: Tensor) -> Tensor:
     return q * s.unsqueeze(-2)
 
 
-def cholesky_qr_retraction(u: Tensor) -> Tensor:
-    """The same Q as :func:`qr_retraction` (R with positive diagonal), via Cholesky QR.
-
-    U^T U = L L^T, Q = U L^-T: one [N, N] Gram matrix, a Cholesky and a triangular solve, much
-    cheaper than Householder QR on GPUs. Accurate while U is well conditioned, which holds after
-    one small Adam step from an orthonormal U (orthonormality error ~ cond(U)^2 * eps); no
-    host sync (``cholesky_ex`` does not check errors). Measured on one H100 (torch 2.11, 63
-    instances, widths 8..512, d = 1024, B = 512): 7.5 ms/step against 47 ms/step with "qr".
-    """
-    chol, _ = torch.linalg.cholesky_ex(u.mT @ u)
-    return torch.linalg.solve_triangular(chol.mT, u, upper=True, left=False)
+_NEG_EYE: dict[tuple, Tensor] = {}
 
 
-_CONSTANTS: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-
-def _series_constants(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(W, -I) for width n: W = 1 above the diagonal, 1/2 on it, 0 below (cached).
-
-    Phi(A) = A * W is the strict upper triangle of A plus half its diagonal, so
-    Phi(A) + Phi(A)^T = A for symmetric A; one multiply instead of triu + diag_embed.
-    """
-    key = (n, dtype, device)
-    if key not in _CONSTANTS:
-        eye = torch.eye(n, dtype=dtype, device=device)
-        _CONSTANTS[key] = (torch.triu(torch.ones_like(eye), 1) + 0.5 * eye, -eye)
-    return _CONSTANTS[key]
-
-
-def _gram_error(u: Tensor, exact_gram: bool, shift: Tensor | None) -> Tensor:
-    """E = U^T U + shift (default -I) in one kernel; in full float32 when ``exact_gram``."""
-    shift = _series_constants(u.shape[-1], u.dtype, u.device)[1] if shift is None else shift
-    with tf32(False) if exact_gram else contextlib.nullcontext():
+def gram_error(u: Tensor, shift: Tensor | None = None, exact: bool = False) -> Tensor:
+    """E = U^T U + shift (default -I, cached per width) in one kernel; in full float32 when
+    ``exact`` even under TF32. ``shift`` ([I, N, N]): -diag(valid) for encoders padded with
+    zero columns to a common width, so padding stays zero."""
+    if shift is None:
+        key = (u.shape[-1], u.dtype, u.device)
+        if key not in _NEG_EYE:
+            _NEG_EYE[key] = -torch.eye(u.shape[-1], dtype=u.dtype, device=u.device)
+        shift = _NEG_EYE[key]
+    with tf32(False) if exact else contextlib.nullcontext():
         return torch.baddbmm(shift, u.mT, u)
-
-
-def _series_cholqr_pass(u: Tensor, order: int, exact_gram: bool, shift: Tensor | None) -> Tensor:
-    """One Cholesky-QR pass U R^-1 with R and R^-1 from truncated series (GEMMs only).
-
-    With U^T U = I + E and R = I + S (S upper triangular), S solves S + S^T + S^T S = E; the
-    fixed point S <- Phi(E - S^T S) gains one order of |E| per iteration, and R^-1 = I - S + S^2
-    - ... by Horner. The result is U times an upper-triangular matrix, orthonormal up to
-    O(|E|^(order + 1)) plus the rounding of the GEMMs. Every line is one kernel (baddbmm folds
-    the additions into the products): ten per pass, so many small groups stay cheap.
-    ``shift`` replaces -I in E = U^T U + shift ([I, N, N]; zero diagonal entries mark padding
-    columns, which are zero and stay zero).
-    """
-    w, _ = _series_constants(u.shape[-1], u.dtype, u.device)
-    e = _gram_error(u, exact_gram, shift)
-    s = e * w
-    for _ in range(order - 1):
-        s = torch.baddbmm(e, s.mT, s, alpha=-1.0).mul_(w)
-    neg_s = -s
-    c = neg_s  # R^-1 - I, by Horner: c <- -S - S c
-    for _ in range(order - 1):
-        c = torch.baddbmm(neg_s, s, c, alpha=-1.0)
-    return torch.baddbmm(u, u, c)
-
-
-def series_qr_retraction(u: Tensor, order: int = 3, shift: Tensor | None = None) -> Tensor:
-    """The Q of :func:`qr_retraction` from GEMMs only: two series Cholesky-QR passes.
-
-    Cholesky and triangular solves are sequential, latency-bound kernels on a GPU (measured on
-    one H100 for 9 encoders of 1024 x 512: Cholesky 0.74 ms, triangular solve 0.42 ms). Here both
-    come from power series in E = U^T U - I, which converge for the small E an Adam step leaves
-    (|E|_2 up to 0.16 at lr 1e-3, 0.4 at 3e-3, measured): pass one brings E down to about
-    |E|^4, pass two (Gram computed in full float32 even when TF32 is on) to rounding level.
-    Each pass multiplies U on the right by an upper-triangular matrix with positive diagonal, so
-    the product is U R'^-1 with R' upper triangular: by uniqueness of the QR with positive
-    diag(R), the result is the same Q as :func:`qr_retraction` (checked in the tests). Other
-    GEMMs follow the caller's TF32 setting (their inputs are O(|E|), so TF32's relative error
-    stays far below float32 rounding of U).
-
-    ``u`` is [d, N] or [I, d, N]. ``shift`` ([I, N, N], default -I): the trainer passes
-    -diag(valid) for encoders padded with zero columns to a common width, so padding stays zero
-    and the real columns get exactly the Q of their own QR.
-    """
-    flat = u.reshape(-1, *u.shape[-2:])
-    out = _series_cholqr_pass(_series_cholqr_pass(flat, order, False, shift), order, True, shift)
-    return out.reshape(u.shape)
-
-
-def _polar_pass(u: Tensor, exact_gram: bool, shift: Tensor | None) -> Tensor:
-    """One pass U (I + E)^(-1/2) ~ U (I - E/2 + 3/8 E^2), E = U^T U - I: three kernels.
-
-    The Gram (with the shift folded in), the second-order series (one baddbmm: beta scales E,
-    alpha the square) and the product (one baddbmm adding U). Leaves U^T U - I at about
-    |E|^3; zero (padding) columns stay zero because E is zero on their rows and columns.
-    """
-    e = _gram_error(u, exact_gram, shift)
-    c = torch.baddbmm(e, e, e, beta=-0.5, alpha=0.375)
-    return torch.baddbmm(u, u, c)
-
-
-def polar_retraction(u: Tensor, shift: Tensor | None = None, exact_gram: bool = True) -> Tensor:
-    """The orthonormal polar factor U (U^T U)^(-1/2) from GEMMs only: two series passes.
-
-    The polar factor is the orthonormal matrix nearest to U (Frobenius norm); it differs from
-    the Q of :func:`qr_retraction` by a rotation within span(U) of the size of the Adam step's
-    departure from orthonormality (O(lr)), so it spans the same subspace and every metric of
-    the toy (signals, features, residuals) is a function of that subspace alone. It costs six
-    kernels against the series QR's twenty: on a GPU the grid's retraction is latency-bound.
-    From |E|_2 = 0.16 (the largest an Adam step at lr 1e-3 left, measured) the two passes reach
-    1e-11 in float64 and rounding level in float32 (the second Gram in full float32 when
-    ``exact_gram``, even under TF32); the series QR's radius is larger (0.4). ``shift`` as
-    in :func:`series_qr_retraction`.
-    """
-    flat = u.reshape(-1, *u.shape[-2:])
-    out = _polar_pass(_polar_pass(flat, False, shift), exact_gram, shift)
-    return out.reshape(u.shape)
 
 
 class tf32:
@@ -192,16 +96,6 @@ class tf32:
         torch.backends.cuda.matmul.allow_tf32 = self._old
 
 
-def polar_tf32_retraction(u: Tensor, shift: Tensor | None = None) -> Tensor:
-    """:func:`polar_retraction` with its second Gram under TF32 as well (where TF32 is on).
-
-    One float32 GEMM fewer per group: the columns are then orthonormal to about 3e-5 (TF32's
-    rounding of the Gram) instead of float32 rounding, re-corrected at every step, so the
-    departure does not accumulate.
-    """
-    return polar_retraction(u, shift, exact_gram=False)
-
-
 def polar_once_retraction(u: Tensor, shift: Tensor | None = None) -> Tensor:
     """One third-order polar pass U (I - E/2 + 3/8 E^2 - 5/16 E^3), E = U^T U + shift: 4 kernels.
 
@@ -209,35 +103,28 @@ def polar_once_retraction(u: Tensor, shift: Tensor | None = None) -> Tensor:
     at the next one: starting from orthonormal columns, an Adam step at lr 1e-3 leaves |E|_2 at
     most 0.16 (measured), so the columns stay orthonormal to about 4e-4 after the worst step and
     to TF32 rounding once the steps shrink; the error does not accumulate, since each pass maps
-    E to O(E^4). Against :func:`polar_retraction`'s two passes: half the Gram and U-product
-    FLOPs and four kernels instead of six, which is what a latency-bound grid pays for. Every
-    GEMM follows the caller's TF32 setting. ``shift`` as in :func:`series_qr_retraction`.
+    E to O(E^4). Against the two-pass polar factor (benchmarks/toy_retractions.py): half the
+    Gram and U-product FLOPs and four kernels instead of six, which is what a latency-bound grid
+    pays for. Every GEMM follows the caller's TF32 setting. ``shift`` as in :func:`gram_error`.
+    It spans the same subspace as the QR's Q, and every metric of the toy (signals, features,
+    residuals) is a function of that subspace alone.
     """
     flat = u.reshape(-1, *u.shape[-2:])
-    e = _gram_error(flat, False, shift)
+    e = gram_error(flat, shift)
     p = torch.baddbmm(e, e, e, beta=0.375, alpha=-0.3125)  # 3/8 E - 5/16 E^2
     c = torch.baddbmm(e, e, p, beta=-0.5)  # -E/2 + E p
     return torch.baddbmm(flat, flat, c).reshape(u.shape)
 
 
-GEMM_RETRACTIONS: dict[str, Callable[..., Tensor]] = {
-    "series_qr": series_qr_retraction,
-    "polar": polar_retraction,
-    "polar_tf32": polar_tf32_retraction,
-    "polar_once": polar_once_retraction,
-}
+GEMM_RETRACTIONS: dict[str, Callable[..., Tensor]] = {"polar_once": polar_once_retraction}
 """Retractions made of GEMMs only: they take a padding ``shift`` and map U = 0 to 0."""
 
-RETRACTIONS: dict[str, Callable[..., Tensor]] = {
-    "qr": qr_retraction,
-    "cholesky_qr": cholesky_qr_retraction,
-    **GEMM_RETRACTIONS,
-}
+RETRACTIONS: dict[str, Callable[..., Tensor]] = {"qr": qr_retraction, **GEMM_RETRACTIONS}
 """Retractions by name (``TrainSettings.retraction``); each maps [I, d, N] to orthonormal
-columns and must be continuous at orthonormal inputs (the identity on them). The QR ones give
-the Q of the QR; "polar" and "polar_tf32" give the polar factor (same span), "polar_once" its
-one-pass approximation (orthonormal to O(|E|^4), re-corrected every step). Add faster ones
-here."""
+columns and must be continuous at orthonormal inputs (the identity on them): the reference
+(Householder QR's Q, signs fixed) and the fastest on a GPU (one third-order polar pass, same
+span). The variants the GPU benchmarks compare (Cholesky QR, a GEMM-only QR, two-pass polar)
+live in ``benchmarks/toy_retractions.py``, which adds them here for a benchmark's process."""
 
 
 # -- the batch gradient -------------------------------------------------------------------------

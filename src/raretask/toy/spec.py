@@ -239,11 +239,10 @@ class TrainSettings:
         launches). Part of the random stream: changing it changes the numbers.
     retraction:
         Name in :data:`raretask.toy.model.RETRACTIONS` mapping the encoder back to orthonormal
-        columns after each Adam step (``"qr"``: sign-corrected QR; ``"series_qr"``: the same Q
-        from GEMMs only; ``"polar"``: the nearest orthonormal matrix from GEMMs only, same span;
-        ``"polar_tf32"``: the same with its last Gram under TF32;
-        ``"polar_once"``: one third-order pass of it, the fast choice on GPUs, orthonormal to
-        O(|E|^4) and corrected again at every step).
+        columns after each Adam step (``"qr"``: sign-corrected QR, the reference;
+        ``"polar_once"``: one third-order pass towards the nearest orthonormal matrix from GEMMs
+        only, same span, the fast choice on GPUs, orthonormal to O(|E|^4) and corrected again at
+        every step; the GPU benchmarks add their variants, benchmarks/toy_retractions.py).
     tf32:
         CUDA only: TF32 tensor cores for the float32 training matmuls (the retraction's final
         Gram matrix and all metrics stay in full precision).
@@ -263,8 +262,8 @@ class TrainSettings:
         kernels of several groups run side by side (joined before Adam and at the step's end).
         Same numbers: only the order of independent kernels changes.
     pad_width:
-        With a GEMM retraction (``"series_qr"``, ``"polar"``) only: instances of width
-        <= pad_width (same K, M) train as one group, padded with inert zero columns to the
+        With a GEMM retraction (:data:`raretask.toy.model.GEMM_RETRACTIONS`) only: instances
+        of width <= pad_width (same K, M) train as one group, padded with inert zero columns to the
         widest of them (fewer, larger kernels); 0 turns it off. Numbers per instance are
         unchanged up to float rounding.
     """

@@ -33,9 +33,9 @@ Choices (documented here once)
   holding U and D, so an update is a handful of kernels for all instances. No weight decay.
 * **Retraction**: after every Adam step U <- retraction(U), by name
   (``TrainSettings.retraction``, :data:`raretask.toy.model.RETRACTIONS`): "qr" (Q of QR with
-  columns multiplied by sign(diag R), continuous; the grid's CPU choice), "series_qr" (the same Q
-  from GEMMs), "polar" (the nearest orthonormal matrix, same span, six GEMM kernels; the grid's
-  CUDA choice). Adam's moments are kept as they are.
+  columns multiplied by sign(diag R), continuous; the CPU default), "polar_once" (one pass
+  towards the nearest orthonormal matrix, same span, four GEMM kernels; the CUDA default). Adam's
+  moments are kept as they are.
 * **Grouping**: instances are grouped by shape (K, M, N); each group has its own tensors with a
   leading instance axis. Padding every width to the largest with masks was rejected: QR costs
   d N^2 and the matmuls d N per instance, so padding a grid with log-spaced widths to its widest
