@@ -255,8 +255,8 @@ class TrainSettings:
         Where instances read the inputs x = B z of a seed they share, laid out with the seed
         fastest (a grid's usual order), multiply x once per seed by their encoders side by
         side instead of copying x and z per instance (:func:`raretask.toy.model.
-        seed_shared_gradients`). Same numbers up to float rounding. Off by default here; a
-        grid config turns it on for CUDA (one H200, Fig. 2 grid: 1.70 -> 1.67 ms per step).
+        seed_shared_gradients`). Same numbers up to float rounding. Off by default here; the
+        CUDA execution profile turns it on (its timing: benchmarks/RESULTS.md).
     group_streams:
         CUDA only: each group's gradient and retraction on its own CUDA stream, so the small
         kernels of several groups run side by side (joined before Adam and at the step's end).
