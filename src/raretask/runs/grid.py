@@ -301,6 +301,7 @@ class GridRun:
             error = None
             if rank == 0:  # one lock per job: rank 0 holds it for everyone until all are done
                 try:
+                    store.check_run_dir(self.out)  # before the lock: nothing written
                     held.enter_context(store.run_lock(self.out))
                     self._check_or_write_config(self.resolved_profile)
                     self._sweep()
