@@ -66,6 +66,8 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 # -- analyze -----------------------------------------------------------------------------------
 
+ANALYZE_FILES = ("analysis.json", "rank_frequency.png")
+
 
 def analyze(
     data: Annotated[list[Path], typer.Argument(
@@ -100,10 +102,12 @@ def analyze(
         result = mark_risk(result, size, thr)
     if out is not None:
         from raretask.runs import store
+        from raretask.runs.outset import output_set
 
-        with store.run_lock(out):  # a second process writing here refuses: files never mix
-            rank_frequency_plot(result, out / "rank_frequency.png")
-            store.write_json(out / "analysis.json", result.to_json())
+        # one set: a kill leaves the old analysis.json + PNG or the new pair, never a mix
+        with output_set(out, "analyze", ANALYZE_FILES) as tmp:
+            rank_frequency_plot(result, tmp / "rank_frequency.png")
+            store.write_json(tmp / "analysis.json", result.to_json())
     if as_json:
         _print_json(result.to_json())
         return
@@ -283,6 +287,7 @@ def plan(
     from raretask.mixing.export import FORMATS, render, write_all
     from raretask.mixing.plan import make_plan
     from raretask.runs import store
+    from raretask.runs.outset import output_set
 
     if unit not in ("examples", "tokens"):
         raise UserError(f"--unit must be 'examples' or 'tokens', got {unit!r}")
@@ -297,9 +302,9 @@ def plan(
     if out is not None:
         for fmt in FORMATS:  # render all first: a bad template fails before anything is written
             render(result, fmt, path_template)
-        with store.run_lock(out):
-            store.write_json(out / "plan.json", obj)
-            write_all(result, out, path_template)
+        with output_set(out, "plan", ["plan.json", *FORMATS]) as tmp:  # all or nothing
+            store.write_json(tmp / "plan.json", obj)
+            write_all(result, tmp, path_template)
     if as_json:
         _print_json(obj)
         return
