@@ -166,9 +166,10 @@ def test_half_written_files_are_never_read_as_done(reference, tmp_path):
     GridRun(load_experiment(_config(tmp_path / "tiny.yaml")), out)  # plans only
     gdir = out / "groups" / "g0001"
     gdir.mkdir(parents=True)
-    (gdir / ".summary.json.abc.tmp").write_text('[{"cell": 2, "ta')  # a write cut short
+    torn = gdir / f"{store.TEMP_PREFIX}summary.json.abc.tmp"  # a write cut short
+    torn.write_text('[{"cell": 2, "ta')
     assert store.remove_stale_temps(out) == 1 and not list(gdir.iterdir())
-    (gdir / ".summary.json.abc.tmp").write_text('[{"cell": 2, "ta')
+    torn.write_text('[{"cell": 2, "ta')
     torch.set_num_threads(1)
     run = GridRun(load_experiment(_config(tmp_path / "tiny.yaml")), out)
     assert not run.is_done(run.groups[1])
@@ -213,7 +214,7 @@ def test_second_process_refuses_while_the_first_runs(reference, tmp_path, capsys
     try:
         _wait_for(out / "groups" / "g0000" / "checkpoint.safetensors", first)
         # temp files come and go with the running process's atomic writes: compare the rest
-        before = sorted(p.name for p in out.rglob("*") if not p.name.endswith(".tmp"))
+        before = sorted(p.name for p in out.rglob("*") if store.TEMP_PREFIX not in str(p))
         err = _fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
         assert err == f"error: {out}: another raretask process is running in this directory"
         second = subprocess.run([sys.executable, "-m", "raretask", "run", str(cfg), "--out",
