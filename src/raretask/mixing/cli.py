@@ -273,6 +273,17 @@ def plan(
     max_epochs: Annotated[float | None, typer.Option(
         help="Most times one example may be seen (default: no cap).")] = None,
     unit: Annotated[str, typer.Option(help="'examples' or 'tokens'.")] = "examples",
+    margin_for: Annotated[list[str] | None, typer.Option(
+        "--margin-for", help="TASK=M: this target's own margin (repeat).")] = None,
+    max_epochs_for: Annotated[list[str] | None, typer.Option(
+        "--max-epochs-for", help="TASK=N: this task's own repetition cap (repeat).")] = None,
+    max_fraction: Annotated[list[str] | None, typer.Option(
+        "--max-fraction", help="TASK=F: the most of the mix this task may take (repeat).")]
+    = None,
+    keep_learned: Annotated[bool, typer.Option(
+        "--keep-learned", help="Tasks learned under the natural mix stay learned.")] = False,
+    keep_margin: Annotated[float | None, typer.Option(
+        help="Safety factor for the kept tasks (default: --margin).")] = None,
     calibration: Calib = None,
     curve: Curve = None,
     alpha: Alpha = 2.0,
@@ -285,7 +296,7 @@ def plan(
 ) -> None:
     """Minimum-KL weights that lift the targets above their thresholds, under repetition caps."""
     from raretask.mixing.export import FORMATS, render, write_all
-    from raretask.mixing.plan import make_plan
+    from raretask.mixing.plan import make_plan, parse_task_values
     from raretask.runs import store
     from raretask.runs.outset import output_set
 
@@ -295,7 +306,11 @@ def plan(
     thr = _threshold(names, size, calibration, curve, alpha, features, spectra, unit,
                      _law_budget(calibration, budget, avail, unit, tpe), tpe)
     result = make_plan(names, natural, thr, size, targets=target, margin=margin,
-                       available=avail, budget=budget, max_epochs=max_epochs, unit=unit)
+                       available=avail, budget=budget, max_epochs=max_epochs, unit=unit,
+                       margins=parse_task_values(margin_for, "--margin-for"),
+                       max_epochs_for=parse_task_values(max_epochs_for, "--max-epochs-for"),
+                       max_fraction=parse_task_values(max_fraction, "--max-fraction"),
+                       keep_learned=keep_learned, keep_margin=keep_margin)
     obj = result.to_json()
     if calibration is not None:
         obj["extrapolated"] = _plan_extrapolation(result, thr)

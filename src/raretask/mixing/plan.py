@@ -30,8 +30,8 @@ Example
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -55,6 +55,11 @@ def min_kl_weights(p: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.nd
     The caller guarantees feasibility (``lower <= upper``, ``sum lower <= 1 <= sum upper`` over
     tasks that can grow). Tasks with p_k = 0 sit at their lower bound.
     """
+    return _min_kl(p, lower, upper)[0]
+
+
+def _min_kl(p: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, float]:
+    """(:func:`min_kl_weights`' weights, the common factor s of the tasks off their bounds)."""
     p, lo, hi = (np.asarray(x, float) for x in (p, lower, upper))
     pos = p > 0
     # g(s) = sum clip(s p, lo, hi) is piecewise linear and non-decreasing; breakpoints lo/p, hi/p
@@ -76,12 +81,19 @@ def min_kl_weights(p: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.nd
     free = pos & (q > lo) & (q < hi)
     if free.any():  # remove the last rounding from the free tasks
         q[free] *= (1.0 - q[~free].sum()) / q[free].sum()
-    return q
+    return q, float(s)
 
 
 @dataclass(frozen=True)
 class PlanTask:
-    """One task of a plan."""
+    """One task of a plan.
+
+    ``lower`` is the task's floor (a target's margin x required share, or a kept task's keep
+    margin x required share; 0 otherwise), ``cap`` its ceiling (the smaller of its repetition
+    cap and its maximum fraction; 1 when uncapped) and ``binding`` the constraint that holds the
+    task at one of them ("margin", "keep_learned", "max_epochs" or "max_fraction"; None: the
+    task is scaled by the common factor).
+    """
 
     task: str
     natural: float
@@ -98,11 +110,21 @@ class PlanTask:
     learned_planned: bool
     size_needed: float | None
     size_minimum: float | None
+    kept: bool = False
+    margin: float | None = None
+    max_epochs: float | None = None
+    max_fraction: float | None = None
+    binding: str | None = None
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Planned weights and everything needed to judge them."""
+    """Planned weights and everything needed to judge them.
+
+    ``constraints`` records what was asked (the margins, per-task caps, keep_learned and the
+    tasks it kept); ``binding`` lists the constraints the solution sits on, one entry per task
+    held at a bound: ``{"task", "constraint", "bound": "lower"|"upper", "share"}``.
+    """
 
     unit: str
     size: float
@@ -115,6 +137,8 @@ class Plan:
     natural_size_minimum: float | None
     rounds: int
     tasks: tuple[PlanTask, ...]
+    constraints: dict = field(default_factory=dict)
+    binding: list = field(default_factory=list)
 
     def weights(self) -> dict[str, float]:
         return {t.task: t.weight for t in self.tasks}
@@ -128,7 +152,8 @@ class Plan:
     def from_json(cls, data: dict, source: str = "plan") -> Plan:
         try:
             tasks = tuple(PlanTask(**t) for t in data["tasks"])
-            rest = {k: data[k] for k in cls.__dataclass_fields__ if k != "tasks"}
+            rest = {k: data[k] for k in cls.__dataclass_fields__
+                    if k != "tasks" and (k in data or k not in ("constraints", "binding"))}
             return cls(**rest, tasks=tasks)
         except (KeyError, TypeError) as err:
             raise UserError(f"{source}: not a plan file written by raretask plan ({err})") \
@@ -137,6 +162,24 @@ class Plan:
 
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
+
+
+def _per_task(values: Mapping[str, float] | None, names: list[str], option: str, low: float,
+              high: float, low_open: bool) -> dict[str, float]:
+    """Validate a per-task option ``{task: value}``: known tasks, finite values in range."""
+    out = {}
+    for task, v in (values or {}).items():
+        if task not in names:
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise UserError(f"{option}: unknown task {task!r} (known: {shown})")
+        v = float(v)
+        ok = np.isfinite(v) and (v > low if low_open else v >= low) and v <= high
+        if not ok:
+            rng = f"{'>' if low_open else '>='} {low:g}" + \
+                ("" if not np.isfinite(high) else f" and <= {high:g}")
+            raise UserError(f"{option}: task {task!r}: expected a number {rng}, got {v:g}")
+        out[task] = v
+    return out
 
 
 def make_plan(
@@ -150,8 +193,14 @@ def make_plan(
     budget: float | None = None,
     max_epochs: float | None = None,
     unit: str = "examples",
+    *,
+    margins: Mapping[str, float] | None = None,
+    max_epochs_for: Mapping[str, float] | None = None,
+    max_fraction: Mapping[str, float] | None = None,
+    keep_learned: bool = False,
+    keep_margin: float | None = None,
 ) -> Plan:
-    """Minimum-KL weights lifting every target to ``margin`` times its required share.
+    """Minimum-KL weights lifting every target to its margin times its required share.
 
     Parameters
     ----------
@@ -173,11 +222,26 @@ def make_plan(
         Most times an example may be seen (None: no cap).
     unit:
         "examples" or "tokens": the unit of shares, availability and budget.
+    margins:
+        Per-target margins ``{task: margin}`` (>= 1) in place of ``margin``; each must be a target.
+    max_epochs_for:
+        Per-task repetition caps ``{task: epochs}`` in place of ``max_epochs`` (needs
+        ``available``).
+    max_fraction:
+        Per-task maximum shares ``{task: fraction}`` (0 < fraction <= 1).
+    keep_learned:
+        Tasks learned under the natural mix (by ``threshold`` at ``size``) that are not targets
+        keep a share >= ``keep_margin`` x their required share at the plan, so the plan loses
+        none of them.
+    keep_margin:
+        The kept tasks' safety factor (>= 1; default ``margin``): a task learned with less
+        headroom than that is lifted to it, as a target would be.
 
     Raises
     ------
     UserError
-        Unknown target, bad numbers, or an infeasible plan (names the task and the constraint).
+        Unknown task, bad numbers, or an infeasible plan (names the task and the constraints
+        that conflict).
     """
     names = [str(n) for n in names]
     k = len(names)
@@ -187,6 +251,9 @@ def make_plan(
     p = p / p.sum()
     if not np.isfinite(margin) or margin < 1:
         raise UserError(f"--margin must be a number >= 1, got {margin}")
+    keep_margin = margin if keep_margin is None else keep_margin
+    if not np.isfinite(keep_margin) or keep_margin < 1:
+        raise UserError(f"--keep-margin must be a number >= 1, got {keep_margin}")
     if unit not in ("examples", "tokens"):
         raise UserError(f"--unit must be 'examples' or 'tokens', got {unit!r}")
     if targets is None or len(targets) == 0:
@@ -198,67 +265,84 @@ def make_plan(
                 shown = ", ".join(names[:8]) + (", ..." if k > 8 else "")
                 raise UserError(f"--target: unknown task {t!r} (known: {shown})")
             tmask[names.index(t)] = True
+    per_margin = _per_task(margins, names, "--margin-for", 1.0, np.inf, False)
+    for t in per_margin:
+        if not tmask[names.index(t)]:
+            raise UserError(f"--margin-for: task {t!r} is not a target (add --target {t})")
+    epochs_for = _per_task(max_epochs_for, names, "--max-epochs-for", 0.0, np.inf, True)
+    fraction = _per_task(max_fraction, names, "--max-fraction", 0.0, 1.0, True)
     for i in np.flatnonzero(tmask & (p == 0)):
         raise UserError(f"task {names[i]!r}: has no examples in the data, so no weight can "
                         "sample it; constraint: available data")
     avail = None if available is None else np.asarray(available, float)
     if avail is not None and (avail.shape != (k,) or np.any(avail < 0)):
         raise UserError("available: expected one count >= 0 per task")
+    if epochs_for and avail is None:
+        raise UserError("--max-epochs-for: a repetition cap needs the data's counts (plan from "
+                        "an analysis, or a task file with counts)")
     if budget is not None and not (np.isfinite(budget) and budget > 0):
         raise UserError(f"--budget must be a number > 0, got {budget}")
     if max_epochs is not None and not (np.isfinite(max_epochs) and max_epochs > 0):
         raise UserError(f"--max-epochs must be a number > 0, got {max_epochs}")
     if budget is None and avail is not None:
         budget = float(avail.sum())
-    if max_epochs is not None and avail is not None:
-        upper = np.minimum(1.0, max_epochs * avail / budget)
-    else:
-        upper = np.ones(k)
+    task_margin = np.array([per_margin.get(n, margin) for n in names])
+    task_epochs = [epochs_for.get(n, max_epochs) for n in names]
+    caps = _caps(names, avail, budget, task_epochs, fraction)
+    upper, cap_from = caps
+    _check_caps(names, p, upper, cap_from, avail, budget, max_epochs, epochs_for, fraction, unit)
 
-    if max_epochs is not None and avail is not None and float(upper.sum()) < 1 - 1e-12:
-        big = int(np.argmax(p))
-        raise UserError(
-            f"task {names[big]!r}: the budget of {budget:,.0f} {unit} exceeds what the repetition "
-            f"caps allow ({max_epochs:g} epochs x {avail.sum():,.0f} {unit} = "
-            f"{max_epochs * avail.sum():,.0f}); constraint: budget (lower --budget, raise "
-            "--max-epochs or add data)")
-
+    learned_natural = threshold.learned(p, size)
+    kmask = (learned_natural & ~tmask) if keep_learned else np.zeros(k, dtype=bool)
+    floor_margin = np.where(tmask, task_margin, np.where(kmask, keep_margin, 0.0))
+    floored = tmask | kmask
     q = p.copy()
     lower = np.zeros(k)
     req = np.full(k, np.nan)
-    rounds = 0
+    rounds, s = 0, 1.0
     for rounds in range(1, MAX_ROUNDS + 1):  # noqa: B007 - reported
         r = threshold.required(q, size)
-        req = np.where(tmask, r, np.nan)
-        new_lower = np.where(tmask, margin * r, 0.0)
-        _check_feasible(names, new_lower, upper, req, margin, tmask, avail, budget, max_epochs,
-                        unit, size)
-        q_new = min_kl_weights(p, new_lower, upper)
+        req = np.where(floored, r, np.nan)
+        new_lower = np.where(floored, floor_margin * r, 0.0)
+        _check_feasible(names, new_lower, upper, req, floor_margin, tmask, kmask, cap_from,
+                        task_epochs, fraction, avail, budget, unit, size)
+        q_new, s = _min_kl(p, new_lower, upper)
         done = np.allclose(new_lower, lower, rtol=1e-10, atol=1e-15) and \
             np.allclose(q_new, q, rtol=1e-10, atol=1e-15)
         lower, q = new_lower, q_new
         if done:
             break
     learned_planned = threshold.learned(q, size)
-    learned_natural = threshold.learned(p, size)
     for i in np.flatnonzero(tmask & ~learned_planned):
         raise UserError(
             f"task {names[i]!r}: not learned at size {size:g} even at share {_fmt(q[i])}: the "
             "targets compete for the model's capacity; constraint: size (fewer targets or a "
             "larger model)")
+    for i in np.flatnonzero(kmask & ~learned_planned):
+        raise UserError(
+            f"task {names[i]!r}: learned under the natural mix but not at the plan's share "
+            f"{_fmt(q[i])}: the targets and the kept tasks compete for the model's capacity; "
+            "constraint: keep_learned vs size (fewer targets, no --keep-learned or a larger "
+            "model)")
+    binding = _binding(p, q, s, lower, upper, tmask, kmask, cap_from)
     frequent = threshold.frequent(p)
-    needed = [threshold.size_needed(p, i, margin) if tmask[i] else None for i in range(k)]
+    needed = [threshold.size_needed(p, i, task_margin[i]) if tmask[i] else None
+              for i in range(k)]
     minimum = [threshold.size_needed(p, i) if tmask[i] else None for i in range(k)]
     rows = tuple(
         PlanTask(
             task=names[i], natural=float(p[i]), weight=float(q[i]), target=bool(tmask[i]),
             frequent=bool(frequent[i]),
-            required=None if not tmask[i] else float(req[i]), lower=float(lower[i]),
+            required=None if not floored[i] else float(req[i]), lower=float(lower[i]),
             cap=float(upper[i]), available=None if avail is None else float(avail[i]),
             change=float(q[i] - p[i]), relative_change=float(q[i] / p[i] - 1) if p[i] else 0.0,
             learned_natural=bool(learned_natural[i]), learned_planned=bool(learned_planned[i]),
             size_needed=float(needed[i]) if tmask[i] else None,
             size_minimum=float(minimum[i]) if tmask[i] else None,
+            kept=bool(kmask[i]), margin=float(floor_margin[i]) if floored[i] else None,
+            max_epochs=None if task_epochs[i] is None else float(task_epochs[i]),
+            max_fraction=fraction.get(names[i]),
+            binding=binding.get(i, (None,))[0],
         )
         for i in range(k)
     )
@@ -266,31 +350,117 @@ def make_plan(
                          default=None)
     natural_minimum = max((float(max(minimum[i], size)) for i in np.flatnonzero(tmask)),
                           default=None)
+    constraints = {
+        "margin": float(margin), "margins": per_margin, "max_epochs": max_epochs,
+        "max_epochs_for": epochs_for, "max_fraction": fraction, "keep_learned": bool(keep_learned),
+        "keep_margin": float(keep_margin), "kept": [names[i] for i in np.flatnonzero(kmask)],
+    }
     return Plan(unit=unit, size=float(size), margin=float(margin), budget=budget,
                 max_epochs=max_epochs, threshold=threshold.describe(), kl=kl(q, p),
                 natural_size_needed=natural_needed, natural_size_minimum=natural_minimum,
-                rounds=rounds, tasks=rows)
+                rounds=rounds, tasks=rows, constraints=constraints,
+                binding=[{"task": names[i], "constraint": c, "bound": b, "share": float(q[i])}
+                         for i, (c, b) in sorted(binding.items())])
 
 
-def _check_feasible(names, lower, upper, req, margin, tmask, avail, budget, max_epochs, unit,
-                    size) -> None:
-    for i in np.flatnonzero(tmask):
+def _caps(names, avail, budget, task_epochs, fraction) -> tuple[np.ndarray, list[str | None]]:
+    """(each task's ceiling, the constraint that sets it: "max_epochs", "max_fraction" or None)."""
+    upper, source = np.ones(len(names)), [None] * len(names)
+    for i, n in enumerate(names):
+        if task_epochs[i] is not None and avail is not None:
+            cap = task_epochs[i] * avail[i] / budget
+            if cap < upper[i]:
+                upper[i], source[i] = cap, "max_epochs"
+        if n in fraction and fraction[n] < upper[i]:
+            upper[i], source[i] = fraction[n], "max_fraction"
+    return upper, source
+
+
+def _check_caps(names, p, upper, cap_from, avail, budget, max_epochs, epochs_for, fraction,
+                unit) -> None:
+    """The ceilings must leave room for the whole mix."""
+    if float(upper.sum()) >= 1 - 1e-12:
+        return
+    if not epochs_for and not fraction:  # the one global cap: the budget is what is too big
+        big = int(np.argmax(p))
+        raise UserError(
+            f"task {names[big]!r}: the budget of {budget:,.0f} {unit} exceeds what the repetition "
+            f"caps allow ({max_epochs:g} epochs x {avail.sum():,.0f} {unit} = "
+            f"{max_epochs * avail.sum():,.0f}); constraint: budget (lower --budget, raise "
+            "--max-epochs or add data)")
+    kinds = sorted({c for c in cap_from if c is not None})
+    big = max((i for i, c in enumerate(cap_from) if c is not None), key=lambda i: p[i])
+    raise UserError(
+        f"task {names[big]!r}: the caps leave room for {_fmt(float(upper.sum()))} of the data "
+        f"(< 1; this one {_fmt(upper[big])} by {cap_from[big]}); constraint: "
+        f"{' + '.join(kinds)} (raise a cap, lower --budget or add data)")
+
+
+def _check_feasible(names, lower, upper, req, floor_margin, tmask, kmask, cap_from, task_epochs,
+                    fraction, avail, budget, unit, size) -> None:
+    for i in np.flatnonzero(tmask | kmask):
+        floor = "margin" if tmask[i] else "keep_learned"
+        what = f"needs a share of {_fmt(lower[i])} (required {_fmt(req[i])} x " \
+            f"{'margin' if tmask[i] else 'keep margin'} {floor_margin[i]:g})"
+        if not tmask[i]:
+            what = "is learned under the natural mix; keeping it " + what
         if lower[i] > 1:
             raise UserError(
-                f"task {names[i]!r}: needs a share of {_fmt(lower[i])} (required {_fmt(req[i])} "
-                f"x margin {margin:g}) > 1 at size {size:g}; constraint: threshold (a larger "
-                "model or a smaller --margin)")
+                f"task {names[i]!r}: {what} > 1 at size {size:g}; constraint: "
+                f"{'threshold' if tmask[i] else 'keep_learned'} (a larger model or a smaller "
+                f"{'--margin' if tmask[i] else '--keep-margin'})")
         if lower[i] > upper[i] + 1e-15:
-            raise UserError(
-                f"task {names[i]!r}: needs a share of {_fmt(lower[i])} (required "
-                f"{_fmt(req[i])} x margin {margin:g}) but its repetition cap allows "
-                f"{_fmt(upper[i])} ({max_epochs:g} epochs x {avail[i]:,.0f} {unit} / budget "
-                f"{budget:,.0f}); constraint: max_epochs (raise --max-epochs, lower --budget or "
-                "add data for this task)")
+            if cap_from[i] == "max_epochs":
+                cap = (f"its repetition cap allows {_fmt(upper[i])} ({task_epochs[i]:g} epochs x "
+                       f"{avail[i]:,.0f} {unit} / budget {budget:,.0f})")
+                fix = "raise --max-epochs, lower --budget or add data for this task"
+            else:
+                cap = f"its maximum fraction is {fraction[names[i]]:g}"
+                fix = "raise its --max-fraction"
+            raise UserError(f"task {names[i]!r}: {what} but {cap}; constraint: {cap_from[i]} vs "
+                            f"{floor} ({fix})")
     total = float(lower.sum())
     if total > 1 + 1e-12:
-        worst = int(np.nanargmax(np.where(tmask, lower, -1)))
+        worst = int(np.nanargmax(np.where(tmask | kmask, lower, -1)))
+        if not kmask.any():
+            raise UserError(
+                f"task {names[worst]!r}: the targets together need {_fmt(total)} of the data "
+                f"(> 1; this one {_fmt(lower[worst])}); constraint: thresholds (fewer targets, a "
+                "smaller --margin or a larger model)")
         raise UserError(
-            f"task {names[worst]!r}: the targets together need {_fmt(total)} of the data "
-            f"(> 1; this one {_fmt(lower[worst])}); constraint: thresholds (fewer targets, a "
-            "smaller --margin or a larger model)")
+            f"task {names[worst]!r}: the targets and the {int(kmask.sum())} tasks kept learned "
+            f"together need {_fmt(total)} of the data (> 1; this one {_fmt(lower[worst])}); "
+            "constraint: thresholds + keep_learned (fewer targets, smaller margins, no "
+            "--keep-learned or a larger model)")
+
+
+def _binding(p, q, s, lower, upper, tmask, kmask, cap_from) -> dict[int, tuple[str, str]]:
+    """{task index: (constraint, "lower"|"upper")} for the tasks held at a bound the common
+    factor s would cross (a task exactly at s p_k on its bound does not bind)."""
+    out = {}
+    for i in range(len(q)):
+        free = s * p[i]
+        if lower[i] > 0 and q[i] <= lower[i] * (1 + 1e-9) and free < lower[i] * (1 - 1e-9):
+            out[i] = ("margin" if tmask[i] else "keep_learned", "lower")
+        elif upper[i] < 1 and q[i] >= upper[i] * (1 - 1e-9) and free > upper[i] * (1 + 1e-9):
+            out[i] = (cap_from[i], "upper")
+    return out
+
+
+def parse_task_values(items: Sequence[str] | None, option: str) -> dict[str, float]:
+    """``["arith=4", "code=2.5"]`` -> ``{"arith": 4.0, "code": 2.5}`` for a repeated CLI option
+    (``--max-epochs-for TASK=N``); the value follows the last ``=``, so a task name may hold one.
+    Ranges are checked by :func:`make_plan`."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        task, eq, value = str(item).rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not eq or not task or number is None:
+            raise UserError(f"{option}: expected TASK=NUMBER, got {item!r}")
+        if task in out:
+            raise UserError(f"{option}: task {task!r} given twice")
+        out[task] = number
+    return out
