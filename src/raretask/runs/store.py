@@ -337,6 +337,10 @@ def read_parquet(path: Path | str, columns: list[str] | None = None) -> pa.Table
     written before checksums read as before (their pages carry none to check).
     """
     try:
+        os.stat(path)  # pyarrow names a missing file without its errno
+    except OSError as err:
+        raise io_error(path, err, "cannot read") from None
+    try:
         return pq.read_table(path, columns=columns, page_checksum_verification=True)
     except (OSError, pa.ArrowException, ValueError) as err:
         if isinstance(err, OSError) and err.errno:
