@@ -211,3 +211,184 @@ def test_plan_out_refuses_a_directory_another_process_writes(tmp_path, capsys):
     code, _, _ = run(capsys, "plan", str(EXAMPLES / "tasks.yaml"), "--size", "16", "--out",
                      str(out))
     assert code == 0 and (out / "plan.json").exists()
+
+
+# -- per-task constraints and keep_learned (issue 22, item 4) ----------------------------------
+NAMES = ["a", "b", "c", "d"]
+COUNTS = np.array([5000.0, 3000.0, 1500.0, 20.0])
+
+
+def flat_plan(share=0.02, **kw):
+    """A plan of four tasks against a flat threshold (``share`` at any size)."""
+    thr = CalibratedThreshold(np.log10(share), 0.0)
+    return make_plan(NAMES, COUNTS, thr, 1.0, available=COUNTS, **kw)
+
+
+def binds(plan):
+    return [(b["task"], b["constraint"], b["bound"]) for b in plan.binding]
+
+
+def weights(plan):
+    return np.array([t.weight for t in plan.tasks])
+
+
+def test_max_fraction_caps_one_task_and_binds():
+    plan = flat_plan(targets=["d"], max_fraction={"a": 0.4})
+    q = weights(plan)
+    # a at its cap, d at 2% x 1.5, b and c share the rest in their natural proportion 2:1
+    assert q == pytest.approx([0.4, 0.38, 0.19, 0.03], abs=1e-12)
+    assert plan.kl == pytest.approx(0.077535, abs=1e-6)
+    assert binds(plan) == [("a", "max_fraction", "upper"), ("d", "margin", "lower")]
+    assert [t.binding for t in plan.tasks] == ["max_fraction", None, None, "margin"]
+    assert plan.tasks[0].max_fraction == 0.4 and plan.tasks[0].cap == 0.4
+    ref = scipy_min_kl(COUNTS / COUNTS.sum(), np.array([0, 0, 0, 0.03]),
+                       np.array([0.4, 1, 1, 1]))
+    assert q == pytest.approx(ref, abs=2e-5)
+
+
+def test_per_task_repetition_cap_overrides_the_global_one():
+    plan = flat_plan(targets=["d"], max_epochs=20, max_epochs_for={"c": 0.5})
+    q = weights(plan)
+    assert q[2] == pytest.approx(0.5 * 1500 / 9520, abs=1e-12)  # half an epoch of c
+    assert q == pytest.approx([0.557012, 0.334207, 0.078782, 0.03], abs=1e-6)
+    assert binds(plan) == [("c", "max_epochs", "upper"), ("d", "margin", "lower")]
+    assert [t.max_epochs for t in plan.tasks] == [20, 20, 0.5, 20]
+    assert plan.constraints["max_epochs_for"] == {"c": 0.5}
+
+
+def test_each_target_its_own_margin():
+    plan = flat_plan(0.05, targets=["c", "d"], margin=2, margins={"c": 4})
+    # c needs 5% x 4 (above its natural 15.8%), d 5% x 2; a and b keep their ratio 5:3
+    assert weights(plan) == pytest.approx([0.4375, 0.2625, 0.2, 0.1], abs=1e-12)
+    assert [t.margin for t in plan.tasks] == [None, None, 4.0, 2.0]
+    assert binds(plan) == [("c", "margin", "lower"), ("d", "margin", "lower")]
+    assert plan.kl == pytest.approx(0.306076, abs=1e-6)
+
+
+def test_keep_learned_holds_what_the_natural_mix_learns():
+    # at a 10% threshold a, b and c are learned; lifting d to 15% would take c to 13.4%
+    free = flat_plan(0.1, targets=["d"])
+    assert weights(free) == pytest.approx([0.447368, 0.268421, 0.134211, 0.15], abs=1e-6)
+    kept = flat_plan(0.1, targets=["d"], keep_learned=True)
+    assert kept.constraints["kept"] == ["a", "b", "c"]
+    assert [t.kept for t in kept.tasks] == [True, True, True, False]
+    # ... with keep_learned c keeps 10% x the margin (1.5 by default)
+    assert weights(kept) == pytest.approx([0.4375, 0.2625, 0.15, 0.15], abs=1e-12)
+    assert binds(kept) == [("c", "keep_learned", "lower"), ("d", "margin", "lower")]
+    assert kept.kl == pytest.approx(0.504961, abs=1e-6)
+    # a keep margin of 1.2 asks for 12%, which c keeps without help: nothing of it binds
+    loose = flat_plan(0.1, targets=["d"], keep_learned=True, keep_margin=1.2)
+    assert weights(loose) == pytest.approx(weights(free), abs=1e-15)
+    assert binds(loose) == [("d", "margin", "lower")]
+
+
+def test_keep_learned_on_the_fix_toy_loses_nothing():
+    """The fix's setting: without keep_learned the plan lifts task 16 and drops task 9 below its
+    Theorem 3 threshold; with it tasks 7-9 are held at 1.5 x theirs and all ten are learned."""
+    ts, thr = toy()
+    natural = Theory(ts).learned(16)
+    assert np.flatnonzero(natural).tolist() == list(range(9))
+    plain = make_plan(ts.names, ts.frequencies, thr, 16, targets=["16"], margin=1.5)
+    assert plain.tasks[8].learned_natural and not plain.tasks[8].learned_planned
+    plan = make_plan(ts.names, ts.frequencies, thr, 16, targets=["16"], margin=1.5,
+                     keep_learned=True)
+    q = weights(plan)
+    th = Theory(TaskSet(ts.names, q, ts.spectra))
+    assert np.flatnonzero(th.learned(16)).tolist() == [*range(9), 15]
+    assert binds(plan) == [("7", "keep_learned", "lower"), ("8", "keep_learned", "lower"),
+                           ("9", "keep_learned", "lower"), ("16", "margin", "lower")]
+    for i in (6, 7, 8, 15):  # each at 1.5 x its threshold at the planned mix
+        assert q[i] == pytest.approx(1.5 * th.required_frequency(i, 16), rel=1e-9)
+    assert q[15] == pytest.approx(0.026945, abs=1e-6)
+    assert plan.kl == pytest.approx(0.019146, abs=1e-6)
+    free = [i for i in range(16) if i not in (6, 7, 8, 15)]
+    ratio = q[free] / ts.frequencies[free]
+    assert ratio == pytest.approx(np.full(len(free), ratio[0]), rel=1e-12)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(targets=["d"], max_fraction={"d": 0.01}),
+     "task 'd': needs a share of 0.03 (required 0.02 x margin 1.5) but its maximum fraction is "
+     "0.01; constraint: max_fraction vs margin (raise its --max-fraction)"),
+    (dict(targets=["d"], max_fraction={"a": 0.2, "b": 0.2}, max_epochs_for={"c": 1, "d": 2}),
+     "task 'a': the caps leave room for 0.5618 of the data (< 1; this one 0.2 by max_fraction); "
+     "constraint: max_epochs + max_fraction (raise a cap, lower --budget or add data)"),
+    (dict(share=0.1, targets=["d"], keep_learned=True, max_fraction={"c": 0.12}),
+     "task 'c': is learned under the natural mix; keeping it needs a share of 0.15 (required "
+     "0.1 x keep margin 1.5) but its maximum fraction is 0.12; constraint: max_fraction vs "
+     "keep_learned (raise its --max-fraction)"),
+    (dict(share=0.1, targets=["d"], keep_learned=True, max_epochs_for={"c": 0.8}),
+     "task 'c': is learned under the natural mix; keeping it needs a share of 0.15 (required "
+     "0.1 x keep margin 1.5) but its repetition cap allows 0.1261 (0.8 epochs x 1,500 examples "
+     "/ budget 9,520); constraint: max_epochs vs keep_learned (raise --max-epochs, lower "
+     "--budget or add data for this task)"),
+    (dict(share=0.1, targets=["d"], keep_learned=True, margin=3),
+     "task 'a': the targets and the 3 tasks kept learned together need 1.2 of the data (> 1; "
+     "this one 0.3); constraint: thresholds + keep_learned (fewer targets, smaller margins, no "
+     "--keep-learned or a larger model)"),
+    (dict(share=0.5, targets=["d"], keep_learned=True, keep_margin=2.1),
+     "task 'a': is learned under the natural mix; keeping it needs a share of 1.05 (required "
+     "0.5 x keep margin 2.1) > 1 at size 1; constraint: keep_learned (a larger model or a "
+     "smaller --keep-margin)"),
+    (dict(targets=["d"], margins={"c": 2}), "--margin-for: task 'c' is not a target (add "
+     "--target c)"),
+    (dict(targets=["d"], margins={"d": 0.5}),
+     "--margin-for: task 'd': expected a number >= 1, got 0.5"),
+    (dict(targets=["d"], max_fraction={"zz": 0.2}),
+     "--max-fraction: unknown task 'zz' (known: a, b, c, d)"),
+    (dict(targets=["d"], max_fraction={"a": 1.2}),
+     "--max-fraction: task 'a': expected a number > 0 and <= 1, got 1.2"),
+    (dict(targets=["d"], max_epochs_for={"a": 0}),
+     "--max-epochs-for: task 'a': expected a number > 0, got 0"),
+    (dict(targets=["d"], keep_learned=True, keep_margin=0.9),
+     "--keep-margin must be a number >= 1, got 0.9"),
+])
+def test_conflicting_constraints_fail_in_one_line(kw, message):
+    with pytest.raises(UserError) as err:
+        flat_plan(**kw)
+    assert str(err.value) == message
+
+
+def test_repetition_cap_per_task_needs_counts():
+    thr = CalibratedThreshold(np.log10(0.02), 0.0)
+    with pytest.raises(UserError, match=r"^--max-epochs-for: a repetition cap needs the data's "):
+        make_plan(NAMES, COUNTS, thr, 1.0, targets=["d"], max_epochs_for={"a": 2})
+
+
+def test_plan_json_records_constraints_and_binding(tmp_path, capsys):
+    src = tmp_path / "tasks.csv"
+    src.write_text("name,count,alpha,features\na,5000,2,8\nb,3000,2,8\nc,1500,2,8\nd,20,2,8\n")
+    out = tmp_path / "plan"
+    code, _, err = run(capsys, "plan", str(src), "--size", "4", "--target", "d", "--out",
+                       str(out), "--keep-learned", "--max-fraction", "a=0.35",
+                       "--max-epochs-for", "d=400", "--margin-for", "d=2")
+    assert code == 0, err
+    plan = json.loads((out / "plan.json").read_text())
+    c = plan["constraints"]
+    assert c["max_fraction"] == {"a": 0.35} and c["max_epochs_for"] == {"d": 400.0}
+    assert c["margins"] == {"d": 2.0} and c["keep_learned"] and c["keep_margin"] == 1.5
+    assert c["kept"] == ["a", "b", "c"]  # Theorem 3 at width 4 (8 features each)
+    assert [(b["task"], b["constraint"], b["bound"]) for b in plan["binding"]] == [
+        ("a", "max_fraction", "upper"), ("d", "margin", "lower")]
+    w = {t["task"]: t["weight"] for t in plan["tasks"]}
+    assert w == pytest.approx({"a": 0.35, "b": 0.302412, "c": 0.151206, "d": 0.196383},
+                              abs=1e-6)
+    assert all(t["learned_planned"] for t in plan["tasks"])
+    from raretask.mixing.plan import Plan
+
+    assert Plan.from_json(plan).binding == plan["binding"]  # plan.json reads back
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-fraction", "a"], "error: --max-fraction: expected TASK=NUMBER, got 'a'\n"),
+    (["--max-fraction", "a=x"], "error: --max-fraction: expected TASK=NUMBER, got 'a=x'\n"),
+    (["--margin-for", "d=2", "--margin-for", "d=3"],
+     "error: --margin-for: task 'd' given twice\n"),
+])
+def test_bad_per_task_options_exit_2(tmp_path, capsys, args, message):
+    src = tmp_path / "tasks.csv"
+    src.write_text("name,count,alpha,features\na,5000,2,8\nb,3000,2,8\nc,1500,2,8\nd,20,2,8\n")
+    out = tmp_path / "plan"
+    code, stdout, err = run(capsys, "plan", str(src), "--size", "4", "--target", "d", "--out",
+                            str(out), *args)
+    assert (code, stdout, err) == (2, "", message) and not out.exists()
