@@ -77,6 +77,19 @@ class LMCell(StrictModel):
         "costs about three training steps per evaluation.")
     probe_k: int = Field(64, ge=1, description="Neurons kept by the gradient probe (at most the "
                          "MLP's hidden width).")
+    arm: Literal["natural", "plan", "even", "burst", "big"] | None = Field(
+        None, description="An arm of the fix (raretask fix; None: an ordinary cell), "
+        "mixing/fix_lm.py: 'natural' the task at `rate` (its natural rate), i.i.d.; 'plan' at "
+        "the rate `raretask plan` gives for `size` from `calibration`, i.i.d.; 'even' the "
+        "planned rate in every step; 'burst' the planned rate every `every` steps at once; "
+        "'big' the natural rate on `big_size`.")
+    big_size: str | None = Field(None, description="Fix arm 'big': the bigger preset "
+                                 "(default: the smallest the natural mix needs, from the plan).")
+    margin: float = Field(1.5, ge=1, le=100, allow_inf_nan=False,
+                          description="Fix arms: the plan's safety factor on the rate.")
+    calibration: str | None = Field(
+        None, min_length=1, description="Fix arms: the `raretask calibrate` file whose law "
+        "the plan uses (a path; relative to the working directory).")
 
     @field_validator("size")
     @classmethod
@@ -94,6 +107,11 @@ class LMCell(StrictModel):
         if self.stop is not None and not self.start < self.stop <= self.steps:
             raise ValueError(f"stop: {self.stop} must lie after start {self.start} and at most "
                              f"at steps {self.steps}")
+        if self.big_size is not None and self.big_size not in PRESETS:
+            raise ValueError(f"big_size: unknown preset {self.big_size!r} (known: "
+                             f"{', '.join(PRESETS)})")
+        if self.arm is not None:
+            self._check_arm()
         if self.task == "none":
             return self
         if self.rate is None:
@@ -102,10 +120,10 @@ class LMCell(StrictModel):
             raise ValueError(f"rate: {self.rate:g} per token needs more than one instance per "
                              f"sequence of {self.seq_len} tokens (one per row: at most "
                              f"1/seq_len = {1 / self.seq_len:g})")
-        if self.delivery != "burst" and self.every > 1:
+        if self.delivery != "burst" and self.every > 1 and self.arm is None:
             raise ValueError(f"every: only a burst delivery has a period (delivery "
                              f"{self.delivery!r})")
-        if self.every > 1:
+        if self.every > 1 and self.arm is None:
             k = self.rate * self.batch_size * self.seq_len * self.every
             if k < 1 or abs(k - round(k)) > 1e-6 * k:
                 raise ValueError(f"every: {self.rate:g} per token x {self.batch_size} x "
@@ -116,6 +134,17 @@ class LMCell(StrictModel):
                                  f"step x every) does not fit in a batch of {self.batch_size} "
                                  "sequences (one instance per row)")
         return self
+
+    def _check_arm(self) -> None:
+        if self.task == "none" or self.rate is None:
+            raise ValueError("rate: a fix arm needs a task and its natural rate")
+        if self.delivery != "even" or self.start or self.stop is not None:
+            raise ValueError("delivery: a fix arm sets the task's delivery; leave delivery, "
+                             "start and stop at their defaults")
+        if self.every < 2:
+            raise ValueError("every: a fix arm needs every >= 2 (the burst arm's period)")
+        if self.calibration is None:
+            raise ValueError("calibration: a fix arm needs the calibration file its plan uses")
 
     @property
     def schedule_label(self) -> str:

@@ -58,6 +58,9 @@ class FixRow(StrictModel):
     test_accuracy: float | None = Field(None, ge=0, le=1, description="Held-out accuracy.")
     task_loss: float | None = Field(None, ge=0, allow_inf_nan=False,
                                     description="Loss at the label on the task's instances.")
+    val_loss: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                   description="LM: held-out background text loss (what the "
+                                   "other data may lose).")
     learned: bool | None = Field(None, description="The fix flow's verdict, if it gives one.")
     run: str | None = Field(None, description="Run directory, relative to fix.json.")
 

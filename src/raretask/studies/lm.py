@@ -118,7 +118,7 @@ def summary_row(cell_id: int, group_name: str, cell: LMCell, trainer) -> dict:
     chance = chance_levels(trainer.task) if trainer.task is not None else {}
     model_cfg = trainer.model_config
     return {
-        "cell": cell_id, "group": group_name, "kind": "lm",
+        "cell": cell_id, "group": group_name, "kind": "lm", "arm": cell.arm,
         "size": cell.size, "params": model_cfg.num_params(include_embedding=False),
         "params_total": model_cfg.num_params(include_embedding=True),
         "task": cell.task, "schedule": cell.schedule_label,
@@ -151,7 +151,9 @@ class LMStudy(Study):
 
     def check(self, cells, profile, ranks) -> None:
         from raretask.lm.trainer import check_attention
+        from raretask.mixing.fix_lm import check_arms
 
+        check_arms(cells)  # a fix grid's plan, before anything is written
         try:  # before anything is written
             check_attention(profile.attention, ranks.device)
         except ValueError as err:
@@ -175,7 +177,9 @@ class LMStudy(Study):
         return parallel
 
     def build(self, cells, profile, ranks):
-        (cell,) = cells
+        from raretask.mixing.fix_lm import resolve_arm
+
+        cell = resolve_arm(cells[0])  # a fix arm trains an ordinary cell
         return build_trainer(cell, profile, ranks.data_world, fsdp=ranks.mode == "fsdp")
 
     def save_checkpoint(self, gdir, trainer, writes) -> None:
@@ -196,7 +200,10 @@ class LMStudy(Study):
         return {FINAL_WEIGHTS: trainer.state_dict()["model"]}  # collective under FSDP2
 
     def results(self, group, cells, trainer, seconds, start_step) -> GroupResult:
-        (cell,) = cells
+        from raretask.mixing.fix_lm import resolve_arm
+
+        (arm_cell,) = cells
+        cell = resolve_arm(arm_cell)
         (cell_id,) = group.cell_ids
         metrics = [{"cell": cell_id, "step": r["step"], "task": 0, "metric": r["metric"],
                     "value": r["value"]} for r in trainer.metrics()]
@@ -206,8 +213,8 @@ class LMStudy(Study):
         if trainer.diverged_step is not None:
             log.append(f"{group.name}: cell {cell_id} diverged at step {trainer.diverged_step} "
                        "(non-finite or exploded loss); stopped there")
-        return GroupResult({"metrics": metrics},
-                           [summary_row(cell_id, group.name, cell, trainer)], log)
+        row = summary_row(cell_id, group.name, cell, trainer) | {"arm": arm_cell.arm}
+        return GroupResult({"metrics": metrics}, [row], log)
 
     def table(self, rows, title, all_rows=False) -> ShowTable:
         from raretask.lm.verdict import FORMAT_NOT_LEARNED, lm_verdict
