@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu/session.sh fig5_scale                  (issue 19: ~3 calls, resumed; docs/lm_study.md)
 #   LM_TIMEOUT=300 bash benchmarks/gpu/session.sh add_grok; LM_TIMEOUT=250 bash benchmarks/gpu/session.sh fig8_retention
 #                                                               (issue 19: T_ADD grokking and Fig. 8 in one call)
+#   bash benchmarks/gpu/session.sh fix_lm                      (issue 22: the LM fix, 5 arms x 3 seeds)
 # $OUT returns at most 8 files: a job leaves two to four (JOB.out, a JSON, a log, NAME.tgz); count
 # them before a call (tar the .out files together at the end, as session 6 did).
 # LM grids run packed: LM_PROCS (default 6) processes share the GPU, --parallel cells.
@@ -62,6 +63,11 @@ job() {
         fig5_scale) lm_run fig5_scale configs/fig5_lm_scale.yaml ;;        # 120 cells, ~3 calls
         add_grok) lm_run add_grok configs/fig5_lm_add_grok.yaml ;;         # 8 cells, T_ADD grokking
         fig8_retention) lm_run fig8_retention configs/fig8_lm_retention.yaml ;;  # 24 cells, traced
+        fix_lm) lm_run fix_lm configs/fix_lm.yaml && {  # 15 cells (issue 22); then the fix files
+                    COLUMNS=100 python3 -m raretask fix configs/fix_lm.yaml --out /tmp/runs/fix_lm \
+                        "${LM_FAST[@]}" >"$OUT/fix_lm_table.txt"
+                    tar czf "$OUT/fix_lm.tgz" --exclude='*.safetensors' --exclude=state.pt \
+                        -C /tmp/runs fix_lm; } ;;
         multi_ddp) python3 benchmarks/lm_multi_gpu.py --out /tmp/runs/mg_ddp --preset 300m --parallel ddp &&
                    cp /tmp/runs/mg_ddp/lm_multi_gpu.json "$OUT/multi_ddp.json" ;;
         multi_fsdp) python3 benchmarks/lm_multi_gpu.py --out /tmp/runs/mg_fsdp --preset 1b --parallel fsdp &&
