@@ -149,9 +149,19 @@ def test_plan_out_a_file_and_another_commands_set_are_refused(tmp_path, capsys):
     assert (a / "analysis.json").read_text() == "{}"
 
 
+def analysis(tmp_path, capsys) -> Path:
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"task": t, "text": "a b " * (1 + i % 3)}) + "\n"
+                            for i, t in enumerate("x" * 60 + "y" * 30 + "z" * 10)))
+    assert run(capsys, "analyze", str(data), "--task-field", "task", "--out",
+               str(tmp_path / "a"))[0] == 0
+    return tmp_path / "a"
+
+
 def test_plan_out_killed_between_exports_keeps_the_old_set(tmp_path, capsys, monkeypatch):
     out = tmp_path / "p"
-    args = ("plan", str(EXAMPLES / "tasks.yaml"), "--size", "16", "--out", str(out))
+    args = ("plan", str(analysis(tmp_path, capsys)), "--size", "16", "--alpha", "2",
+            "--out", str(out))
     assert run(capsys, *args)[0] == 0
     before = snapshot(out)
     assert {"plan.json", "megatron.txt", "interleave.json", MANIFEST} <= set(before)

@@ -2,9 +2,12 @@
 
 Streams the rows once (:mod:`raretask.mixing.readers`), takes each row's task from a field or
 from tagging rules (:mod:`raretask.mixing.rules`), and counts examples and tokens per task.
-Tokens are whitespace-separated words of the text field (``--text-field``), or the integer in
-``--tokens-field`` when the data carries its own token counts: a real tokenizer differs by a
-roughly constant factor, which cancels in shares.
+Tokens are whitespace-separated words of the text field (``--text-field``), the tokens of a
+real tokenizer (``--tokenizer``: a tokenizers JSON file or an offline pretrained name,
+:mod:`raretask.mixing.token_counts`), or the integer in ``--tokens-field`` when the data carries
+its own token counts. Words differ from a tokenizer's tokens by a factor that varies by domain
+(code and numbers split into many more tokens than prose), so plans in tokens for a real
+training run should count with the model's tokenizer.
 
 The rank-frequency curve (shares sorted descending against rank 1, 2, ...) is fitted by a power
 law ``share ∝ rank^-beta`` (least squares on logs, ``scipy.stats.linregress``: beta, its standard
@@ -30,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from raretask.errors import UserError
-from raretask.mixing.readers import read_records
+from raretask.mixing.readers import field_names, read_records
 from raretask.mixing.rules import RuleSet
+from raretask.mixing.token_counts import BATCH, load_token_counter
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class Analysis:
     size: float | None = None
     threshold: str | None = None
     extra: dict = field(default_factory=dict)
+    token_unit: str | None = None  # how tokens were counted (words, a field, a tokenizer)
+    rows_without_text: int = 0  # rows lacking the text field: they add no tokens
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -94,18 +100,13 @@ class Analysis:
                 skipped=int(data.get("skipped", 0)), tasks=tasks,
                 power_law=PowerLaw(**pl) if pl else None, size=data.get("size"),
                 threshold=data.get("threshold"), extra=data.get("extra", {}),
+                token_unit=data.get("token_unit"),
+                rows_without_text=data.get("rows_without_text", 0),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{source}: not an analysis file written by raretask analyze "
                             f"({type(err).__name__}: {err})") from None
-        for i, t in enumerate(tasks):  # counts come back as the integers analyze wrote
-            for name in ("count", "tokens"):
-                v = getattr(t, name)
-                if (v is not None or name == "count") and (type(v) is not int or v < 0):
-                    raise UserError(f"{source}: tasks.{i}.{name}: expected an integer >= 0, "
-                                    f"got {v!r}")
-            if not isinstance(t.task, str):
-                raise UserError(f"{source}: tasks.{i}.task: expected a name, got {t.task!r}")
+        _check_loaded(result, source)
         return result
 
     def names(self) -> list[str]:
@@ -113,6 +114,54 @@ class Analysis:
 
     def shares(self) -> np.ndarray:
         return np.array([t.share for t in self.tasks])
+
+
+MAX_COUNT = 2**53  # counts above this lose their last digits as floats: no real data has them
+
+
+def _count_ok(v) -> bool:
+    return type(v) is int and 0 <= v <= MAX_COUNT
+
+
+def _share_ok(v) -> bool:
+    return type(v) in (int, float) and 0 <= v <= 1  # NaN and inf fail both comparisons
+
+
+def _check_loaded(a: Analysis, source: str) -> None:
+    """An analysis read back must be one analyze could have written: every count an integer in
+    range, shares in [0, 1], task names unique, token counts for every task or for none."""
+    def bad(field: str, expected: str, got) -> UserError:
+        text = repr(got) if len(repr(got)) <= 40 else repr(got)[:37] + "..."
+        return UserError(f"{source}: {field}: expected {expected}, got {text}")
+
+    in_range = f"an integer from 0 to {MAX_COUNT:,}"
+    for name in ("examples", "skipped", "rows_without_text"):
+        if not _count_ok(getattr(a, name)):
+            raise bad(name, in_range, getattr(a, name))
+    if a.tokens is not None and not _count_ok(a.tokens):
+        raise bad("tokens", f"null or {in_range}", a.tokens)
+    seen: dict[str, int] = {}
+    for i, t in enumerate(a.tasks):
+        if not isinstance(t.task, str) or not t.task:
+            raise bad(f"tasks.{i}.task", "a name", t.task)
+        if t.task in seen:
+            raise UserError(f"{source}: tasks.{i}.task: {t.task!r} repeats tasks.{seen[t.task]}"
+                            ".task (task names must be unique)")
+        seen[t.task] = i
+        if not _count_ok(t.count):
+            raise bad(f"tasks.{i}.count", in_range, t.count)
+        if t.tokens is None and a.tokens is not None:
+            raise UserError(f"{source}: tasks.{i}.tokens: null, but the analysis counts tokens "
+                            f"(tokens: {a.tokens}); every task needs its token count")
+        if t.tokens is not None and not _count_ok(t.tokens):
+            raise bad(f"tasks.{i}.tokens", in_range, t.tokens)
+        if t.tokens is not None and a.tokens is None:
+            raise UserError(f"{source}: tokens: null, but tasks.{i}.tokens is {t.tokens}; give "
+                            "the total or no task's tokens")
+        for name in ("share", "token_share", "required_share"):
+            v = getattr(t, name)
+            if (v is not None or name == "share") and not _share_ok(v):
+                raise bad(f"tasks.{i}.{name}", "a share from 0 to 1", v)
 
 
 def fit_power_law(shares: Sequence[float]) -> PowerLaw | None:
@@ -156,15 +205,16 @@ def _task_of(values: dict, task_field: str | None, tagger) -> tuple[str | None, 
     return task, None
 
 
-def _tokens_of(values: dict, text_field: str, tokens_field: str | None) -> tuple[int | None,
-                                                                                 str | None]:
+def _tokens_of(values: dict, text_field: str, tokens_field: str | None) -> tuple[
+        int | str | None, str | None]:
+    """(the row's token count, or its text to count, or None without a text; error)."""
     if tokens_field is not None:
         v = values.get(tokens_field)
         try:
             n = int(v) if not isinstance(v, bool) else None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             n = None
-        if n is None or n < 0 or (isinstance(v, float) and v != n):
+        if n is None or n < 0 or n > MAX_COUNT or (isinstance(v, float) and v != n):
             return None, f"field {tokens_field!r} must be an integer >= 0, got {v!r}"
         return n, None
     text = values.get(text_field)
@@ -172,16 +222,42 @@ def _tokens_of(values: dict, text_field: str, tokens_field: str | None) -> tuple
         return None, None
     if not isinstance(text, str):
         return None, f"field {text_field!r} must be text, got {type(text).__name__}"
-    return len(text.split()), None
+    return text, None
+
+
+class _TokenTally:
+    """Tokens per task, texts counted in batches by the token counter."""
+
+    def __init__(self, counter) -> None:
+        self.counter = counter
+        self.tokens: dict[str, int] = {}
+        self.pending: list[tuple[str, str]] = []
+
+    def add(self, task: str, n: int | str) -> None:
+        if isinstance(n, str):
+            self.pending.append((task, n))
+            if len(self.pending) >= BATCH:
+                self.flush()
+        else:
+            self.tokens[task] = self.tokens.get(task, 0) + n
+
+    def flush(self) -> dict[str, int]:
+        if self.pending:
+            counts = self.counter.count([text for _, text in self.pending])
+            for (task, _), n in zip(self.pending, counts, strict=True):
+                self.tokens[task] = self.tokens.get(task, 0) + n
+            self.pending = []
+        return self.tokens
 
 
 def analyze(
     paths: Sequence[str | Path],
     task_field: str | None = None,
     rules: RuleSet | None = None,
-    text_field: str = "text",
+    text_field: str | None = None,
     tokens_field: str | None = None,
     skip_bad: bool = False,
+    tokenizer: str | Path | None = None,
 ) -> Analysis:
     """Count examples and tokens per task over every row of ``paths``.
 
@@ -194,29 +270,41 @@ def analyze(
     rules:
         Tagging rules for untagged text.
     text_field:
-        Field whose whitespace words count as tokens (rows without it add none).
+        Field whose tokens are counted (default ``text``; rows without it add none, and are
+        counted in ``rows_without_text``). Named explicitly, or with a ``tokenizer``, it must
+        occur in some row.
     tokens_field:
-        Integer field with each row's token count (instead of counting words).
+        Integer field with each row's token count (instead of counting).
     skip_bad:
         Skip malformed rows and count them, instead of stopping at the first.
+    tokenizer:
+        A tokenizers JSON file or an offline pretrained name
+        (:func:`raretask.mixing.token_counts.load_token_counter`); default whitespace words.
 
     Raises
     ------
     UserError
-        A malformed row (naming file and line) unless ``skip_bad``; no rows at all.
+        A malformed row (naming file and line) unless ``skip_bad``; no rows at all; a named
+        text field that no row has.
     """
     if (task_field is None) == (rules is None):
         raise UserError("--task-field: give either a task field or a rules file, not both "
                         "and not neither")
     if not paths:
         raise UserError("DATA: give at least one file or directory")
+    if tokens_field is not None and (tokenizer is not None or text_field is not None):
+        raise UserError("--tokens-field: the data's own token counts replace counting the "
+                        "text; give it without --tokenizer and --text-field")
+    must_have_text = text_field is not None or tokenizer is not None
+    text_field = text_field or "text"
+    counter = load_token_counter(tokenizer) if tokens_field is None else None
     tagger = rules.compile() if rules is not None else None
     fields = [task_field] if task_field is not None else [rules.field]
     fields += [tokens_field] if tokens_field is not None else [text_field]
     counts: dict[str, int] = {}
-    tokens: dict[str, int] = {}
+    tally = _TokenTally(counter)
     any_tokens = False
-    skipped = 0
+    skipped = without_text = 0
     for rec in read_records([Path(p) for p in paths], list(dict.fromkeys(fields))):
         err = rec.error
         task = ntok = None
@@ -230,13 +318,20 @@ def analyze(
             skipped += 1
             continue
         counts[task] = counts.get(task, 0) + 1
-        if ntok is not None:
+        if ntok is None:
+            without_text += 1
+        else:
             any_tokens = True
-            tokens[task] = tokens.get(task, 0) + ntok
+            tally.add(task, ntok)
     total = sum(counts.values())
     if total == 0:
         raise UserError(f"{', '.join(map(str, paths))}: no usable rows"
                         + (f" ({skipped} malformed skipped)" if skipped else ""))
+    if not any_tokens and must_have_text:  # a mistyped field would silently count nothing
+        seen = field_names(Path(paths[0]))
+        raise UserError(f"--text-field {text_field!r}: no row of {paths[0]} has this field"
+                        + (f" (its fields: {', '.join(seen[:12])})" if seen else ""))
+    tokens = tally.flush()
     total_tokens = sum(tokens.values()) if any_tokens else None
     order = sorted(counts, key=lambda t: (-counts[t], t))
     rows = tuple(
@@ -250,9 +345,14 @@ def analyze(
     )
     tagging = f"field {task_field!r}" if task_field is not None else \
         f"{len(rules.rules)} rules on field {rules.field!r}"
+    unit = None
+    if any_tokens:
+        unit = f"field {tokens_field!r}" if tokens_field is not None else \
+            f"{counter.name} of {text_field!r}"
     return Analysis(sources=tuple(str(p) for p in paths), tagging=tagging, examples=total,
                     tokens=total_tokens, skipped=skipped, tasks=rows,
-                    power_law=fit_power_law([r.share for r in rows]))
+                    power_law=fit_power_law([r.share for r in rows]), token_unit=unit,
+                    rows_without_text=without_text if tokens_field is None else 0)
 
 
 def mark_risk(analysis: Analysis, size: float, threshold) -> Analysis:

@@ -69,37 +69,63 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 ANALYZE_FILES = ("analysis.json", "rank_frequency.png")
 
 
+ToyAlpha = Annotated[float | None, typer.Option(
+    "--alpha", help="Toy theory: spectrum decay of every task (giving it, or --features, asks "
+    "for the theory's at-risk marks; default 2).")]
+ToyFeatures = Annotated[int | None, typer.Option(
+    "--features", help="Toy theory: features per task (default 32).")]
+RISK_UNKNOWN = ("unknown: the share a task needs depends on the model and the data; give "
+                "--calibration (a law from `raretask calibrate`) or --alpha/--features for the "
+                "toy theory")
+
+
 def analyze(
     data: Annotated[list[Path], typer.Argument(
         help="JSONL, CSV or Parquet files, or datasets save_to_disk directories.")],
     task_field: Annotated[str | None, typer.Option(help="Field naming each row's task.")] = None,
     rules: Annotated[Path | None, typer.Option(
         help="YAML of regex/keyword rules tagging untagged text (docs/mixing.md).")] = None,
-    text_field: Annotated[str, typer.Option(help="Text field; its words count as tokens.")]
-    = "text",
+    text_field: Annotated[str | None, typer.Option(
+        help="Text field whose tokens are counted (default 'text'; a field named here must "
+        "occur in the data).")] = None,
+    tokenizer: Annotated[str | None, typer.Option(
+        help="Count tokens with this tokenizer: a Hugging Face tokenizer.json, a "
+        "save_pretrained directory, or a pretrained name in the local cache (never "
+        "downloaded). Default: whitespace words.")] = None,
     tokens_field: Annotated[str | None, typer.Option(
-        help="Integer field with each row's token count (instead of counting words).")] = None,
+        help="Integer field with each row's token count (instead of counting).")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip malformed rows and count them.")] = False,
     size: Size = None,
     calibration: Calib = None,
     curve: Curve = None,
-    alpha: Alpha = 2.0,
-    features: Features = 32,
+    alpha: ToyAlpha = None,
+    features: ToyFeatures = None,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Write analysis.json and rank_frequency.png here.")] = None,
     as_json: AsJson = False,
 ) -> None:
     """Counts, shares and tokens per task, a rank-frequency power law, and tasks at risk."""
+    import dataclasses
+
     from raretask.mixing.analyze import analyze as run_analyze
     from raretask.mixing.analyze import mark_risk, rank_frequency_plot
     from raretask.mixing.rules import load_rules
 
     ruleset = load_rules(rules) if rules is not None else None
     result = run_analyze(data, task_field=task_field, rules=ruleset, text_field=text_field,
-                         tokens_field=tokens_field, skip_bad=skip_bad)
-    if size is not None:
-        thr = _threshold(result.names(), size, calibration, curve, alpha, features)
+                         tokens_field=tokens_field, skip_bad=skip_bad, tokenizer=tokenizer)
+    # Theorem 3 with made-up spectra says nothing about real data: mark risk only when the user
+    # gave a basis for it (a calibration, or the toy's parameters on purpose)
+    risk_known = calibration is not None or alpha is not None or features is not None
+    if size is not None and risk_known:
+        thr = _threshold(result.names(), size, calibration, curve,
+                         2.0 if alpha is None else alpha, 32 if features is None else features)
         result = mark_risk(result, size, thr)
+    elif size is not None:
+        if not (math.isfinite(size) and size > 0):
+            raise UserError(f"--size must be a finite number > 0, got {size}")
+        result = dataclasses.replace(result, size=float(size),
+                                     extra={**result.extra, "at_risk": RISK_UNKNOWN})
     if out is not None:
         from raretask.runs import store
         from raretask.runs.outset import output_set
@@ -113,30 +139,74 @@ def analyze(
         return
     table = Table(title=f"{result.examples:,} examples in {len(result.tasks)} tasks "
                   f"({result.tagging})", box=box.SIMPLE_HEAD)
-    cols = ["rank", "task", "count", "share", "tokens", "token share"]
-    if size is not None:
+    cols = ["rank", "task", "count", "share", "tokens", "token\nshare"]
+    marked = size is not None and risk_known
+    if marked:
         cols += ["needs", "at risk"]
-    for c in cols:
-        table.add_column(c, justify="left" if c == "task" else "right")
+    rows = []
     for t in result.tasks:
         row = [str(t.rank), t.task, f"{t.count:,}", _pct(t.share),
                "-" if t.tokens is None else f"{t.tokens:,}", _pct(t.token_share)]
-        if size is not None:
+        if marked:
             row += [_pct(t.required_share), "[red]yes[/]" if t.at_risk else "no"]
-        table.add_row(*row)
+        rows.append(row)
+    _fill(table, cols, rows)
     notes = []
     if result.power_law is not None:
         pl = result.power_law
         notes.append(f"share ∝ rank^-{pl.exponent:.3f} ± {pl.stderr:.3f} (R² {pl.r2:.3f})")
-    if size is not None:
+    if result.token_unit is not None:
+        notes.append(f"tokens: {result.token_unit}")
+    else:
+        notes.append("no token counts (no row has a 'text' field: --text-field names it)")
+    if result.rows_without_text:
+        notes.append(f"[yellow]{result.rows_without_text:,} rows have no text field and add no "
+                     "tokens[/]")
+    if marked:
         notes.append(f"at size {size:g}: {sum(bool(t.at_risk) for t in result.tasks)} at risk "
                      f"by {result.threshold}")
+    elif size is not None:
+        notes.append(f"at size {size:g}: at risk {RISK_UNKNOWN}")
     if result.skipped:
         notes.append(f"{result.skipped:,} malformed rows skipped")
     if out is not None:
         notes.append(f"wrote {out / 'analysis.json'}, {out / 'rank_frequency.png'}")
     table.caption = "; ".join(notes)
-    console.print(table)
+    _print_table(table)
+
+
+def _fill(table: Table, cols: list[str], rows: list[list[str]]) -> None:
+    """Columns that never cut a number: every column but 'task' is as wide as its widest cell
+    (no wrapping, no ellipsis); long task names fold onto further lines instead."""
+    from rich.text import Text
+
+    for i, c in enumerate(cols):
+        if c == "task":
+            table.add_column(c, justify="left", overflow="fold", min_width=4)
+            continue
+        widest = max([Text.from_markup(r[i]).cell_len for r in rows] +
+                     [len(part) for part in c.split("\n")])
+        table.add_column(c, justify="right", no_wrap=True, min_width=widest)
+    for r in rows:
+        table.add_row(*r)
+
+
+def _print_table(table: Table, task_min: int = 8) -> None:
+    """Print ``table``, wider than the terminal if its numbers need it (the terminal wraps the
+    line, but no number is cut): rich would otherwise shrink every column and cut digits."""
+    from rich.measure import Measurement
+
+    wide = console.options.update(max_width=10**5)
+    full = Measurement.get(console, wide, table).maximum
+    task = next((j for j, c in enumerate(table.columns) if c.header == "task"), None)
+    if task is not None:  # the task column can fold down to task_min
+        natural = max([len(str(c)) for c in table.columns[task].cells] + [4])
+        full -= max(0, natural - task_min)
+    if full <= console.width:
+        console.print(table)
+        return
+    Console(width=full, file=console.file, no_color=console.no_color,
+            force_terminal=console.is_terminal).print(table)
 
 
 # -- calibrate ---------------------------------------------------------------------------------
@@ -224,8 +294,8 @@ def calibration_tables(cal) -> list[Table]:
 
 
 def _plan_inputs(source: Path, unit: str):
-    """(names, natural shares, available, spectra or None, tokens per example or None) from an
-    analysis or a task file."""
+    """(names, natural shares, available, spectra or None, tokens per example or None, how the
+    tokens were counted or None) from an analysis or a task file."""
     from raretask.config import load_task_file
     from raretask.mixing.analyze import Analysis
     from raretask.runs import store
@@ -250,13 +320,13 @@ def _plan_inputs(source: Path, unit: str):
         tpe = None
         if a.tokens is not None and all(t.tokens is not None and t.count > 0 for t in a.tasks):
             tpe = [t.tokens / t.count for t in a.tasks]
-        return names, avail, avail, None, tpe
+        return names, avail, avail, None, tpe, a.token_unit
     spec = load_task_file(source)
     names = [t.name for t in spec.tasks]
     weights = [t.weight for t in spec.tasks]
     avail = [float(t.count) for t in spec.tasks] if all(t.count is not None for t in spec.tasks) \
         else None
-    return names, weights, avail, [t.spectrum() for t in spec.tasks], None
+    return names, weights, avail, [t.spectrum() for t in spec.tasks], None, None
 
 
 def plan(
@@ -292,17 +362,22 @@ def plan(
         "--out", "-o", help="Write plan.json and every export format here.")] = None,
     path_template: Annotated[str, typer.Option(
         help="Data path per task in exports ({task} is replaced).")] = "{task}",
+    sequence_length: Annotated[int | None, typer.Option(
+        help="Exports: tokens per training sequence (OLMo-core instance, Mosaic row; default "
+        "4096).")] = None,
+    global_batch_size: Annotated[int | None, typer.Option(
+        help="OLMo-core export: global batch size in tokens (default one sequence).")] = None,
     as_json: AsJson = False,
 ) -> None:
     """Minimum-KL weights that lift the targets above their thresholds, under repetition caps."""
-    from raretask.mixing.export import FORMATS, render, write_all
+    from raretask.mixing.export import FORMATS, render_all, write_texts
     from raretask.mixing.plan import make_plan, parse_task_values
     from raretask.runs import store
     from raretask.runs.outset import output_set
 
     if unit not in ("examples", "tokens"):
         raise UserError(f"--unit must be 'examples' or 'tokens', got {unit!r}")
-    names, natural, avail, spectra, tpe = _plan_inputs(source, unit)
+    names, natural, avail, spectra, tpe, token_unit = _plan_inputs(source, unit)
     thr = _threshold(names, size, calibration, curve, alpha, features, spectra, unit,
                      _law_budget(calibration, budget, avail, unit, tpe), tpe)
     result = make_plan(names, natural, thr, size, targets=target, margin=margin,
@@ -312,18 +387,35 @@ def plan(
                        max_fraction=parse_task_values(max_fraction, "--max-fraction"),
                        keep_learned=keep_learned, keep_margin=keep_margin)
     obj = result.to_json()
+    both = both_units(result, tpe)
+    if both is not None:  # the same mix in examples and in tokens (mixing/units.py)
+        obj["tokens_per_example"] = dict(zip(names, tpe, strict=True))
+        obj["token_unit"] = token_unit
+        obj["shares"] = both
     if calibration is not None:
         obj["extrapolated"] = _plan_extrapolation(result, thr)
+    skipped: dict[str, str] = {}
     if out is not None:
-        for fmt in FORMATS:  # render all first: a bad template fails before anything is written
-            render(result, fmt, path_template)
+        # render all first: a bad template or path fails before anything is written
+        texts, skipped = render_all(result, path_template,
+                                    None if tpe is None else dict(zip(names, tpe, strict=True)),
+                                    **_export_options(sequence_length, global_batch_size))
+        obj["exports_skipped"] = skipped
         with output_set(out, "plan", ["plan.json", *FORMATS]) as tmp:  # all or nothing
             store.write_json(tmp / "plan.json", obj)
-            write_all(result, tmp, path_template)
+            write_texts(tmp, texts)
     if as_json:
         _print_json(obj)
         return
-    console.print(plan_table(result, out, obj.get("extrapolated")))
+    _print_table(plan_table(result, out, obj.get("extrapolated"), both, token_unit))
+    for fmt, why in skipped.items():
+        console.print(f"[yellow]not written:[/] {fmt}: {why}", highlight=False)
+
+
+def _export_options(sequence_length: int | None, global_batch_size: int | None) -> dict:
+    """The export options given (the exports' own defaults otherwise)."""
+    opts = {"sequence_length": sequence_length, "global_batch_size": global_batch_size}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def _law_budget(calibration, budget, avail, unit, tpe) -> float | None:
@@ -348,21 +440,58 @@ def _plan_extrapolation(result, thr) -> list[str]:
     return out
 
 
-def plan_table(result, out: Path | None = None, extrapolated: list[str] | None = None) -> Table:
+def both_units(result, tokens_per_example) -> dict | None:
+    """``{"examples": {"natural": {task: share}, "planned": {...}}, "tokens": {...}}``, or None
+    without tokens per example (a task file, an analysis without token counts)."""
+    from raretask.mixing.units import UNITS, to_unit
+
+    if tokens_per_example is None:
+        return None
+    names = [t.task for t in result.tasks]
+    out = {}
+    for unit in UNITS:
+        nat = to_unit([t.natural for t in result.tasks], tokens_per_example, result.unit, unit)
+        plan = to_unit([t.weight for t in result.tasks], tokens_per_example, result.unit, unit)
+        if nat is None or plan is None:
+            return None
+        out[unit] = {"natural": dict(zip(names, nat, strict=True)),
+                     "planned": dict(zip(names, plan, strict=True))}
+    return out
+
+
+def plan_table(result, out: Path | None = None, extrapolated: list[str] | None = None,
+               both: dict | None = None, token_unit: str | None = None) -> Table:
+    """The plan, task by task; with ``both`` (:func:`both_units`) natural and planned shares in
+    examples and in tokens side by side."""
     table = Table(title=f"plan at size {result.size:g}: KL(plan || natural) = {result.kl:.4g} "
                   f"nats", box=box.SIMPLE_HEAD)
-    for c in ("task", "natural", "planned", "change", "needs", "cap", "learned", "target"):
-        table.add_column(c, justify="left" if c == "task" else "right")
+    if both is None:
+        cols = ["task", "natural", "planned"]
+    else:
+        cols = ["task", "natural\nexamples", "natural\ntokens", "planned\nexamples",
+                "planned\ntokens"]
+    cols += ["change", "needs", "cap", "learned", "target"]
+    rows = []
     for t in result.tasks:
         learned = f"{'yes' if t.learned_natural else 'no'} -> " \
                   f"{'[green]yes[/]' if t.learned_planned else '[red]no[/]'}"
-        table.add_row(
-            t.task + (" (F)" if t.frequent else ""), _pct(t.natural), _pct(t.weight),
+        if both is None:
+            shares = [_pct(t.natural), _pct(t.weight)]
+        else:
+            ex, tok = both["examples"], both["tokens"]
+            shares = [_pct(ex["natural"][t.task]), _pct(tok["natural"][t.task]),
+                      _pct(ex["planned"][t.task]), _pct(tok["planned"][t.task])]
+        rows.append([
+            t.task + (" (F)" if t.frequent else ""), *shares,
             f"{100 * t.relative_change:+.1f}%", _pct(t.lower) if t.target else "-",
-            _pct(t.cap) if t.cap < 1 else "-", learned, "yes" if t.target else "")
+            _pct(t.cap) if t.cap < 1 else "-", learned, "yes" if t.target else ""])
+    _fill(table, cols, rows)
     taken = -sum(t.change for t in result.tasks if t.frequent and t.change < 0)
     notes = [f"{result.threshold}; margin {result.margin:g}",
              f"taken from the frequent tasks (F): {_pct(taken)} of the data"]
+    if both is not None:
+        notes.append(f"planned in {result.unit} (change, needs, cap in {result.unit}); tokens: "
+                     f"{token_unit or 'as counted by analyze'}")
     if result.natural_size_needed is not None:
         ratio = result.natural_size_needed / result.size
         notes.append(f"the natural mix would need size {result.natural_size_needed:.4g} "

@@ -4,6 +4,7 @@ Formats, by suffix (or directory layout):
 
 * ``.jsonl`` / ``.ndjson``: one JSON object per line (read line by line: errors name the line).
 * ``.csv``: a header line, then rows (stdlib ``csv``, streamed; an error names the line).
+  A UTF-8 byte-order mark (as Excel writes) is skipped, here and at the start of a JSONL file.
 * ``.parquet``: record batches through ``pyarrow.parquet.ParquetFile.iter_batches`` (only the
   columns asked for are read); rows are numbered from 1.
 * a directory written by Hugging Face ``datasets`` ``save_to_disk``: a ``Dataset`` (``state.json``
@@ -81,10 +82,38 @@ def read_records(paths: Sequence[Path], fields: Sequence[str]) -> Iterator[Recor
             yield from _READERS[kind](f, tuple(fields))
 
 
+def field_names(path: Path) -> list[str]:
+    """The fields of the first file of ``path``: its CSV header, its schema, or the keys of its
+    first JSON object (for messages naming what a file holds; [] where none can be read)."""
+    try:
+        kind, f = dataset_files(Path(path))[0]
+        if kind == "csv":
+            with open(f, newline="", encoding="utf-8-sig") as fh:
+                return [h.strip() for h in next(csv.reader(fh), [])]
+        if kind == "jsonl":
+            with open(f, "rb") as fh:
+                for raw in fh:
+                    if raw.strip():
+                        obj = json.loads(raw.removeprefix(b"\xef\xbb\xbf"))
+                        return list(obj) if isinstance(obj, dict) else []
+            return []
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.ParquetFile(f).schema_arrow.names)
+        import pyarrow as pa
+
+        return list(pa.ipc.open_stream(pa.memory_map(str(f))).schema.names)
+    except Exception:  # only for a message: an unreadable file is reported by the reader
+        return []
+
+
 def _jsonl(path: Path, fields: tuple[str, ...]) -> Iterator[Record]:
     with open(path, "rb") as fh:
         for i, raw in enumerate(fh, start=1):
             where = f"{path} line {i}"
+            if i == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+                raw = raw[3:]
             if not raw.strip():
                 continue
             try:
@@ -99,7 +128,8 @@ def _jsonl(path: Path, fields: tuple[str, ...]) -> Iterator[Record]:
 
 
 def _csv(path: Path, fields: tuple[str, ...]) -> Iterator[Record]:
-    with open(path, newline="", encoding="utf-8", errors="strict") as fh:
+    # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name
+    with open(path, newline="", encoding="utf-8-sig", errors="strict") as fh:
         reader = csv.reader(fh)
         try:
             header = next(reader)

@@ -109,8 +109,8 @@ def _ours(out: Path, command: str, names: Sequence[str]) -> None:
                             f"`{command} --out` a directory of its own")
     else:  # a set from before manifests: only this command's own file names (and their temps)
         allowed |= set(names)
-        allowed |= {e for e in entries if e.endswith(".tmp")
-                    and any(e.startswith(f".{n}.") for n in names)}
+        allowed |= {e for e in entries if e.endswith(".tmp") and any(
+            e.startswith((f".{n}.", f"{store.TEMP_PREFIX}{n}.")) for n in names)}
     foreign = sorted(entries - allowed)
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
