@@ -382,14 +382,17 @@ def test_from_plan_with_sources_yields_the_examples(plan_json):
 def test_from_plan_in_tokens_needs_tokens_per_example(plan_json):
     tokens = {**plan_json, "unit": "tokens", "budget": 1e6,
               "tasks": [{**t, "available": t["available"] * 100} for t in plan_json["tasks"]]}
-    with pytest.raises(UserError, match="^plan: the plan is in tokens; give tokens_per_example"):
+    with pytest.raises(UserError, match="^plan: the plan is in tokens and does not record "
+                                        "tokens per example; give tokens_per_example"):
         MixtureDataset.from_plan(tokens)
     tpe = {"a": 200, "b": 100, "c": 100, "d": 100}  # a's examples are twice as long
     ds = MixtureDataset.from_plan(tokens, tokens_per_example=tpe)
     w = np.array([t["weight"] for t in plan_json["tasks"]]) / [200, 100, 100, 100]
     assert np.allclose(ds.sampler.weights, w / w.sum(), rtol=1e-12)
     assert ds.sampler.sizes.tolist() == [3000, 3000, 900, 100]  # tokens / tokens per example
-    assert len(ds) == int(1e6 * w.sum())  # the token budget in examples
+    assert len(ds) == int(1e6 * w.sum()) == 7_060  # the token budget in examples
+    recorded = MixtureDataset.from_plan({**tokens, "tokens_per_example": tpe})  # plan --out's
+    assert list(itertools.islice(recorded, 200)) == list(itertools.islice(ds, 200))
     with pytest.raises(UserError, match="tokens_per_example: task 'b': expected a number > 0"):
         MixtureDataset.from_plan(tokens, tokens_per_example={**tpe, "b": 0})
 

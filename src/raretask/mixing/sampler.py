@@ -465,7 +465,8 @@ class MixtureDataset(_iterable_base()):
             Seeds the example permutations.
         tokens_per_example:
             For a plan in tokens: mean tokens per example of each task (a dict or a list in plan
-            order), to turn token shares, availability and budget into examples.
+            order), to turn token shares, availability and budget into examples; default the
+            plan's own ``tokens_per_example`` (written when the analysis counted tokens).
         beyond_budget:
             ``"refuse"`` a total beyond what the plan's caps allow, or ``"repeat"`` (raise them).
         kwargs:
@@ -480,12 +481,14 @@ class MixtureDataset(_iterable_base()):
                   for t in raw["tasks"]]
         budget = plan.budget
         if plan.unit == "tokens":
-            tpe = _by_task(tokens_per_example, names, "tokens_per_example", source,
-                           weights, plan.unit)
+            # plan --out records the analysis' tokens per example when it had token counts
+            given = tokens_per_example if tokens_per_example is not None else \
+                raw.get("tokens_per_example")
+            tpe = _by_task(given, names, "tokens_per_example", source, weights, plan.unit)
             if tpe is None:
-                raise UserError(f"{source}: the plan is in tokens; give tokens_per_example "
-                                "(each task's mean tokens per example, e.g. tokens / examples "
-                                "from analysis.json) to sample examples")
+                raise UserError(f"{source}: the plan is in tokens and does not record tokens per "
+                                "example; give tokens_per_example (each task's mean tokens per "
+                                "example, e.g. tokens / examples from analysis.json)")
             per = np.array([w / t if w > 0 else 0.0 for w, t in zip(weights, tpe, strict=True)])
             budget = None if budget is None else budget * float(per.sum())  # tokens -> examples
             weights = per / per.sum()
