@@ -62,3 +62,42 @@ def test_bad_fix_config_exits_2(tmp_path, capsys, override, message):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_the_plan_loses_no_task_the_natural_mix_learns(demo_fix):
+    """issue 22: the plan keeps every task learned under the natural mix (keep_learned) and
+    learns the rare one; the table lists every task, not only the target."""
+    cfg, plan, arms, out = demo_fix
+    assert plan.constraints["kept"] == [str(k) for k in range(1, 10)]  # Theorem 3, width 16
+    natural, planned = arms["natural"].learned_tasks, arms["plan"].learned_tasks
+    assert natural == [str(k) for k in range(1, 9)]  # task 9 is still rising at 4,000 steps
+    assert planned == [*natural, "9", "16"]
+    assert arms["plan"].lost == [] and arms["plan"].gained == ["9", "16"]
+    assert arms["big"].learned_tasks == [str(k) for k in range(1, 17)]
+    assert len(arms["plan"].task_signal) == cfg.tasks
+    assert arms["plan"].task_signal[cfg.rare] == arms["plan"].rare_signal
+    from raretask.report.fix import load_fix
+
+    rows = {r.label.split()[0]: r for r in load_fix(out / "fix.json").rows}
+    assert rows["plan"].tasks_learned == planned and rows["plan"].lost == []
+
+
+@pytest.mark.slow
+def test_fix_toy_keeps_what_natural_learns_and_learns_the_target(tmp_path, capsys):
+    """The full configs/fix_toy.yaml (3 seeds x 8,000 steps): no task learned under the natural
+    mix is lost under the plan, and the rare task (16) is learned."""
+    import json
+
+    import torch
+
+    torch.set_num_threads(1)
+    out = tmp_path / "fix_toy"
+    with pytest.raises(SystemExit) as exc:
+        main(["fix", "configs/fix_toy.yaml", "--out", str(out), "--quiet"])
+    assert exc.value.code == 0
+    printed = capsys.readouterr().out
+    assert "Every task: learned under each arm" in printed
+    arms = {r["arm"]: r for r in json.loads((out / "results.json").read_text())}
+    natural, planned = arms["natural"]["learned_tasks"], arms["plan"]["learned_tasks"]
+    assert set(natural) <= set(planned) and "16" in planned and "16" not in natural
+    assert "9" in natural  # the task the plan without keep_learned lost (issue 22)

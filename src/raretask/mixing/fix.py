@@ -19,10 +19,15 @@ big        N_nat   natural                   i.i.d.; N_nat = width the natural m
 ========== ======= ========================= =============================================
 
 The plan comes from :func:`raretask.mixing.plan.make_plan` with Theorem 3 thresholds (the toy's
-theory is exact, so no calibration is needed); ``N_nat`` is the plan's "model size the natural mix
-would need" with the same margin. The rare task's result is its normalised signal s~, averaged
-over the last ``every`` steps from the trace (so a burst arm is not judged right after an
-injection) and also at the end; the frequent tasks' result is their mean normalised loss.
+theory is exact, so no calibration is needed) and ``keep_learned``: every task Theorem 3 says the
+natural mix teaches at ``width`` keeps ``margin`` x its required share, so the plan does not buy
+the rare task with another one. ``N_nat`` is the plan's "model size the natural mix would need"
+with the same margin. The rare task's result is its normalised signal s~, averaged over the last
+``every`` steps from the trace (so a burst arm is not judged right after an injection) and also
+at the end; every other task's is its s~ at the end (it arrives i.i.d. in every arm). A task
+counts as learned under an arm when its s~, averaged over seeds, is >= ``learned_threshold``;
+each arm lists the tasks it learns that the natural arm does not (gained) and those it loses.
+The frequent tasks' result is also their mean normalised loss.
 Compute is ``6 (d + M) N`` FLOPs per training sample (encoder and one task's decoder, forward
 and backward) times the samples actually drawn (injections included).
 """
@@ -30,7 +35,7 @@ and backward) times the samples actually drawn (injections included).
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,20 +63,25 @@ class ArmResult:
     tasks_learned: float
     samples: float
     flops: float
+    task_signal: list[float] = field(default_factory=list)  # s~ per task, seed mean
+    learned_tasks: list[str] = field(default_factory=list)
+    gained: list[str] = field(default_factory=list)  # vs the natural arm
+    lost: list[str] = field(default_factory=list)
 
 
 @functools.lru_cache(maxsize=32)
 def fix_plan(tasks: int, features: int, alpha: float, beta: float, width: int, rare: int,
              margin: float):
     """The plan of the fix's arms: minimum KL to the natural mix with Theorem 3's thresholds at
-    ``width``, target the rare task (:func:`raretask.mixing.plan.make_plan`); the toy's theory is
-    exact, so nothing is calibrated. Cached: every arm x seed of a grid shares it."""
+    ``width``, target the rare task, every task the natural mix teaches kept learned with the
+    same margin (:func:`raretask.mixing.plan.make_plan`); the toy's theory is exact, so nothing
+    is calibrated. Cached: every arm x seed of a grid shares it."""
     from raretask.mixing.plan import make_plan
     from raretask.mixing.thresholds import TheoryThreshold
 
     ts = TaskSet.power_law(tasks, features, alpha, beta)
     return make_plan(ts.names, ts.frequencies, TheoryThreshold(ts.names, spectra=ts.spectra),
-                     width, targets=[ts.names[rare]], margin=margin)
+                     width, targets=[ts.names[rare]], margin=margin, keep_learned=True)
 
 
 def cell_plan(cell):
@@ -143,15 +153,18 @@ def toy_fix_results(out: Path) -> tuple[FixSetting, object, list[ArmResult]]:
     natural = TaskSet.power_law(c0.tasks, c0.features, c0.alpha, c0.beta)
     frequent = sorted(Theory(natural, c0.frequent_mass).frequent_tasks().tolist())
     d, k, rare = c0.tasks * c0.features, c0.tasks, c0.rare_index
+    names = natural.names
     results = []
     for arm in [a for a in ARMS if any(c.arm == a for c in cells)]:
         ids = [i for i, c in enumerate(cells) if c.arm == arm]
         width = arm_setting(cells[ids[0]])[0]
         rare_avg = [float(np.mean(late[i])) for i in ids]
         seen = [sum(final[(i, t, "seen")] for t in range(k)) for i in ids]
-        learned = [sum(final[(i, t, "signal_norm")] >= c0.learned_threshold for t in range(k))
-                   for i in ids]
+        # s~ per task, averaged over seeds: the rare task's over the last `every` steps
+        signal = [float(np.mean(rare_avg)) if t == rare else
+                  float(np.mean([final[(i, t, "signal_norm")] for i in ids])) for t in range(k)]
         label = {"even": "every 1 step", "burst": f"every {c0.every} steps"}.get(arm, "iid")
+        learned = [names[t] for t in range(k) if signal[t] >= c0.learned_threshold]
         results.append(ArmResult(
             arm=arm, width=width, schedule=label,
             rare_share=float(sum(final[(i, rare, "seen")] for i in ids) / np.sum(seen)),
@@ -162,10 +175,23 @@ def toy_fix_results(out: Path) -> tuple[FixSetting, object, list[ArmResult]]:
             rare_loss=float(np.mean([final[(i, rare, "loss_norm")] for i in ids])),
             frequent_loss=float(np.mean([np.mean([final[(i, t, "loss_norm")]
                                                   for t in frequent]) for i in ids])),
-            tasks_learned=float(np.mean(learned)), samples=float(np.mean(seen)),
+            tasks_learned=float(len(learned)), samples=float(np.mean(seen)),
             flops=float(6 * (d + c0.features) * width * np.mean(seen)),
+            task_signal=signal, learned_tasks=learned, gained=[], lost=[],
         ))
-    return setting, cell_plan(c0), results
+    return setting, cell_plan(c0), compare_to_natural(results)
+
+
+def compare_to_natural(results: list[ArmResult]) -> list[ArmResult]:
+    """Each arm with the tasks it learns that the natural arm does not (gained) and the tasks
+    the natural arm learns that it does not (lost); unchanged without a natural arm."""
+    base = next((r for r in results if r.arm == "natural"), None)
+    if base is None:
+        return results
+    had = set(base.learned_tasks)
+    return [replace(r, gained=[t for t in r.learned_tasks if t not in had],
+                    lost=[t for t in base.learned_tasks if t not in r.learned_tasks])
+            for r in results]
 
 
 def load_experiment_dir(out: Path):
@@ -176,7 +202,10 @@ def load_experiment_dir(out: Path):
 
 
 def fix_table(results: list[ArmResult], cfg: FixSetting, plan):
+    """The arms' table (the rare task, the frequent tasks' loss, compute) and, under it, every
+    task each arm learns, gains and loses against the natural arm: a rich ``Group``."""
     from rich import box
+    from rich.console import Group
     from rich.table import Table
 
     base = next((r for r in results if r.arm == "natural"), results[0])
@@ -196,19 +225,50 @@ def fix_table(results: list[ArmResult], cfg: FixSetting, plan):
             f"[{'green' if ok else 'red'}]{r.rare_signal:+.3f}[/]", r.rare_learned,
             f"{r.frequent_loss:.4f}", f"{r.frequent_loss - base.frequent_loss:+.4f}",
             f"{r.flops / base.flops:.2f}x")
+    rare = plan.tasks[cfg.rare]
+    kept = plan.constraints.get("kept", [])
+    binding = ", ".join(f"{b['task']} ({b['constraint']})" for b in plan.binding) or "none"
     table.caption = (
-        f"plan: rare share {100 * plan.tasks[cfg.rare].natural:.2f}% -> "
-        f"{100 * plan.tasks[cfg.rare].weight:.2f}% (needs "
-        f"{100 * plan.tasks[cfg.rare].required:.2f}% x margin {cfg.margin:g}), "
-        f"KL {plan.kl:.4f} nats; the natural mix needs width {plan.natural_size_needed:g} "
-        f"with the same margin (Theorem 3 minimum {plan.natural_size_minimum:g}). "
+        f"plan: rare share {100 * rare.natural:.2f}% -> {100 * rare.weight:.2f}% (needs "
+        f"{100 * rare.required:.2f}% x margin {cfg.margin:g}), KL {plan.kl:.4f} nats, keeping "
+        f"tasks {_ranges(kept) or 'none'} learned (Theorem 3 at width {cfg.width} learns them "
+        f"under the natural mix); binding: {binding}; the natural mix needs width "
+        f"{plan.natural_size_needed:g} with the same margin (Theorem 3 minimum "
+        f"{plan.natural_size_minimum:g}). "
         f"arrives: how the rare task reaches the batches; share: its realised share; "
         f"seeds: seeds that learned it; rare s~: normalised signal averaged over the last "
-        f"{cfg.gap} steps (learned: "
-        f">= {cfg.learned_threshold:g}); frequent loss: mean normalised loss of the frequent "
-        "tasks F (change: vs natural); cost: compute, 6 (d + M) N FLOPs per sample "
-        f"drawn, relative to natural ({base.flops:.3g} FLOPs)")
-    return table
+        f"{cfg.gap} steps (learned: >= {cfg.learned_threshold:g}); F loss: mean normalised loss "
+        "of the frequent tasks F (change: vs natural); cost: compute, 6 (d + M) N FLOPs per "
+        f"sample drawn, relative to natural ({base.flops:.3g} FLOPs)")
+    tasks = Table(title="Every task: learned under each arm", box=box.SIMPLE_HEAD,
+                  pad_edge=False, padding=(0, 1))
+    for c in ("arm", "learned", "tasks", "gained vs natural", "lost vs natural"):
+        tasks.add_column(c, justify="right" if c == "learned" else "left",
+                         no_wrap=c in ("arm", "learned"))
+    for r in results:
+        tasks.add_row(r.arm, f"{len(r.learned_tasks)}/{cfg.tasks}",
+                      _ranges(r.learned_tasks) or "-", _task_list(r.gained, "green"),
+                      _task_list(r.lost, "red"))
+    tasks.caption = (f"a task is learned when its s~, averaged over the seeds, is >= "
+                     f"{cfg.learned_threshold:g} (the rare task's over the last {cfg.gap} "
+                     "steps, the others' at the end)")
+    return Group(table, tasks)
+
+
+def _task_list(tasks: list[str], colour: str) -> str:
+    return f"[{colour}]{_ranges(tasks)}[/]" if tasks else "-"
+
+
+def _ranges(tasks: list[str]) -> str:
+    """Numbered toy task names as runs: ["1", "2", "3", "5"] -> "1-3, 5"."""
+    nums = sorted(int(t) for t in tasks)
+    runs: list[list[int]] = []
+    for n in nums:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def toy_fix_outputs(out: Path):
@@ -223,13 +283,17 @@ def toy_fix_outputs(out: Path):
 def fix_json(cfg: FixSetting, results: list[ArmResult]) -> dict:
     """The report's ``fix.json`` (:mod:`raretask.report.fix`): one row per arm. For the toy the
     size is the width, ``frequency`` the rare task's share of samples and ``task_loss`` its
-    normalised loss at the end (1 = nothing learned)."""
+    normalised loss at the end (1 = nothing learned); every arm's learned tasks and those it
+    gains and loses against the natural arm."""
     rows = [{"label": f"{r.arm} ({r.schedule})", "size": f"width {r.width}",
              "frequency": r.rare_share, "steps": cfg.steps, "tokens": None,
              "test_accuracy": None, "task_loss": r.rare_loss,
-             "learned": bool(r.rare_signal >= cfg.learned_threshold)} for r in results]
+             "learned": bool(r.rare_signal >= cfg.learned_threshold),
+             "tasks_learned": r.learned_tasks, "gained": r.gained, "lost": r.lost}
+            for r in results]
     return {"task": f"toy task {cfg.rare + 1} of {cfg.tasks}",
             "note": ("toy: frequency = the rare task's share of training samples; task loss = "
                      "its normalised loss; learned = normalised signal >= "
-                     f"{cfg.learned_threshold:g} over the last {cfg.gap} steps"),
+                     f"{cfg.learned_threshold:g} over the last {cfg.gap} steps (other tasks: "
+                     "at the end, seed mean); gained / lost: vs the natural arm"),
             "rows": rows}

@@ -458,18 +458,28 @@ def fix_section(runs: list[RunInput]) -> Section:
                   "by the fix flow; format in raretask.report.fix).")
     for i, run in enumerate(r for r in runs if r.fix is not None):
         fix = run.fix
+        every_task = any(r.tasks_learned is not None for r in fix.rows)  # issue 22: all tasks
         sec.tables.append(Table(
             f"{run.path / FIX_FILE}: task {fix.task}" + (f". {fix.note}" if fix.note else "")
             + f". Made by `{run.made_by}`.",
             ["row", "size", "params", "frequency", "steps", "tokens", "acc", "task L",
-             "learned", "run"],
+             "learned", "run"] + (["tasks learned", "gained", "lost"] if every_task else []),
             [[r.label, r.size, "-" if r.params is None else f"{r.params / 1e6:.2f}M",
               f"{r.frequency:.2e}", "-" if r.steps is None else str(r.steps),
               "-" if r.tokens is None else f"{r.tokens:.3g}",
               _f(r.test_accuracy, ".3f"), "-" if r.task_loss is None else _fmt(r.task_loss),
-              "-" if r.learned is None else _fmt(r.learned), r.run or "-"] for r in fix.rows],
+              "-" if r.learned is None else _fmt(r.learned), r.run or "-"]
+             + (_fix_task_cells(r) if every_task else []) for r in fix.rows],
             f"fix-{i}"))
     return sec
+
+
+def _fix_task_cells(row) -> list[str]:
+    """A fix row's every-task columns: how many it learns, and which it gains / loses."""
+    def names(tasks):
+        return "-" if not tasks else ", ".join(tasks)
+    count = "-" if row.tasks_learned is None else str(len(row.tasks_learned))
+    return [count, names(row.gained), names(row.lost)]
 
 
 def build_report(dirs: list[str | Path], scaling_csv: str | Path | None = None,

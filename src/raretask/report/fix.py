@@ -18,6 +18,8 @@ bigger model, side by side. The format (unknown keys are errors)::
          "test_accuracy": 0.02,            # null when not measured
          "task_loss": 4.1,                 # null when not measured
          "learned": false,                 # optional verdict
+         "tasks_learned": ["1", "2"],      # optional: every task this row learns
+         "gained": [], "lost": ["9"],      # optional: vs the natural-mix row
          "run": "natural"},                # optional: run directory, relative to fix.json
         ...
       ]
@@ -62,6 +64,12 @@ class FixRow(StrictModel):
                                    description="LM: held-out background text loss (what the "
                                    "other data may lose).")
     learned: bool | None = Field(None, description="The fix flow's verdict, if it gives one.")
+    tasks_learned: list[str] | None = Field(
+        None, description="Every task this row's model learns (not only the rare one).")
+    gained: list[str] | None = Field(
+        None, description="Tasks learned here that the natural-mix row does not learn.")
+    lost: list[str] | None = Field(
+        None, description="Tasks the natural-mix row learns that this row does not.")
     run: str | None = Field(None, description="Run directory, relative to fix.json.")
 
 
