@@ -483,8 +483,9 @@ def plan_table(result, out: Path | None = None, extrapolated: list[str] | None =
                       _pct(ex["planned"][t.task]), _pct(tok["planned"][t.task])]
         rows.append([
             t.task + (" (F)" if t.frequent else ""), *shares,
-            f"{100 * t.relative_change:+.1f}%", _pct(t.lower) if t.target else "-",
-            _pct(t.cap) if t.cap < 1 else "-", learned, "yes" if t.target else ""])
+            f"{100 * t.relative_change:+.1f}%", _pct(t.lower) if t.lower > 0 else "-",
+            _pct(t.cap) if t.cap < 1 else "-", learned,
+            "yes" if t.target else ("kept" if t.kept else "")])
     _fill(table, cols, rows)
     taken = -sum(t.change for t in result.tasks if t.frequent and t.change < 0)
     notes = [f"{result.threshold}; margin {result.margin:g}",
@@ -497,6 +498,9 @@ def plan_table(result, out: Path | None = None, extrapolated: list[str] | None =
         notes.append(f"the natural mix would need size {result.natural_size_needed:.4g} "
                      f"({ratio:.2f}x) for every target with the same margin (at least "
                      f"{result.natural_size_minimum:.4g} without)")
+    if result.binding:  # issue 22: which constraints hold the plan where it is
+        notes.append("binding: " + ", ".join(f"{b['task']} {b['constraint']}"
+                                             for b in result.binding))
     if extrapolated:
         notes.append(f"[yellow]warning: extrapolated ({'; '.join(extrapolated)})[/]")
     if out is not None:

@@ -1,24 +1,29 @@
 """`raretask plan`: sampling weights that lift target tasks above their thresholds at minimum KL.
 
 The problem, for natural shares p (sum 1), target set T, threshold model f (theory or calibration),
-model size N, margin m, budget B and repetition cap E (epochs) with a_k examples (or tokens) of
-task k available::
+model size N, margins m_t (one per target, default the global margin), budget B, repetition caps
+E_k (epochs; per task or one global) with a_k examples (or tokens) of task k available, maximum
+fractions F_k and, with ``keep_learned``, the set L of non-target tasks learned under p::
 
     minimise   KL(q || p) = sum_k q_k log(q_k / p_k)
     subject to sum_k q_k = 1,
-               q_k >= m * f_k(q, N)          for k in T        (learned, with a margin)
-               q_k <= E * a_k / B            for every k       (no example seen more than E times)
+               q_t >= m_t * f_t(q, N)          for t in T     (learned, with a margin)
+               q_l >= m_keep * f_l(q, N)       for l in L     (kept learned)
+               q_k <= min(E_k a_k / B, F_k)    for every k    (repetition cap, maximum fraction)
 
 With the thresholds fixed the constraints are a box l <= q <= u, and the KKT conditions give the
 closed form ``q_k = clip(s * p_k, l_k, u_k)`` with the scalar s set so the weights sum to 1
 (:func:`min_kl_weights`, exact: the sum is piecewise linear in s). Every task off its bounds is
-scaled by the same factor, which is what "as close as possible to the natural mix" means under KL.
-Theory thresholds depend on the mix itself (a task needs to outrank the others' features), so the
-plan alternates "thresholds at the current weights" and "closed form" until the thresholds stop
-moving, then checks with Theorem 3 that every target is learned at the planned weights.
+scaled by the same factor, which is what "as close as possible to the natural mix" means under KL;
+a task held at a bound that s p_k would cross is *binding* (the plan lists it with the constraint:
+margin, keep_learned, max_epochs or max_fraction). Theory thresholds depend on the mix itself (a
+task needs to outrank the others' features), so the plan alternates "thresholds at the current
+weights" and "closed form" until the thresholds stop moving, then checks with Theorem 3 that every
+target and every kept task is learned at the planned weights.
 
-Infeasible requests raise a one-line :class:`UserError` naming the task and the constraint that
-binds (its repetition cap, the thresholds' total, the budget, or the size).
+Infeasible requests raise a one-line :class:`UserError` naming the task and the constraints that
+conflict (a floor above its cap: "max_fraction vs keep_learned"; caps that leave less than the
+whole mix; floors that add up to more than it; the size).
 
 Example
 -------
