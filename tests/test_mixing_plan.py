@@ -386,3 +386,18 @@ def test_bad_per_task_options_exit_2(tmp_path, capsys, args, message):
     code, stdout, err = run(capsys, "plan", str(src), "--size", "4", "--target", "d", "--out",
                             str(out), *args)
     assert (code, stdout, err) == (2, "", message) and not out.exists()
+
+
+def test_plan_files_without_the_constraint_fields_still_read():
+    """plan.json written before issue 22 has no constraints, binding or per-task caps."""
+    from raretask.mixing.plan import Plan
+
+    data = flat_plan(targets=["d"], max_fraction={"a": 0.4}).to_json()
+    new_task_fields = ("kept", "margin", "max_epochs", "max_fraction", "binding")
+    old = {k: v for k, v in data.items() if k not in ("constraints", "binding")}
+    old["tasks"] = [{k: v for k, v in t.items() if k not in new_task_fields}
+                    for t in data["tasks"]]
+    plan = Plan.from_json(old)
+    assert plan.weights() == pytest.approx({"a": 0.4, "b": 0.38, "c": 0.19, "d": 0.03})
+    assert plan.constraints == {} and plan.binding == []
+    assert [t.binding for t in plan.tasks] == [None] * 4
