@@ -194,6 +194,7 @@ def test_check_run_dir_passes_empty_missing_and_runs(tmp_path):
     for rel in ["config.yaml", "profile.yaml", "cells.json", "log.txt", ".lock", "summary.json",
                 "metrics.parquet", "fix.json", "plan.json", "results.json",
                 ".claims/g0001", "groups/g0000/summary.json", "groups/g0001/ckpt/state.pt",
+                "manifest.json", "figures/phase_diagram.png", "report.html",
                 f"{store.TEMP_PREFIX}cells.json.1.tmp", ".summary.json.k3j_x9q2.tmp"]:
         (run / rel).parent.mkdir(parents=True, exist_ok=True)
         (run / rel).write_text("x")

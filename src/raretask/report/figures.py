@@ -34,9 +34,9 @@ def png_bytes(fig, dpi: int = 96) -> bytes:
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from raretask.runs import store
+
+    store.write_bytes(path, png_bytes(fig, dpi=110))  # atomic, like every file of a run
     return path
 
 

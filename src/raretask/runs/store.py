@@ -55,10 +55,13 @@ RUN_FILES = frozenset({
     "metrics.parquet", "summary.json",  # the merged tables of a finished grid
     "fix.json", "plan.json", "results.json",  # `raretask fix` writes its files beside the grid
     "manifest.json",  # the run's identity and file hashes
+    "figures",  # the demo's PNGs of the run
+    "report.html",  # `raretask report RUN --out RUN/report.html`
 })
 """The names raretask writes at the top of a run directory (see :mod:`raretask.runs.grid`)."""
 RUN_MARKERS = frozenset({"config.yaml", "cells.json", "log.txt", "manifest.json", "groups"})
 """Names only a run writes: a directory holding files but none of these is not a run."""
+_RUN_DIRS = frozenset({"groups", ".claims", "figures"})
 _GROUP_DIR = re.compile(r"g\d{4,}")
 
 
@@ -203,7 +206,7 @@ def _foreign_entry(directory: Path) -> str | None:
             continue
         if name not in RUN_FILES or p.is_symlink():
             return name + ("/" if p.is_dir() else "")
-        if (name in ("groups", ".claims")) != p.is_dir():
+        if (name in _RUN_DIRS) != p.is_dir():
             return name
     if (directory / "groups").is_dir():
         for name in sorted(os.listdir(directory / "groups")):
