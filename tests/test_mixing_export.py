@@ -124,21 +124,27 @@ def _olmo_build(text):
     return tokens, sum(tokens.values())
 
 
-@pytest.mark.parametrize(("budget", "max_epochs", "ratios"), [
-    (None, 10.0, [10.0, 10.0, 10.0, 10.0]),  # the cap, as asked
+@pytest.mark.parametrize(("kw", "ratios", "fractions"), [
+    ({"max_epochs": 10.0}, [10.0] * 4, {}),  # the cap, as asked
     # twice the data, uncapped: the epochs the budget needs, rounded up at 1e-4, not 1.0
-    (1960, None, [1.9602, 1.9602, 1.9602, 3.267]),
+    ({"budget": 1960}, [1.9602, 1.9602, 1.9602, 3.267], {}),
+    # a cap below one epoch that binds: a fraction of the source (the batch rounding's hair more)
+    ({"max_epochs_for": {"books": 0.5}}, [1.0366, 1.0, 1.0366, 1.6335], {"books": 0.5001}),
 ])
-def test_olmo_core_builds_the_planned_token_mix(tmp_path, budget, max_epochs, ratios):
-    plan = plan_in_examples(budget=budget, max_epochs=max_epochs)
+def test_olmo_core_builds_the_planned_token_mix(tmp_path, kw, ratios, fractions):
+    plan = plan_in_examples(**kw)
+    shares, _ = convert(plan, "tokens", TPE)
     text = render(plan, "olmo_core.yaml", _token_files(tmp_path), TPE, sequence_length=L,
                   global_batch_size=8 * L)
     cfg = yaml.safe_load(text)["source_mixture_config"]
+    sources = cfg["source_list"]["sources"]
     assert cfg["global_batch_size"] == 256 and cfg["requested_tokens"] % 256 == 0
-    assert [s["max_repetition_ratio"] for s in cfg["source_list"]["sources"]] == ratios
+    assert [s["max_repetition_ratio"] for s in sources] == ratios
+    assert {s["source_name"]: s["max_source_fraction"] for s in sources
+            if "max_source_fraction" in s} == fractions
     tokens, total = _olmo_build(text)
     assert total == cfg["requested_tokens"]
-    assert {k: v / total for k, v in tokens.items()} == pytest.approx(TOKEN_SHARES, abs=1e-3)
+    assert {k: v / total for k, v in tokens.items()} == pytest.approx(shares, abs=1e-3)
 
 
 def test_olmo_core_refuses_what_the_old_export_wrote(tmp_path):
@@ -172,6 +178,7 @@ def test_olmo_core_dataset_config_reads_the_wrapper(tmp_path):
 # -- Megatron ----------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")  # no TE/Apex
 def test_megatron_parses_the_line_and_blends_the_token_shares():
     from megatron.core.datasets.helpers_cpp import build_blending_indices
     from megatron.core.datasets.utils import get_blend_from_list, normalize
@@ -276,3 +283,53 @@ def test_interleave_takes_the_budget_in_planned_rows():
     old = interleave_datasets(list(small.values()), probabilities=cfg["probabilities"], seed=0,
                               stopping_strategy="all_exhausted")
     assert len(old) < 0.75 * cfg["take"]
+
+
+# -- end to end: analyze -> plan -> every export -----------------------------------------------
+
+
+def _cli(capsys, *args):
+    from raretask.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    out = capsys.readouterr()
+    assert exc.value.code == 0, out.err
+    return out.out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("unit", ["tokens", "examples"])
+def test_analyze_plan_export_loads_in_each_library(tmp_path, capsys, unit):
+    from megatron.core.datasets.utils import get_blend_from_list, normalize
+
+    rows = [{"domain": n, "ntok": int(TPE[n]), "text": "x"}
+            for n, c in zip(NAMES, COUNTS, strict=True) for _ in range(c)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _cli(capsys, "analyze", str(data), "--task-field", "domain", "--tokens-field", "ntok",
+         "--out", str(tmp_path / "a"))
+    template = _token_files(tmp_path)
+    _cli(capsys, "plan", str(tmp_path / "a"), "--size", "16", "--target", "medical", "--unit",
+         unit, "--max-epochs", "10", "--out", str(tmp_path / "p"), "--path-template", template,
+         "--sequence-length", str(L))
+    out = tmp_path / "p"
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["unit"] == unit and plan["exports_skipped"] == {}
+    weights = json.loads((out / "weights.json").read_text())
+    tok = weights["weights"] if unit == "tokens" else weights["token_weights"]
+    if unit == "tokens":  # lifted well above its natural token share
+        assert tok["medical"] > 3 * 1500 / 421500
+    tokens, total = _olmo_build((out / "olmo_core.yaml").read_text())
+    assert {k: v / total for k, v in tokens.items()} == pytest.approx(tok, abs=1e-3)
+    prefixes, w = get_blend_from_list((out / "megatron.txt").read_text().split())
+    assert dict(zip(prefixes, normalize(w), strict=True)) == \
+        pytest.approx({template.format(task=n): tok[n] for n in NAMES}, abs=1e-11)
+    mosaic = yaml.safe_load((out / "mosaicml.yaml").read_text())
+    rows_, shortfall = streaming_rows_per_stream(
+        [s["proportion"] for s in mosaic["streams"].values()], mosaic["epoch_size"])
+    assert shortfall == 0 and np.all(np.abs(rows_ / mosaic["epoch_size"] -
+                                            np.array([tok[n] for n in mosaic["streams"]])) < 1e-3)
+    inter = json.loads((out / "interleave.json").read_text())
+    ex = weights["weights"] if unit == "examples" else weights["example_weights"]
+    assert inter["probabilities"] == pytest.approx([ex[n] for n in inter["datasets"]], abs=1e-11)
