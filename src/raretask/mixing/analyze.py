@@ -135,6 +135,16 @@ def _check_loaded(a: Analysis, source: str) -> None:
         return UserError(f"{source}: {field}: expected {expected}, got {text}")
 
     in_range = f"an integer from 0 to {MAX_COUNT:,}"
+    for name in ("tagging", "token_unit", "threshold"):
+        v = getattr(a, name)
+        if not (isinstance(v, str) or (v is None and name != "tagging")):
+            raise bad(name, "text", v)
+    if not all(isinstance(x, str) for x in a.sources):
+        raise bad("sources", "a list of file names", list(a.sources))
+    if not isinstance(a.extra, dict):
+        raise bad("extra", "a mapping", a.extra)
+    if a.size is not None and not (type(a.size) in (int, float) and 0 < a.size < float("inf")):
+        raise bad("size", "null or a finite number > 0", a.size)
     for name in ("examples", "skipped", "rows_without_text"):
         if not _count_ok(getattr(a, name)):
             raise bad(name, in_range, getattr(a, name))
