@@ -217,3 +217,13 @@ def test_analyze_out_replaces_both_files_together(tmp_path, capsys, monkeypatch)
     assert snapshot(out) == before and leftovers(out) == []
     assert run(capsys, "analyze", str(data), "--task-field", "task", "--out", str(out))[0] == 0
     assert json.loads((out / "analysis.json").read_text())["examples"] == 5
+
+
+def test_report_out_is_one_file_replaced_whole(tmp_path, capsys):
+    # report --out is a single self-contained HTML page written atomically: a set of one
+    page = tmp_path / "report.html"
+    page.write_text("<html>old report</html>")
+    code, _, err = run(capsys, "report", str(tmp_path / "no-such-run"), "--out", str(page))
+    assert code == 2 and err.count("\n") == 1
+    assert page.read_text() == "<html>old report</html>"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
