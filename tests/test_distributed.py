@@ -234,7 +234,7 @@ def test_fsdp_matches_one_process_and_resumes_on_one(tmp_path, one_thread):
     _assert_same_trajectory(tmp_path / "single", tmp_path / "fsdp", rtol=1e-5)
     out = tmp_path / "killed"
     proc = _torchrun(cfg, out, "--parallel", "fsdp", "--checkpoint-seconds", "0", wait=False)
-    _kill_when(proc, lambda: (out / "groups" / "g0000" / "state.pt").exists())
+    _kill_when(proc, lambda: (out / "groups" / "g0000" / "ckpt").exists())
     assert not (out / "summary.json").exists()
     _single(cfg, out)  # saved sharded by 2 processes, resumed by 1
     assert "resumed from step" in (out / "log.txt").read_text()
@@ -288,7 +288,7 @@ def test_cells_lm_grid_equals_one_process_and_resumes_after_kill(tmp_path, one_t
     out = tmp_path / "killed"
     groups = out / "groups"
     proc = _torchrun(cfg, out, "--checkpoint-seconds", "0", wait=False)
-    _kill_when(proc, lambda: any(groups.glob("*/summary.json")) and any(groups.glob("*/state.pt")))
+    _kill_when(proc, lambda: any(groups.glob("*/summary.json")) and any(groups.glob("*/ckpt")))
     assert not (out / "summary.json").exists()
     done_before = len(list(groups.glob("*/summary.json")))
     assert 1 <= done_before < 4

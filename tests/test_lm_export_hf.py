@@ -65,7 +65,9 @@ def run_dir(tmp_path, weights_name: str):
     (run / "groups" / "g0000").mkdir(parents=True)
     (run / "cells.json").write_text(json.dumps([
         {"cell": 0, "group": "g0000", "size": "tiny", "task": "cmp", "seq_len": 32}]))
-    save_file(model.state_dict(), str(run / "groups" / "g0000" / weights_name))
+    weights = run / "groups" / "g0000" / weights_name
+    weights.parent.mkdir(exist_ok=True)  # a checkpoint's lie in ckpt/
+    save_file(model.state_dict(), str(weights))
     return run, model
 
 
@@ -81,8 +83,8 @@ def test_export_hf_command_from_a_finished_cell(tmp_path, capsys, one_thread):
 
 
 def test_a_running_cell_exports_its_checkpoint_and_says_so(tmp_path):
-    run, _ = run_dir(tmp_path, "model.safetensors")
-    assert export_cell(run, 0, tmp_path / "hf")[1] == "model.safetensors"
+    run, _ = run_dir(tmp_path, "ckpt/model.safetensors")
+    assert export_cell(run, 0, tmp_path / "hf")[1] == "ckpt/model.safetensors"
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -154,7 +154,7 @@ def test_random_sigkills_then_identical_results(reference, tmp_path, capsys):
     assert sorted((r["cell"], r["task"]) for r in rows) == [(c, t) for c in range(6)
                                                             for t in range(1, 5)]
     # nothing half-written or stale is left behind
-    assert not list(out.rglob("*.tmp")) and not list(out.rglob("checkpoint.safetensors"))
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("ckpt*"))
     log = (out / "log.txt").read_text()
     assert log.count("resumed from step") >= 2 and log.endswith("grid complete\n")
     assert "left by an interrupted run" in log
@@ -212,7 +212,7 @@ def test_second_process_refuses_while_the_first_runs(reference, tmp_path, capsys
     out = tmp_path / "run"
     first = _start(cfg, out)
     try:
-        _wait_for(out / "groups" / "g0000" / "checkpoint.safetensors", first)
+        _wait_for(out / "groups" / "g0000" / "ckpt", first)
         # temp files come and go with the running process's atomic writes: compare the rest
         before = sorted(p.name for p in out.rglob("*") if store.TEMP_PREFIX not in str(p))
         err = _fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
@@ -233,7 +233,7 @@ def test_a_killed_run_leaves_no_stale_lock(reference, tmp_path, capsys):
     cfg = _config(tmp_path / "tiny.yaml")
     out = tmp_path / "run"
     first = _start(cfg, out)
-    _wait_for(out / "groups" / "g0000" / "checkpoint.safetensors", first)
+    _wait_for(out / "groups" / "g0000" / "ckpt", first)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     assert (out / ".lock").exists()  # the file stays; the flock died with its process

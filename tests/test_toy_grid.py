@@ -44,7 +44,7 @@ def test_run_writes_the_documented_files(reference):
         assert (reference / name).exists(), name
     groups = sorted(p.name for p in (reference / "groups").iterdir())
     assert groups == ["g0000", "g0001", "g0002"]  # 6 cells, group_size 2
-    assert not list(reference.glob("groups/*/checkpoint.safetensors"))  # removed when done
+    assert not list(reference.glob("groups/*/ckpt*"))  # removed when done
     import pyarrow.parquet as pq
 
     m = pq.read_table(reference / "metrics.parquet")
@@ -93,7 +93,7 @@ def test_kill_and_resume_gives_identical_results(tiny_config, reference, tmp_pat
     kills = 0
     for target in ("g0000", "g0001"):  # kill inside two different groups
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ckpt = out / "groups" / target / "checkpoint.safetensors"
+        ckpt = out / "groups" / target / "ckpt"
         deadline = time.time() + 120
         while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.01)

@@ -12,9 +12,9 @@ From a run directory (``raretask export-hf RUN_DIR --cell N --out DIR``, registe
 :mod:`raretask.export_cli`, which keeps torch out of the CLI's start): the cell's fields come
 from ``cells.json``; its weights from ``groups/gNNNN/final.safetensors`` (a cell run with
 ``save_model: true`` keeps its final weights there) or, for a cell still running or cut short,
-from its last checkpoint ``model.safetensors`` (the step is said). The vocabulary size is read off
-the weights. The tokenizer (a BPE trained locally, lm/tokenizer.py) is not exported: token ids
-are raretask's.
+from its last checkpoint ``ckpt/model.safetensors`` (the step is said). The vocabulary size is
+read off the weights. The tokenizer (a BPE trained locally, lm/tokenizer.py) is not exported:
+token ids are raretask's.
 
 Example::
 
@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # torch is imported by the functions that need it: `raretask 
 
 FINAL_WEIGHTS = "final.safetensors"
 """A finished cell's final weights in its group directory (kept with ``save_model: true``)."""
-CHECKPOINT_WEIGHTS = "model.safetensors"
+CHECKPOINT_WEIGHTS = "ckpt/model.safetensors"
 """A running cell's last checkpoint weights (removed once the cell is done)."""
 
 HF_NAMES = [  # raretask parameter name -> Olmo2ForCausalLM name (transformers modeling_olmo2.py)

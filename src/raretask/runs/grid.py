@@ -167,11 +167,7 @@ class GridRun:
         swept = store.remove_stale_temps(self.out)
         for g in self.groups:
             if self.is_done(g):
-                for name in self.study.checkpoint_files:
-                    path = self._group_dir(g) / name
-                    if path.exists():
-                        path.unlink()
-                        swept += 1
+                swept += self.study.remove_checkpoint(self._group_dir(g))
         if swept:
             self._log(f"removed {swept} file(s) left by an interrupted run")
 
@@ -270,8 +266,7 @@ class GridRun:
             for name, rows in result.tables.items():
                 store.write_parquet(gdir / f"{name}.parquet", rows)
             store.write_json(gdir / "summary.json", result.rows)
-            for name in study.checkpoint_files:
-                (gdir / name).unlink(missing_ok=True)
+            study.remove_checkpoint(gdir)
             for line in result.log:
                 self._log(line)
         if ranks.data_parallel:  # nobody starts the next cell before this one is on disk

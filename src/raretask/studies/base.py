@@ -5,7 +5,9 @@ no execution settings), how cells pack into groups, ``build(cells, profile) -> t
 rows it reports with its own verdicts (predicted vs learned), their schema, and the ``show``
 table. :mod:`raretask.runs.grid` runs the lifecycle once for every study (lock, resume,
 checkpoints, progress, files) through the methods every trainer shares: ``step``,
-``settings.steps``, ``run(callback=)``, ``state_dict()``, ``load_state_dict()``.
+``settings.steps``, ``run(callback=)``, ``state_dict()``, ``load_state_dict()``. A checkpoint is
+the study's :meth:`Study.checkpoint_payload` written as one verified directory
+(:mod:`raretask.runs.checkpoint_dir`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from raretask.errors import UserError
+from raretask.runs import checkpoint_dir
 
 NUM, OPT_NUM = "number", "number or null"
 
@@ -71,8 +74,10 @@ class Study:
     """The study's name in messages ("toy", "LM")."""
     row_schema: ClassVar[dict[str, Any]]
     """The fields (and types) of a summary row that show, the report and calibrate read."""
-    checkpoint_files: ClassVar[tuple[str, ...]]
-    """A group's files that exist only while it runs (removed once its summary is written)."""
+    legacy_checkpoint: ClassVar[tuple[str, ...]] = ()
+    """The files of a checkpoint written before checkpoints were one directory
+    (:mod:`raretask.runs.checkpoint_dir`): :meth:`read_legacy_checkpoint` decides whether they
+    are read, and they are removed with the group's checkpoint."""
 
     # -- the experiment -----------------------------------------------------------------------
     @property
@@ -98,14 +103,54 @@ class Study:
         """The trainer of one group; ``profile``: a resolved execution profile."""
         raise NotImplementedError
 
+    # -- checkpoints: one directory, written as a unit and verified on resume -----------------
+    def checkpoint_payload(self, state) -> dict[str, bytes]:
+        """The trainer's whole ``state_dict()`` (model, optimizer, step, RNG, data position) as
+        named files; called on the writing rank only."""
+        raise NotImplementedError
+
+    def restore(self, trainer, files: dict[str, bytes], where: Path) -> None:
+        """Load :meth:`checkpoint_payload`'s files (already verified against the manifest) into
+        ``trainer``; a payload that does not deserialize is a UserError naming ``where``."""
+        raise NotImplementedError
+
+    def read_legacy_checkpoint(self, gdir: Path, trainer) -> None:
+        """Resume from :attr:`legacy_checkpoint` files, or refuse them in one line."""
+        raise UserError(f"{gdir}: a checkpoint from an older raretask "
+                        f"({', '.join(self.legacy_checkpoint)}); delete those files to restart "
+                        f"group {gdir.name} from step 0")
+
+    def _has_legacy(self, gdir: Path) -> bool:
+        return bool(self.legacy_checkpoint) and all(
+            (gdir / n).is_file() for n in self.legacy_checkpoint)
+
     def has_checkpoint(self, gdir: Path) -> bool:
-        return all((gdir / n).exists() for n in self.checkpoint_files)
+        return checkpoint_dir.location(gdir) is not None or self._has_legacy(gdir)
 
     def save_checkpoint(self, gdir: Path, trainer, writes: bool) -> None:
-        raise NotImplementedError
+        state = trainer.state_dict()  # every rank: a collective under FSDP2
+        if writes:
+            checkpoint_dir.save(gdir, self.checkpoint_payload(state))
+            for name in self.legacy_checkpoint:  # superseded by the directory just committed
+                if (gdir / name).is_file():
+                    (gdir / name).unlink()
 
     def load_checkpoint(self, gdir: Path, trainer) -> None:
-        raise NotImplementedError
+        files = checkpoint_dir.read(gdir)
+        if files is None:
+            self.read_legacy_checkpoint(gdir, trainer)
+        else:
+            self.restore(trainer, files, checkpoint_dir.location(gdir))
+
+    def remove_checkpoint(self, gdir: Path) -> int:
+        """Delete the group's checkpoint (once its summary is written); returns how many
+        entries went."""
+        n = checkpoint_dir.remove(gdir) if gdir.is_dir() else 0
+        for name in self.legacy_checkpoint:
+            if (gdir / name).is_file():
+                (gdir / name).unlink()
+                n += 1
+        return n
 
     def final_tensors(self, cells: list, trainer) -> dict[str, dict]:
         """Tensors a finished group keeps beside its tables: file name -> tensors (called on

@@ -2,8 +2,11 @@
 
 A cell's group leaves::
 
-    groups/gNNNN/model.safetensors        weights while the cell runs (removed after)
-    groups/gNNNN/state.pt                 optimizer, data position, counters (weights_only)
+    groups/gNNNN/ckpt/                    the checkpoint while the cell runs (removed after),
+                                          one unit (:mod:`raretask.runs.checkpoint_dir`):
+        model.safetensors                 weights
+        state.pt                          optimizer, data position, counters (weights_only)
+        manifest.json                     both files' sizes and sha256; written last
     groups/gNNNN/metrics.parquet          long format: cell, step, task, metric, value
     groups/gNNNN/summary.json             the cell's final row; written last = done
 
@@ -82,20 +85,50 @@ def build_trainer(cell: LMCell, profile, stream_world: tuple[int, int] | None = 
     return trainer
 
 
-def load_checkpoint(weights: Path, state_path: Path) -> dict:
-    """A cell's checkpoint: weights through safetensors, the rest through ``torch.load`` with
-    ``weights_only=True`` (no code in the file runs); a damaged or foreign file is a UserError."""
-    from safetensors.torch import load_file
+CHECKPOINT_WEIGHTS, CHECKPOINT_STATE = "model.safetensors", "state.pt"
+"""A cell's checkpoint files (in ``ckpt/``, :mod:`raretask.runs.checkpoint_dir`)."""
+
+
+def checkpoint_files(state: dict) -> dict[str, bytes]:
+    """A trainer's :meth:`~raretask.lm.trainer.LMTrainer.state_dict` as the checkpoint's files:
+    the weights as safetensors, the rest (optimizer, data position, counters, metrics) through
+    ``torch.save``, read back with ``weights_only=True``."""
+    from safetensors.torch import save
+
+    state = dict(state)
+    weights = save(state.pop("model"))
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return {CHECKPOINT_WEIGHTS: weights, CHECKPOINT_STATE: buf.getvalue()}
+
+
+def state_from_files(files: dict[str, bytes], where: Path) -> dict:
+    """:func:`checkpoint_files` read back: weights through safetensors, the rest through
+    ``torch.load(weights_only=True)`` (no code in the files runs); a damaged or foreign payload
+    is a UserError naming ``where``."""
+    from safetensors.torch import load
 
     try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(files[CHECKPOINT_STATE]), map_location="cpu",
+                           weights_only=True)
         if not isinstance(state, dict):
             raise TypeError("not a dict")
-        state["model"] = load_file(str(weights))
-    except Exception as err:  # pickle refusals, truncated files, safetensors header errors
-        raise UserError(f"{state_path.parent}: unreadable checkpoint ({type(err).__name__}); "
-                        "delete model.safetensors and state.pt to restart the cell") from None
+        state["model"] = load(files[CHECKPOINT_WEIGHTS])
+    except Exception as err:  # pickle refusals, missing entries, safetensors header errors
+        raise UserError(f"{where}: unreadable checkpoint ({type(err).__name__}); delete it to "
+                        "restart the cell from step 0") from None
     return state
+
+
+def load_checkpoint(weights: Path, state_path: Path) -> dict:
+    """A checkpoint's two files read from wherever they lie (benchmarks/lm_multi_gpu.py);
+    see :func:`state_from_files`."""
+    try:
+        files = {CHECKPOINT_WEIGHTS: weights.read_bytes(),
+                 CHECKPOINT_STATE: state_path.read_bytes()}
+    except OSError as err:
+        raise store.io_error(err.filename or state_path, err, "cannot read") from None
+    return state_from_files(files, state_path.parent)
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -136,7 +169,7 @@ def summary_row(cell_id: int, group_name: str, cell: LMCell, trainer) -> dict:
 class LMStudy(Study):
     kind = "lm"
     label = "LM"
-    checkpoint_files = ("model.safetensors", "state.pt")
+    legacy_checkpoint = ("model.safetensors", "state.pt")
     row_schema = {
         "cell": int, "kind": str, "size": str, "params": int, "task": str, "schedule": str,
         "seed": int, "steps": int, "frequency": NUM, "test_accuracy": OPT_NUM,
@@ -182,14 +215,14 @@ class LMStudy(Study):
         cell = resolve_arm(cells[0])  # a fix arm trains an ordinary cell
         return build_trainer(cell, profile, ranks.data_world, fsdp=ranks.mode == "fsdp")
 
-    def save_checkpoint(self, gdir, trainer, writes) -> None:
-        state = trainer.state_dict()  # collective under FSDP2: every rank calls it
-        if writes:
-            store.write_safetensors(gdir / "model.safetensors", state.pop("model"))
-            save_state(gdir / "state.pt", state)
+    def checkpoint_payload(self, state) -> dict[str, bytes]:
+        return checkpoint_files(state)
 
-    def load_checkpoint(self, gdir, trainer) -> None:
-        trainer.load_state_dict(load_checkpoint(gdir / "model.safetensors", gdir / "state.pt"))
+    def restore(self, trainer, files, where) -> None:
+        trainer.load_state_dict(state_from_files(files, where))
+
+    # read_legacy_checkpoint: refused. Its two files were written one after the other, so a kill
+    # between them left new weights beside an old optimizer and step, which nothing can detect.
 
     def final_tensors(self, cells, trainer) -> dict[str, dict]:
         """``save_model``: the final weights, for ``raretask export-hf``."""

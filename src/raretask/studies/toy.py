@@ -4,7 +4,8 @@ Cells that share the shape of their training (task count, features, steps, batch
 schedule, basis) are packed into groups of at most ``profile.group_size`` models, one optimizer
 step training them all (the instance axis). A group leaves::
 
-    groups/gNNNN/checkpoint.safetensors   trainer state while the group runs (removed after)
+    groups/gNNNN/ckpt/                    trainer state while the group runs (removed after):
+                                          state.safetensors + manifest.json, one unit
     groups/gNNNN/metrics.parquet          long format: cell, step, task, metric, value
     groups/gNNNN/traces.parquet           cell, step, rare_signal (when trace_every > 0)
     groups/gNNNN/summary.json             final per-cell, per-task rows; written last = done
@@ -163,10 +164,33 @@ def summary_rows(group: Group, cells: list[ToyCell], rows: list[dict],
     return out
 
 
+CHECKPOINT_STATE = "state.safetensors"
+"""The trainer's whole state (:meth:`ToyTrainer.state_dict`) in a group's ``ckpt/``."""
+LEGACY_CHECKPOINT = "checkpoint.safetensors"
+"""A group's checkpoint before checkpoints were directories (read for compatibility)."""
+
+
+def _load_state(trainer, data: bytes | None, path: Path, delete: Path) -> None:
+    """``trainer.load_state_dict`` from safetensors bytes (tensors only: nothing in the file
+    runs); bytes that are not the trainer's state are a UserError naming ``path``."""
+    from safetensors.torch import load
+
+    try:
+        if data is None:
+            raise KeyError(path.name)
+        trainer.load_state_dict(load(data))
+    except UserError:
+        raise
+    except Exception as err:  # a file damaged or made outside raretask
+        raise UserError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete "
+                        f"{'it' if delete == path else delete} to restart group "
+                        f"{delete.parent.name} from step 0") from None
+
+
 class ToyStudy(Study):
     kind = "toy"
     label = "toy"
-    checkpoint_files = ("checkpoint.safetensors",)
+    legacy_checkpoint = (LEGACY_CHECKPOINT,)
     row_schema = {
         "cell": int, "task": int, "tasks": int, "features_per_task": int, "width": int,
         "seed": int, "gap": int, "schedule": str, "group": str, "beta": NUM, "alpha": NUM,
@@ -189,21 +213,23 @@ class ToyStudy(Study):
 
         return ToyTrainer(build_instances(cells), build_settings(cells[0], profile))
 
-    def save_checkpoint(self, gdir: Path, trainer, writes: bool) -> None:
-        if writes:
-            store.write_safetensors(gdir / "checkpoint.safetensors", trainer.state_dict())
+    def checkpoint_payload(self, state) -> dict[str, bytes]:
+        from safetensors.torch import save
 
-    def load_checkpoint(self, gdir: Path, trainer) -> None:
-        from safetensors.torch import load_file
+        return {CHECKPOINT_STATE: save(state)}  # flat tensors: all of it
 
-        ckpt = gdir / "checkpoint.safetensors"
-        try:  # safetensors: tensors only, nothing in the file is executed
-            trainer.load_state_dict(load_file(str(ckpt), device="cpu"))
-        except UserError:
-            raise
-        except Exception as err:  # a file damaged outside raretask (our writes are atomic)
-            raise UserError(f"{ckpt}: unreadable checkpoint ({type(err).__name__}); delete "
-                            f"it to restart group {gdir.name} from step 0") from None
+    def restore(self, trainer, files: dict[str, bytes], where: Path) -> None:
+        _load_state(trainer, files.get(CHECKPOINT_STATE), where / CHECKPOINT_STATE, where)
+
+    def read_legacy_checkpoint(self, gdir: Path, trainer) -> None:
+        """A ``checkpoint.safetensors`` from before checkpoint directories is read once: it was
+        one file renamed into place, so it is whole (it has no hash to check)."""
+        path = gdir / LEGACY_CHECKPOINT
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise store.io_error(path, err, "cannot read") from None
+        _load_state(trainer, data, path, path)
 
     def results(self, group, cells, trainer, seconds, start_step) -> GroupResult:
         ids = group.cell_ids
