@@ -133,8 +133,7 @@ def toy_fix_results(out: Path) -> tuple[FixSetting, object, list[ArmResult]]:
 
     out = Path(out)
     rows = load_summary(out)
-    grid = load_experiment_dir(out)
-    cells = list(grid.cells())
+    cells = run_cells(out)
     if not rows or any(c.arm is None for c in cells):
         raise UserError(f"{out}: not a finished fix grid (every cell needs an 'arm')")
     c0 = cells[0]
@@ -199,6 +198,25 @@ def load_experiment_dir(out: Path):
     from raretask.config import load_experiment
 
     return load_experiment(out / "config.yaml")
+
+
+def run_cells(out: Path) -> list:
+    """The run's cells by cell id, from its ``cells.json``: the ids the metrics carry. (The
+    resolved ``config.yaml`` lists the axes in field order, so enumerating it again can number
+    the cells differently from the run, e.g. seed before arm.)"""
+    from raretask.runs import store
+    from raretask.schema import validate
+
+    grid = load_experiment_dir(Path(out))
+    path = Path(out) / "cells.json"
+    try:
+        table = sorted(store.read_json(path), key=lambda r: r["cell"])
+        if [r["cell"] for r in table] != list(range(len(table))):
+            raise ValueError("cell ids are not 0..n-1")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: missing or malformed ({err})") from None
+    return [validate(grid.cell_model, {k: v for k, v in r.items() if k not in ("cell", "group")},
+                     f"{path} cell {r['cell']}") for r in table]
 
 
 def fix_table(results: list[ArmResult], cfg: FixSetting, plan):
