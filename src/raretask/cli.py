@@ -360,22 +360,33 @@ def show(
     all_tasks: Annotated[bool, typer.Option("--all", help="Table: every task, not a digest.")]
     = False,
 ) -> None:
-    """Final per-cell, per-task metrics of a run, compared with Theorem 3."""
-    from raretask.runs.grid import load_summary
+    """Final per-cell, per-task metrics of a run, compared with Theorem 3; on an unfinished
+    run, how many cells are still missing (the table covers the finished ones only)."""
+    from raretask.runs.grid import cell_count, load_summary
     from raretask.studies import study_of_rows
 
     rows = load_summary(out)
+    total, done = cell_count(out), len({r["cell"] for r in rows})
+    missing = (f"unfinished: {total - done} of {total} cells have no results yet; the table "
+               f"covers the {done} finished" if total is not None and done < total else "")
     if as_json:
         _print_json(rows)
+        if missing:  # stdout stays one JSON document
+            sys.stderr.write(f"{out}: {missing}\n")
         return
     if not rows:
-        console.print(f"{out}: no finished cells yet")
+        console.print(f"{out}: no finished cells yet" + (f" (0 of {total})" if total else ""))
         return
     try:  # rows edited outside raretask may lack a field or hold the wrong type
         table = study_of_rows(rows, str(out)).table(rows, str(out), all_tasks)
     except (KeyError, TypeError, ValueError, StopIteration, ZeroDivisionError) as err:
         raise UserError(f"{out}: malformed summary rows ({type(err).__name__}: {err})") from None
+    if missing:
+        table.title = f"{table.title} ({missing.split(';')[0]})"
+        table.caption = f"{table.caption} ({missing})" if table.caption else missing
     console.print(rich_table(table))
+    if missing:
+        console.print(f"[yellow]{missing}[/]", highlight=False)
 
 
 def rich_table(table: ShowTable) -> Table:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 from pydantic import Field, ValidationError, model_validator
 
 from raretask.errors import UserError
+from raretask.limits import MAX_TRACE_POINTS, check_grid_size
 from raretask.runs.profile import PROFILE_FIELDS, Profile
 from raretask.schema import (  # noqa: F401 (re-exported: the long-standing import path)
     StrictModel,
@@ -245,7 +248,46 @@ class ToyCell(StrictModel):
         if self.big_width is not None and self.big_width > d:
             raise ValueError(f"big_width: {self.big_width} exceeds the total feature count "
                              f"tasks*features = {d}")
+        points = self.steps // self.trace_every + 1 if self.trace_every else 0
+        if points > MAX_TRACE_POINTS:
+            raise ValueError(f"trace_every: steps {self.steps:,} / trace_every "
+                             f"{self.trace_every:,} = {points:,} trace points per cell, more "
+                             f"than the limit of {MAX_TRACE_POINTS:,}")
         return self
+
+    def memory_parts(self) -> dict[str, int]:
+        """Bytes one model of this cell holds while it trains (raretask.toy.trainer's buffers),
+        by the field that sets each part; :func:`raretask.limits.check_group_memory` adds a
+        group's cells. Float32 training, float64 metrics; an upper bound where the fix's plan
+        decides (a fix arm's width and share)."""
+        d, k, b = self.tasks * self.features, self.tasks, self.batch_size
+        f32, f64, chunk = 4, 8, 8  # chunk: TrainSettings.rng_chunk, steps of samples drawn at once
+        width = d if self.arm == "big" else max(self.width, self.big_width or 0)
+        if self.arm is not None:
+            share = 1.0  # the plan's share: at most all of it
+        elif self.rate is not None:
+            share = self.rate
+        else:
+            prior = np.arange(1, k + 1, dtype=float) ** -self.beta
+            share = float(prior[self.rare_index] / prior.sum())
+        burst = self.delivery == "burst" or self.arm is not None
+        period = self.every if burst else 1
+        injects = self.delivery != "iid" or self.arm is not None
+        last = min(self.steps, self.stop or self.steps)
+        injected = round(period * b * share) if injects and period <= last else 0
+        return {
+            # samples drawn `chunk` steps ahead (uniforms, inputs, task coefficients), and the
+            # float64 measurement batch
+            "batch_size": b * (chunk * (f64 + (d + k) * f32) + d * (2 * f64 + 3 * f32)),
+            # the feature basis (d x d when random) and the encoder with Adam's moments and grad
+            "features": d * d * f32 if self.basis == "random" else d * f32,
+            "width": 4 * 2 * d * width * f32,
+            # one injection's samples and their products
+            "every" if burst else "rate": injected * d * 3 * f32,
+            # the trace buffer and its rows
+            "trace_every": (self.steps // self.trace_every + 1) * (f64 + 200)
+            if self.trace_every else 0,
+        }
 
     @property
     def rare_index(self) -> int:
@@ -332,6 +374,9 @@ class Grid(StrictModel):
                 grid.axes[key] = value
             else:
                 grid.fixed[key] = value
+        check_grid_size(grid.axes, source)  # from the axes' lengths: no cell is made
+        for key, values in grid.axes.items():
+            _check_unique(key, values, source)
         list(grid.cells(source))  # validate every cell now: fail before any work
         return grid
 
@@ -347,8 +392,34 @@ class Grid(StrictModel):
         body: dict[str, Any] = dict(cells[0])
         for key in self.axes:  # each axis as its validated values, in config order
             body[key] = list(dict.fromkeys(c[key] for c in cells))
+        # the axes in their config order (the order that numbers the cells), so that running
+        # the recorded config.yaml again numbers the cells as this grid does
+        keys = list(body)
+        slots = [i for i, k in enumerate(keys) if k in self.axes]
+        for i, name in zip(slots, self.axes, strict=True):
+            keys[i] = name
+        body = {k: body[k] for k in keys}
         top = self.model_dump(exclude={"axes", "fixed", "profile"})
         return {**top, **body}
+
+
+def _axis_key(value: Any) -> str:
+    """A value as a grid compares it: 4 and 4.0 are one value, as in the cells they make."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(float(value))
+    return json.dumps(value, sort_keys=True, default=repr)
+
+
+def _check_unique(key: str, values: list, source: str) -> None:
+    """An axis lists each value once: a repeated one would make two cells of one setting, which
+    a run directory could not tell apart (cells.json and the rows would disagree)."""
+    seen: set[str] = set()
+    for v in values:
+        k = _axis_key(v)
+        if k in seen:
+            raise UserError(f"{source}: {key}: the value {v!r} appears twice in the axis "
+                            "(each value once)")
+        seen.add(k)
 
 
 class ToyGrid(Grid):
@@ -367,14 +438,19 @@ class ToyGrid(Grid):
 
 
 def load_mapping(path: str | Path | None, overrides: Sequence[str] = (),
-                 base: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+                 base: dict[str, Any] | None = None,
+                 allow_empty: bool = True) -> tuple[dict[str, Any], str]:
     """(data, source): a config YAML (or ``base``) as a dict with ``--set`` overrides applied,
-    and the name errors should give it. Not validated: the caller's model does that."""
+    and the name errors should give it. Not validated: the caller's model does that.
+    ``allow_empty=False``: an empty file (or ``{}``) is an error."""
     if path is not None:
         data = load_yaml(path)
         source = str(path)
         if data is None:
             data = {}
+        if data == {} and not allow_empty:  # a run of nothing but defaults: 100K steps, say
+            raise UserError(f"{source}: empty config: give the experiment's fields (see the "
+                            "shipped configs/ for examples)")
     else:
         data, source = dict(base or {}), "config"
     if not isinstance(data, dict):
@@ -395,7 +471,7 @@ def load_experiment(path: str | Path | None, overrides: Sequence[str] = (),
     of ``profile_file``, then ``--set profile.FIELD=VALUE`` overrides, each over the last."""
     from raretask.studies import DEFAULT_KIND, study
 
-    data, source = load_mapping(path, overrides, base)
+    data, source = load_mapping(path, overrides, base, allow_empty=False)
     if profile_file is not None:
         extra = load_yaml(profile_file)
         if extra is not None and not isinstance(extra, dict):

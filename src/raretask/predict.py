@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from raretask.errors import UserError
+from raretask.limits import MAX_PREDICT_WORK
 from raretask.theory import DEFAULT_FREQUENT_MASS, TaskSet, Theory
 
 
@@ -64,7 +66,15 @@ def predict(
         Prior mass defining the frequent set F.
     index_names:
         Report tasks by their 1-based index (ints) rather than by name: generated task sets.
+
+    Raises :class:`~raretask.errors.UserError` when tasks x total features exceeds
+    :data:`raretask.limits.MAX_PREDICT_WORK`.
     """
+    work = tasks.size * tasks.total_features
+    if work > MAX_PREDICT_WORK:  # each task's required frequency re-ranks every feature
+        raise UserError(f"tasks x features: {tasks.size:,} tasks x {tasks.total_features:,} "
+                        f"features in all = {work:,}, more than the limit of "
+                        f"{MAX_PREDICT_WORK:,} (about 10 s); predict fewer tasks or features")
     th = Theory(tasks, frequent_mass)
     kept = th.features_kept(width)
     loss = th.normalized_loss(width)

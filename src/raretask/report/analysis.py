@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+
+from raretask.runs import store
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def load_traces(run_dir: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """cell -> (steps, rare signal) from every group's traces file."""
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for f in sorted(Path(run_dir).glob("groups/g*/traces.parquet")):
-        t = pq.read_table(f).to_pydict()
+        t = store.read_parquet(f).to_pydict()  # page checksums verified
         by: dict[int, list[tuple[int, float]]] = defaultdict(list)
         for c, s, v in zip(t["cell"], t["step"], t["rare_signal"], strict=True):
             by[c].append((s, v))
@@ -123,7 +124,7 @@ def load_metrics(run_dir: Path) -> dict[str, np.ndarray]:
     path = Path(run_dir) / "metrics.parquet"
     if not path.exists():
         return {k: np.array([]) for k in ("cell", "step", "task", "metric", "value")}
-    t = pq.read_table(path).to_pydict()
+    t = store.read_parquet(path).to_pydict()  # page checksums verified
     return {k: np.asarray(v) for k, v in t.items()}
 
 

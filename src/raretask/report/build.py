@@ -163,6 +163,8 @@ def load_run(path: str | Path) -> RunInput:
         raise UserError(f"{cells_path}: missing or malformed ({type(err).__name__})") from None
     try:
         rows = load_summary(path)
+    except UserError:  # already one line naming the file (a damaged result, say)
+        raise
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"{path}/groups: malformed summary.json ({type(err).__name__})") from None
     done = len({r["cell"] for r in rows})

@@ -8,7 +8,10 @@ later one, so a killed grid resumes into the same groups whatever the execution 
 
 Layout of a run directory::
 
-    DIR/config.yaml                 the resolved experiment (defaults filled); a re-run must match
+    DIR/manifest.json               what the directory is (the resolved experiment, the axis order,
+                                    the cells and their groups) and the sha256 of every result
+                                    file (:mod:`raretask.runs.manifest`); a re-run must match it
+    DIR/config.yaml                 the resolved experiment (defaults filled), for people to read
     DIR/profile.yaml                the execution profile of the last run (never compared)
     DIR/cells.json                  every cell's settings, by cell id, and its group
     DIR/log.txt                     what happened, with the code version
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import platform
 import shutil
 import subprocess
@@ -35,7 +39,8 @@ import yaml
 from raretask import __version__
 from raretask.config import Grid
 from raretask.errors import UserError
-from raretask.runs import distributed, store
+from raretask.limits import check_group_memory
+from raretask.runs import distributed, manifest, store
 from raretask.runs.distributed import Ranks
 from raretask.runs.profile import PROFILE_FIELDS, Profile
 from raretask.studies import study as study_for
@@ -73,8 +78,9 @@ def resolve_device(name: str) -> str:
 def load_summary(out: Path) -> list[dict]:
     """All finished rows of a run directory (any kind), by cell then task."""
     out = Path(out)
-    if not (out / "config.yaml").exists():
+    if not (out / "config.yaml").exists() and not (out / manifest.NAME).exists():
         raise UserError(f"{out}: not a raretask run directory (no config.yaml)")
+    manifest.check_results(out)  # a result changed outside raretask is named, never read
     rows: list[dict] = []
     for path in sorted((out / "groups").glob("g*/summary.json")):
         rows.extend(_read_rows(path))
@@ -83,6 +89,19 @@ def load_summary(out: Path) -> list[dict]:
     if rows:
         rows.sort(key=study_of_rows(rows, str(out)).sort_key)
     return rows
+
+
+def cell_count(out: Path) -> int | None:
+    """How many cells the grid in ``out`` has (its manifest, else ``cells.json``); None when
+    neither says."""
+    out = Path(out)
+    recorded = manifest.read(out)
+    if recorded is not None:
+        return int(recorded["cells"])
+    try:
+        return len(store.read_json(out / "cells.json"))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -121,6 +140,9 @@ class GridRun:
         self.grid = grid
         self.study = study_for(grid.kind)
         self.out = Path(out)
+        if not (math.isfinite(checkpoint_seconds) and checkpoint_seconds >= 0):
+            raise UserError(f"--checkpoint-seconds: expected a finite number of seconds >= 0, "
+                            f"got {checkpoint_seconds:g}")
         self.checkpoint_seconds = float(checkpoint_seconds)
         self.profile = profile or grid.profile
         self.cells = list(grid.cells())
@@ -128,8 +150,18 @@ class GridRun:
         self.ranks = Ranks()  # this process's part of a torchrun job; set by :meth:`run`
 
     def _recorded_plan(self) -> list[Group] | None:
-        """The groups of an earlier run of this grid (``cells.json``), so that a change of
-        profile (group size, device) never regroups cells that already have files."""
+        """The groups of an earlier run of this grid (its manifest, else ``cells.json``), so
+        that a change of profile (group size, device) never regroups cells that already have
+        files. Whether it is this grid at all, :meth:`_check_identity` decides under the lock."""
+        try:
+            recorded = manifest.read(self.out)
+        except UserError:
+            recorded = None  # named by _check_identity
+        if recorded is not None:
+            plan = [Group(name, tuple(ids)) for name, ids in sorted(recorded["groups"].items())]
+            if sorted(i for g in plan for i in g.cell_ids) == list(range(len(self.cells))):
+                return plan
+            return None
         try:
             table = json.loads((self.out / "cells.json").read_text(encoding="utf-8"))
             if len(table) != len(self.cells) or any(
@@ -170,29 +202,137 @@ class GridRun:
                 swept += self.study.remove_checkpoint(self._group_dir(g))
         if swept:
             self._log(f"removed {swept} file(s) left by an interrupted run")
+        self._recheck_results()
+
+    def _recheck_results(self) -> None:
+        """Check every finished group's files against the manifest. A group with a file changed
+        outside raretask trains again (a warning names the file), and a damaged merged table is
+        merged again; a group finished before manifests has its files read once, then hashed.
+        """
+        files = self.manifest["files"]
+        bad: dict[str, tuple[str, str]] = {}
+        for rel, why in manifest.damaged_results(self.out, self.manifest):
+            group = manifest.group_of(rel)
+            if group is None:  # a merged table: made again when the grid completes
+                self._log(f"{rel}: {why}; merged again when the grid completes")
+                (self.out / rel).unlink(missing_ok=True)
+                files.pop(rel)
+            else:
+                bad.setdefault(group, (rel, why))
+        for g in self.groups:
+            prefix = f"groups/{g.name}/"
+            if not self.is_done(g) or g.name in bad or any(k.startswith(prefix) for k in files):
+                continue
+            gdir = self._group_dir(g)  # finished before manifests: read once, then hash
+            results = [p for p in sorted(gdir.iterdir()) if p.is_file() and p.suffix in (
+                ".parquet", ".json", ".safetensors") and not store.is_temp(p.name)
+                and p.name not in getattr(self.study, "checkpoint_files", ())]
+            try:
+                for p in results:
+                    if p.suffix == ".parquet":
+                        store.read_parquet(p)
+                _read_rows(gdir / "summary.json")
+            except UserError as err:
+                path = getattr(err, "path", gdir / "summary.json")
+                bad[g.name] = (str(Path(path).relative_to(self.out)), "unreadable")
+                continue
+            files.update({str(p.relative_to(self.out)): store.file_sha256(p) for p in results})
+        for name, (rel, why) in sorted(bad.items()):
+            message = (f"warning: {self.out / rel}: {why} (changed outside raretask); group "
+                       f"{name} is trained again")
+            self._log(message)
+            print(message, file=sys.stderr)
+            gdir = self.out / "groups" / name
+            (gdir / "summary.json").unlink(missing_ok=True)  # first: the group is not done
+            for rel_other in [k for k in files if manifest.group_of(k) == name]:
+                (self.out / rel_other).unlink(missing_ok=True)
+                files.pop(rel_other)
+        manifest.write(self.out, self.manifest)
+
+    def _record_files(self, group: str | None, hashes: dict[str, str]) -> None:
+        """Add ``hashes`` (relative path -> sha256) to the manifest, replacing ``group``'s
+        earlier entries. Read afresh under a lock: the ranks of a job finish groups at once."""
+        lock = (store.file_lock(self.out / ".claims" / "manifest") if self.ranks.world > 1
+                else contextlib.nullcontext())
+        with lock:
+            current = manifest.read(self.out)
+            if current is None:  # pragma: no cover - written under the run lock before any group
+                raise RuntimeError(f"{self.out}: no {manifest.NAME} while recording files")
+            if group is not None:
+                current["files"] = {k: v for k, v in current["files"].items()
+                                    if manifest.group_of(k) != group}
+            current["files"].update(hashes)
+            manifest.write(self.out, current)
 
     def _check_or_write_config(self, resolved_profile) -> None:
-        resolved = self.grid.resolved()
-        path = self.out / "config.yaml"
-        if path.exists():
-            old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            fields = self.grid.cell_model.model_fields
-            for key in sorted(set(old) | set(resolved)):
-                if key in PROFILE_FIELDS:
-                    continue  # execution settings of runs made before the profile existed
-                if key not in old and key in fields and resolved[key] == fields[key].default:
-                    continue  # a field added since that run, at its default: the same experiment
-                if old.get(key) != resolved.get(key):
-                    raise UserError(
-                        f"{path}: this directory holds another experiment ({key}: "
-                        f"{old.get(key)!r} there, {resolved.get(key)!r} now); use a new --out")
+        """Refuse a directory that holds another experiment (one line naming the first
+        difference), then record this one: ``config.yaml``, ``cells.json`` and, last, the
+        manifest that is its identity. Under the lock, before anything else is written."""
+        current = manifest.identity(self.grid, self.cells)
+        recorded = manifest.read(self.out)
+        fields = self.grid.cell_model.model_fields
+        if recorded is not None:
+            diff = manifest.difference(recorded, current, fields, PROFILE_FIELDS)
+            if diff:
+                raise UserError(f"{self.out / manifest.NAME}: this directory holds another "
+                                f"experiment ({diff}); use a new --out")
+            files = dict(recorded["files"])
+        else:
+            self._check_unrecorded(current["experiment"])
+            files = {}
         self._note_profile_change(resolved_profile)
-        store.write_text(path, yaml.safe_dump(resolved, sort_keys=False))
-        cell_table = [
-            {"cell": i, "group": g.name, **self.cells[i].model_dump()}
-            for g in self.groups for i in g.cell_ids
-        ]
-        store.write_json(self.out / "cells.json", sorted(cell_table, key=lambda r: r["cell"]))
+        config_text = yaml.safe_dump(current["experiment"], sort_keys=False)
+        cell_table = sorted(({"cell": i, "group": g.name, **self.cells[i].model_dump()}
+                             for g in self.groups for i in g.cell_ids), key=lambda r: r["cell"])
+        cells_text = json.dumps(cell_table, indent=1) + "\n"
+        for name, text in (("config.yaml", config_text), ("cells.json", cells_text)):
+            digest = manifest.sha256_text(text)
+            path = self.out / name
+            if name in files and (not path.exists() or store.file_sha256(path) != digest):
+                message = (f"warning: {path} was removed or changed outside raretask; written "
+                           f"again from {manifest.NAME} (the experiment matches)")
+                self._log(message)
+                print(message, file=sys.stderr)
+            store.write_text(path, text)
+            files[name] = digest
+        self.manifest = {**current, "kind": self.grid.kind,
+                         "groups": {g.name: list(g.cell_ids) for g in self.groups},
+                         "files": files}
+        manifest.write(self.out, self.manifest)
+
+    def _check_unrecorded(self, resolved: dict) -> None:
+        """A directory without a manifest: empty, a run made before manifests (its
+        ``config.yaml`` and ``cells.json`` must match), or results nobody can place (refused).
+        """
+        path = self.out / "config.yaml"
+        if not path.exists():
+            results = [p for p in ("cells.json", "summary.json", "metrics.parquet", "groups")
+                       if (self.out / p).exists()]
+            if results:
+                raise UserError(f"{self.out}: holds results ({results[0]}) but no {manifest.NAME}"
+                                " or config.yaml to say which experiment they belong to; use a "
+                                "new --out")
+            return
+        try:
+            old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, ValueError, yaml.YAMLError, RecursionError) as err:
+            raise UserError(f"{path}: unreadable ({type(err).__name__}), and no {manifest.NAME} "
+                            "records the experiment; use a new --out") from None
+        if not isinstance(old, dict):
+            raise UserError(f"{path}: expected a mapping of config fields, and no "
+                            f"{manifest.NAME} records the experiment; use a new --out")
+        fields = self.grid.cell_model.model_fields
+        diff = manifest.config_difference(old, resolved, fields, PROFILE_FIELDS)
+        if diff is None and (self.out / "cells.json").exists():
+            try:
+                rows = store.read_json(self.out / "cells.json")
+                diff = manifest.cells_difference(rows, self.cells, fields) if isinstance(
+                    rows, list) else "cells.json: not a list of cells"
+            except (OSError, ValueError) as err:
+                diff = f"cells.json: unreadable ({type(err).__name__})"
+        if diff:
+            raise UserError(f"{path}: this directory holds another experiment ({diff}); use a "
+                            "new --out")
 
     def _note_profile_change(self, profile) -> None:
         """A run that resumes on another kind of device continues, with a one-line warning:
@@ -215,13 +355,17 @@ class GridRun:
     def _merge(self) -> None:
         """One metrics table and one summary for the whole grid, next to the per-group files."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        summary = load_summary(self.out)
-        parts = [pq.read_table(p) for p in sorted(self.out.glob("groups/g*/metrics.parquet"))]
+        summary = load_summary(self.out)  # every group's files checked against the manifest
+        parts = [store.read_parquet(p) for p in sorted(self.out.glob("groups/g*/metrics.parquet"))]
+        hashes = {}
         if parts:
             store.write_parquet(self.out / "metrics.parquet", pa.concat_tables(parts))
-        store.write_json(self.out / "summary.json", summary)
+            hashes["metrics.parquet"] = store.file_sha256(self.out / "metrics.parquet")
+        text = json.dumps(summary, indent=1) + "\n"
+        store.write_text(self.out / "summary.json", text)
+        hashes["summary.json"] = manifest.sha256_text(text)
+        self._record_files(None, hashes)
 
     # -- the lifecycle of one group -------------------------------------------------------------
     def _run_group(self, group: Group, progress: Progress | None) -> None:
@@ -260,12 +404,20 @@ class GridRun:
         seconds = time.perf_counter() - started
         keep = study.final_tensors(cells, trainer)
         if ranks.writes:
+            written = []
             for name, tensors in keep.items():
                 store.write_safetensors(gdir / name, tensors)
+                written.append(name)
             result = study.results(group, cells, trainer, seconds, start_step)
             for name, rows in result.tables.items():
                 store.write_parquet(gdir / f"{name}.parquet", rows)
-            store.write_json(gdir / "summary.json", result.rows)
+                written.append(f"{name}.parquet")
+            summary = json.dumps(result.rows, indent=1) + "\n"
+            hashes = {f"groups/{group.name}/{n}": store.file_sha256(gdir / n) for n in written}
+            hashes[f"groups/{group.name}/summary.json"] = manifest.sha256_text(summary)
+            # before the done marker: every finished group has its hashes recorded
+            self._record_files(group.name, hashes)
+            store.write_text(gdir / "summary.json", summary)
             study.remove_checkpoint(gdir)
             for line in result.log:
                 self._log(line)
@@ -291,6 +443,8 @@ class GridRun:
         self.ranks = Ranks(rank, world, mode, rank_dev)
         self.resolved_profile = self.profile.resolve(rank_dev)
         self.study.check(self.cells, self.resolved_profile, self.ranks)
+        check_group_memory([(g.name, [self.cells[i] for i in g.cell_ids]) for g in self.groups
+                            if not self.is_done(g)], self.resolved_profile.device)
         progress = progress if rank == 0 else None  # one display per job
         with distributed.session(mode, self.ranks.device), contextlib.ExitStack() as held:
             error = None
