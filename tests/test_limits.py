@@ -240,3 +240,22 @@ def test_predict_below_its_limit_still_answers():
     report = predict(TaskSet.power_law(32, 32, alpha=2, beta=1.5), width=64)
     assert report.frequent_tasks == 6 and report.rows[-1].first_feature_width == 70
     assert math.isclose(sum(r.frequency for r in report.rows), 1.0)
+
+
+def test_an_lm_batch_that_cannot_fit_names_batch_size(tmp_path, capsys):
+    path = _config(tmp_path / "lm.yaml", {"kind": "lm", "size": "tiny", "task": "none",
+                                          "steps": 2})
+    line = _fails(["run", str(path), "--out", str(tmp_path / "o"), "--set", "batch_size=65536",
+                   "--set", "seq_len=2048", "--set", "vocab_size=65536"], capsys)
+    assert line.startswith("error: config: batch_size: group g0000 (1 cell) needs about ")
+    assert "TB of memory" in line and not (tmp_path / "o").exists()
+
+
+def test_lm_memory_parts_pin_the_weights_and_the_batch():
+    from raretask.lm.config import LMCell
+    from raretask.lm.model import ModelConfig
+
+    cell = LMCell(size="tiny", task="none", batch_size=4, seq_len=16, vocab_size=512)
+    model = ModelConfig.preset("tiny", vocab_size=512)
+    assert cell.memory_parts() == {"size": 16 * model.num_params(),
+                                   "batch_size": 64 * (8 * 512 + 16 * 64 * 2)}

@@ -61,19 +61,21 @@ def device_memory(device: str) -> tuple[int, str]:
 
 
 def check_group_memory(groups: list[tuple[str, list]], device: str, source: str = "config",
-                       memory: int | None = None) -> None:
+                       memory: int | None = None, shards: int = 1) -> None:
     """Refuse (one line) a group whose cells' estimated memory exceeds the device's.
 
     ``groups``: (name, its cells); a cell without ``memory_parts`` counts as nothing. The line
     names the field that dominates the estimate, or ``profile.group_size`` when each cell fits
-    alone but the group does not.
+    alone but the group does not. ``shards``: processes that train one model together (DDP,
+    FSDP), each holding about its share.
     """
     if memory is None:
         memory, what = device_memory(device)
     else:
         what = "the memory given"
     for name, cells in groups:
-        parts = [c.memory_parts() for c in cells if hasattr(c, "memory_parts")]
+        parts = [{k: v // shards for k, v in c.memory_parts().items()} for c in cells
+                 if hasattr(c, "memory_parts")]
         total = sum(sum(p.values()) for p in parts)
         if total <= memory:
             continue

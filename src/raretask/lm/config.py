@@ -146,6 +146,19 @@ class LMCell(StrictModel):
         if self.calibration is None:
             raise ValueError("calibration: a fix arm needs the calibration file its plan uses")
 
+    def memory_parts(self) -> dict[str, int]:
+        """Bytes one run of this cell needs at least, by the field that sets each part
+        (:func:`raretask.limits.check_group_memory`): float32 weights, gradients and AdamW's
+        two moments; per token of the batch the logits and their gradient, and a few residual
+        streams per layer. A lower bound: what it refuses cannot fit."""
+        from raretask.lm.model import ModelConfig
+
+        model = ModelConfig.preset(self.size, vocab_size=self.vocab_size)
+        tokens = self.batch_size * self.seq_len
+        return {"size": 16 * model.num_params(),
+                "batch_size": tokens * (8 * self.vocab_size
+                                        + 16 * model.d_model * model.n_layers)}
+
     @property
     def schedule_label(self) -> str:
         """How the rows name the delivery: 'spread' (even, or bursts every step), 'iid',

@@ -444,7 +444,8 @@ class GridRun:
         self.resolved_profile = self.profile.resolve(rank_dev)
         self.study.check(self.cells, self.resolved_profile, self.ranks)
         check_group_memory([(g.name, [self.cells[i] for i in g.cell_ids]) for g in self.groups
-                            if not self.is_done(g)], self.resolved_profile.device)
+                            if not self.is_done(g)], self.resolved_profile.device,
+                           shards=world if self.ranks.data_parallel else 1)
         progress = progress if rank == 0 else None  # one display per job
         with distributed.session(mode, self.ranks.device), contextlib.ExitStack() as held:
             error = None
