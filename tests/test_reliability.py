@@ -3,13 +3,22 @@
 The kill test SIGKILLs a CPU toy grid at seeded moments (mid-training, while a file is half
 written, just before and just after a rename, during the final merge) and re-runs it until it
 finishes: every group is written exactly once and the results equal an uninterrupted run's.
+
+A checkpoint is one directory written as a unit and verified on resume
+(:mod:`raretask.runs.checkpoint_dir`). The fault-injection harness (tests/faults.py) kills a small
+toy grid, a small LM grid and ``plan --out`` before every durable step (rename, delete, fsync)
+and in the middle of every file's write, then re-runs: the files equal an uninterrupted run's
+(``plan --out``: the old set or the new one right after the kill). ``make test`` runs a sample
+of the kill points (a few seconds each), ``make test-slow`` all of them.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,7 +147,8 @@ def test_random_sigkills_then_identical_results(reference, tmp_path, capsys):
         else:  # every planned kill happened (the plan is seeded: the same kills every time)
             assert res.returncode == -signal.SIGKILL, (spec, res.returncode, res.stderr)
             kills.append(spec)
-            assert not (out / "log.txt").read_text().endswith("grid complete\n")
+            log = out / "log.txt"  # a kill at one of the first writes comes before the log
+            assert not log.exists() or not log.read_text().endswith("grid complete\n")
     assert len(kills) >= 5
     # every group was finished (its summary.json renamed into place) exactly once
     finished = journal.read_text().split()
@@ -160,17 +170,17 @@ def test_random_sigkills_then_identical_results(reference, tmp_path, capsys):
     assert "left by an interrupted run" in log
 
 
-def test_half_written_files_are_never_read_as_done(reference, tmp_path):
+def test_half_written_files_are_never_read_as_done(reference, tmp_path, monkeypatch,
+                                                   one_thread):
     """A torn summary.json temp file beside an unfinished group: the group still runs."""
     out = tmp_path / "run"
-    GridRun(load_experiment(_config(tmp_path / "tiny.yaml")), out)  # plans only
+    _stopped_before_results(_config(tmp_path / "tiny.yaml"), out, monkeypatch)  # a real run
     gdir = out / "groups" / "g0001"
     gdir.mkdir(parents=True)
     torn = gdir / f"{store.TEMP_PREFIX}summary.json.abc.tmp"  # a write cut short
     torn.write_text('[{"cell": 2, "ta')
     assert store.remove_stale_temps(out) == 1 and not list(gdir.iterdir())
     torn.write_text('[{"cell": 2, "ta')
-    torch.set_num_threads(1)
     run = GridRun(load_experiment(_config(tmp_path / "tiny.yaml")), out)
     assert not run.is_done(run.groups[1])
     run.run()
@@ -318,8 +328,6 @@ def _chmod_blocks_writes(directory: Path) -> bool:
 def test_read_only_run_directory(reference, tmp_path, capsys):
     """A finished group in a directory that turned read-only: a clear line, nothing lost. As
     root, chmod does not stop writes: the in-process ENOSPC test above covers that case."""
-    import shutil
-
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     for p in [out / "summary.json", out / "metrics.parquet"]:
@@ -337,3 +345,263 @@ def test_read_only_run_directory(reference, tmp_path, capsys):
         for d in dirs:
             d.chmod(0o755)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+# -- one checkpoint, one commit (raretask.runs.checkpoint_dir) -------------------------------
+
+
+def _ckpt_names(gdir: Path) -> list[str]:
+    return sorted(p.name for p in gdir.iterdir())
+
+
+def test_a_checkpoint_is_whole_at_every_stage_of_a_save(tmp_path):
+    """The states a kill can leave between a save's steps each read as one whole checkpoint."""
+    from raretask.runs import checkpoint_dir as cd
+
+    gdir = tmp_path / "g0000"
+    assert cd.read(gdir) is None and cd.location(gdir) is None
+    cd.save(gdir, {"a.bin": b"old-a", "b.bin": b"old-b"})
+    assert _ckpt_names(gdir) == ["ckpt"]
+    assert _ckpt_names(gdir / "ckpt") == ["a.bin", "b.bin", "manifest.json"]
+    manifest = json.loads((gdir / "ckpt" / "manifest.json").read_text())
+    digest = hashlib.sha256(b"old-a").hexdigest()
+    assert manifest["files"]["a.bin"] == {"bytes": 5, "sha256": digest}
+    # killed between the two renames: only the old one, aside
+    (gdir / "ckpt").rename(gdir / "ckpt.old")
+    assert cd.read(gdir) == {"a.bin": b"old-a", "b.bin": b"old-b"}
+    # a killed save's temporary directory is never read, and the next save removes it
+    (gdir / ".raretask-tmp.ckpt.x1.tmp").mkdir()
+    (gdir / ".raretask-tmp.ckpt.x1.tmp" / "a.bin").write_bytes(b"torn")
+    cd.save(gdir, {"a.bin": b"new-a", "b.bin": b"new-b"})
+    assert _ckpt_names(gdir) == ["ckpt"]
+    assert cd.read(gdir) == {"a.bin": b"new-a", "b.bin": b"new-b"}
+    # killed after the new one went in, before the old one was discarded: the new one wins
+    cd.save(gdir, {"a.bin": b"newer-a", "b.bin": b"newer-b"})
+    (gdir / "ckpt.old").mkdir()
+    (gdir / "ckpt.old" / "a.bin").write_bytes(b"stale")
+    assert cd.read(gdir)["a.bin"] == b"newer-a"
+    cd.save(gdir, {"a.bin": b"3", "b.bin": b"3"})
+    assert _ckpt_names(gdir) == ["ckpt"]
+    assert cd.remove(gdir) == 1 and _ckpt_names(gdir) == []
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ("flip", "{d}/a.bin: damaged (does not match manifest.json: sha256)"),
+    ("truncate", "{d}/a.bin: damaged (does not match manifest.json: 3 bytes, 6 expected)"),
+    ("delete", "{d}/a.bin: missing (named by manifest.json)"),
+    ("manifest", "{d}/manifest.json: missing, so the checkpoint cannot be verified"),
+    ("garbage", "{d}/manifest.json: not a raretask checkpoint manifest"),
+])
+def test_a_damaged_checkpoint_is_named_in_one_line(tmp_path, damage, message):
+    from raretask.errors import UserError
+    from raretask.runs import checkpoint_dir as cd
+
+    gdir = tmp_path / "g0003"
+    cd.save(gdir, {"a.bin": b"abcdef"})
+    d = gdir / "ckpt"
+    if damage == "flip":
+        (d / "a.bin").write_bytes(b"abcdeF")
+    elif damage == "truncate":
+        (d / "a.bin").write_bytes(b"abc")
+    elif damage == "delete":
+        (d / "a.bin").unlink()
+    elif damage == "manifest":
+        (d / "manifest.json").unlink()
+    else:
+        (d / "manifest.json").write_bytes(b"\x00{")
+    with pytest.raises(UserError) as err:
+        cd.read(gdir)
+    assert str(err.value) == (message.format(d=d) + f"; delete {d} to restart group g0003 "
+                              "from step 0")
+
+
+def test_lm_checkpoints_of_the_old_two_file_layout_are_refused(tmp_path):
+    """model.safetensors + state.pt were two commits: a kill between them resumed new weights
+    with an old optimizer and step. They are refused in one line, not read."""
+    from raretask.errors import UserError
+    from raretask.studies import study
+
+    gdir = tmp_path / "g0000"
+    gdir.mkdir()
+    for name in ("model.safetensors", "state.pt"):
+        (gdir / name).write_bytes(b"x")
+    lm = study("lm")
+    assert lm.has_checkpoint(gdir)
+    with pytest.raises(UserError, match=r"g0000: a checkpoint from an older raretask "
+                       r"\(model.safetensors, state.pt\); delete those files to restart group "
+                       "g0000 from step 0"):
+        lm.load_checkpoint(gdir, trainer=None)
+    assert lm.remove_checkpoint(gdir) == 2 and not list(gdir.iterdir())
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stopped_before_results(cfg: Path, out: Path, monkeypatch) -> None:
+    """Train group g0000 with a checkpoint at every evaluation, stop before its results: its
+    last checkpoint stays."""
+    from raretask.studies.toy import ToyStudy
+
+    def stop(*args, **kwargs):
+        raise _Stop
+
+    with monkeypatch.context() as mp:
+        mp.setattr(ToyStudy, "results", stop)
+        with pytest.raises(_Stop):
+            GridRun(load_experiment(cfg), out, checkpoint_seconds=0).run()
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_refused_then_restarts(reference, tmp_path, capsys,
+                                                                 monkeypatch, one_thread):
+    cfg = _config(tmp_path / "tiny.yaml")
+    out = tmp_path / "run"
+    _stopped_before_results(cfg, out, monkeypatch)
+    ckpt = out / "groups" / "g0000" / "ckpt"
+    state = ckpt / "state.safetensors"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit in the middle of a tensor: still loads, silently
+    state.write_bytes(bytes(data))
+    err = _fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
+    assert err == (f"error: {state}: damaged (does not match manifest.json: sha256); delete "
+                   f"{ckpt} to restart group g0000 from step 0")
+    assert not (out / "summary.json").exists()
+    shutil.rmtree(ckpt)  # as the message says
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(cfg), "--out", str(out), "--quiet"])
+    assert exc.value.code == 0
+    assert _show_json(out, capsys) == _show_json(reference, capsys)
+
+
+def test_a_toy_checkpoint_of_the_old_single_file_layout_resumes(reference, tmp_path, capsys,
+                                                                monkeypatch, one_thread):
+    """checkpoint.safetensors was one file renamed into place (whole): it is read once."""
+    cfg = _config(tmp_path / "tiny.yaml")
+    out = tmp_path / "run"
+    _stopped_before_results(cfg, out, monkeypatch)
+    gdir = out / "groups" / "g0000"
+    (gdir / "ckpt" / "state.safetensors").rename(gdir / "checkpoint.safetensors")
+    shutil.rmtree(gdir / "ckpt")
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(cfg), "--out", str(out), "--quiet"])
+    assert exc.value.code == 0
+    assert "g0000: resumed from step" in (out / "log.txt").read_text()
+    assert _show_json(out, capsys) == _show_json(reference, capsys)
+    assert not list(out.rglob("checkpoint.safetensors")) and not list(out.rglob("ckpt*"))
+
+
+# -- fault injection: a kill at every durable step (tests/faults.py) ---------------------------
+
+FAULTS = Path(__file__).parent / "faults.py"
+EXAMPLES = Path(__file__).parent.parent / "examples"
+# 3 cells in 2 groups (2 + 1), 3 checkpoints a group: 102 durable steps
+TOY_FAULTS = {"name": "faults", "tasks": 4, "features": 4, "width": [2, 4, 8], "seed": 0,
+              "beta": 1.5, "steps": 200, "batch_size": 32, "lr": 0.01, "eval_points": 4,
+              "profile": {"group_size": 2}}
+# the smallest LM of tests/test_lm_grid.py, one cell, 3 checkpoints
+LM_FAULTS = {"kind": "lm", "name": "faults", "size": "tiny", "vocab_size": 512, "seq_len": 32,
+             "batch_size": 16, "steps": 12, "task": "cmp", "rate": 0.03125, "source": "ngram",
+             "eval_points": 4, "probes": False}
+
+
+def _fault_specs(tmp: Path, sample: bool) -> list[dict]:
+    """The toy grid, the LM grid and `plan --out` (over an older plan), every kill point or
+    the few that matter most (``sample``)."""
+    import yaml
+
+    argv = {}
+    for name, cfg in (("toy", TOY_FAULTS), ("lm", LM_FAULTS)):
+        (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        argv[name] = ["run", str(tmp / f"{name}.yaml"), "--checkpoint-seconds", "0", "--quiet"]
+    plan = ["plan", str(EXAMPLES / "tasks.yaml")]
+    between_renames = {"op": "rename", "endswith": "/ckpt", "nth": 1}  # only ckpt.old/ exists
+    both = {"op": "replace", "contains": "/ckpt.old ->", "nth": 0}  # ckpt/ and ckpt.old/
+    mid_delete = {"op": "unlink", "contains": "ckpt-old", "nth": 0}  # half a discarded one
+    select = {
+        "toy": [between_renames, both, mid_delete,
+                {"op": "fsync", "contains": "state.safetensors", "phase": "torn", "nth": 1},
+                {"op": "replace", "endswith": "g0000/summary.json"}],  # trained, not done
+        "lm": [between_renames, mid_delete,
+               {"op": "fsync", "contains": "model.safetensors", "phase": "torn", "nth": 1}],
+        "plan": [{"op": "fsync", "contains": "plan.json", "phase": "torn"},
+                 {"op": "replace", "contains": "interleave.json"},
+                 {"op": "unlink", "nth": 0}, {"op": "rmdir", "nth": -1}],
+    }
+    specs = [{"kind": "run", "argv": argv["toy"], "select": select["toy"]},
+             {"kind": "run", "argv": argv["lm"], "select": select["lm"]},
+             {"kind": "set", "old_argv": [*plan, "--size", "16"], "argv": [*plan, "--size", "32"],
+              "select": select["plan"]}]
+    for name, spec in zip(("toy", "lm", "plan"), specs, strict=True):
+        spec.update(work=str(tmp / name), jobs=2 if sample else max(os.cpu_count() or 1, 2),
+                    warm=name != "plan")
+        if not sample:
+            del spec["select"]
+    return specs
+
+
+def _run_faults(tmp: Path, specs: list[dict], timeout: float) -> list[dict]:
+    spec_path, result_path = tmp / "spec.json", tmp / "result.json"
+    spec_path.write_text(json.dumps(specs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RARETASK_CACHE": str(tmp / "cache")}
+    res = subprocess.run([sys.executable, str(FAULTS), str(spec_path), str(result_path)],
+                         capture_output=True, text=True, timeout=timeout, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(result_path.read_text())
+
+
+def _check_run_sweep(result: dict, expect_points: int | None = None) -> None:
+    """Every kill happened, and every re-run left exactly the uninterrupted run's files."""
+    points = result["points"]
+    if expect_points is not None:  # each selector named one kill point
+        assert len(points) == expect_points, [(p["n"], p["op"], p["path"]) for p in points]
+    bad = [p for p in points if not (p["killed"] and p["rerun"] == 0 and p["diff"] == [])]
+    assert not bad, bad[:3]
+    assert any(p["resumed"] for p in points)  # some re-runs resumed a checkpoint
+
+
+def _check_set_sweep(result: dict, expect_points: int | None = None) -> None:
+    """After each kill the directory held the old set or the new one; each re-run, the new."""
+    points = result["points"]
+    if expect_points is not None:
+        assert len(points) == expect_points, [(p["n"], p["op"], p["path"]) for p in points]
+    bad = [p for p in points if not (p["killed"] and p["rerun"] == 0 and p["diff"] == []
+                                     and p["after_kill"] in ("old", "new"))]
+    assert not bad, bad[:3]
+    assert {p["after_kill"] for p in points} == {"old", "new"}
+
+
+@pytest.fixture(scope="module")
+def fault_sample(tmp_path_factory):
+    """The sample of kill points for the default suite, in one process (torch imported once)."""
+    tmp = tmp_path_factory.mktemp("faults")
+    return _run_faults(tmp, _fault_specs(tmp, sample=True), timeout=300)
+
+
+def test_toy_kill_sample_resumes_identically(fault_sample):
+    _check_run_sweep(fault_sample[0], expect_points=5)
+
+
+def test_lm_kill_sample_resumes_identically(fault_sample):
+    _check_run_sweep(fault_sample[1], expect_points=3)
+
+
+def test_plan_out_kill_sample_leaves_old_or_new_set(fault_sample):
+    _check_set_sweep(fault_sample[2], expect_points=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["toy", "lm", "plan"])
+def test_every_kill_point_resumes_identically(tmp_path, which):
+    """`make test-slow`: SIGKILL before every durable step (and mid-write at every fsync of a
+    file) of a small run, then re-run: the uninterrupted run's files, byte for byte."""
+    specs = _fault_specs(tmp_path, sample=False)
+    spec = specs[["toy", "lm", "plan"].index(which)]
+    (result,) = _run_faults(tmp_path, [spec], timeout=3600)
+    steps = result["steps"]
+    torn = sum(1 for op, path in result["journal"] if op == "fsync" and path.startswith("file "))
+    assert len(result["points"]) == steps + torn  # every step, every write
+    if which == "plan":
+        _check_set_sweep(result)
+    else:
+        _check_run_sweep(result)
+    print(f"{which}: {steps} durable steps, {steps + torn} kill points, all identical")
