@@ -3,8 +3,11 @@ resolved config, the log, resume by group, checkpoints, progress and the merged 
 
 A grid's cells are packed into groups by its study (:mod:`raretask.studies`); a group is the
 unit of training and of resume and is done when its ``summary.json`` exists (written last,
-atomically). The group plan is recorded in ``cells.json`` on the first run and read back on every
-later one, so a killed grid resumes into the same groups whatever the execution profile says now.
+atomically, after its files' hashes are in the manifest). The group plan is recorded in
+``manifest.json`` (and ``cells.json``) on the first run and read back on every later one, so a
+killed grid resumes into the same groups whatever the execution profile says now. Before
+anything is written, the grid's limits are checked (:mod:`raretask.limits`); under the lock, the
+directory's identity (:mod:`raretask.runs.manifest`), then every finished group's files.
 
 Layout of a run directory::
 
@@ -442,10 +445,10 @@ class GridRun:
         rank_dev = distributed.rank_device(device, world, local, mode)
         self.ranks = Ranks(rank, world, mode, rank_dev)
         self.resolved_profile = self.profile.resolve(rank_dev)
-        self.study.check(self.cells, self.resolved_profile, self.ranks)
         check_group_memory([(g.name, [self.cells[i] for i in g.cell_ids]) for g in self.groups
                             if not self.is_done(g)], self.resolved_profile.device,
                            shards=world if self.ranks.data_parallel else 1)
+        self.study.check(self.cells, self.resolved_profile, self.ranks)
         progress = progress if rank == 0 else None  # one display per job
         with distributed.session(mode, self.ranks.device), contextlib.ExitStack() as held:
             error = None
