@@ -138,8 +138,28 @@ def test_checkpoints_are_never_unpickled(tmp_path, capsys, monkeypatch, one_thre
     cfg.write_text("tasks: 3\nfeatures: 2\nwidth: 2\nsteps: 20\nbatch_size: 8\n"
                    "eval_points: 2\n")
     out = tmp_path / "out"
-    ckpt = out / "groups" / "g0000" / "checkpoint.safetensors"
-    ckpt.parent.mkdir(parents=True)
+    from raretask.config import load_experiment
+    from raretask.runs import checkpoint_dir
+    from raretask.runs.grid import GridRun
+    from raretask.studies.toy import ToyStudy
+
+    def stop(*args, **kwargs):  # a real run directory, its group stopped before its results
+        raise LookupError
+
+    with monkeypatch.context() as mp:
+        mp.setattr(ToyStudy, "results", stop)
+        with pytest.raises(LookupError):
+            GridRun(load_experiment(cfg), out, checkpoint_seconds=0).run()
+    gdir = out / "groups" / "g0000"
+    for payload in (pickle.dumps(_Boom()), b"\x00" * 7, b""):
+        # a checkpoint directory whose manifest vouches for the payload (hashes match)
+        checkpoint_dir.save(gdir, {"state.safetensors": payload})
+        err = _fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
+        assert err == (f"error: {gdir / 'ckpt' / 'state.safetensors'}: unreadable checkpoint "
+                       f"(SafetensorError); delete {gdir / 'ckpt'} to restart group g0000 from "
+                       "step 0")
+    checkpoint_dir.remove(gdir)
+    ckpt = gdir / "checkpoint.safetensors"  # the single-file layout before checkpoint dirs
     for payload in (pickle.dumps(_Boom()), b"\x00" * 7, b""):
         ckpt.write_bytes(payload)
         err = _fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
