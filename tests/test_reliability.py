@@ -415,6 +415,28 @@ def test_a_damaged_checkpoint_is_named_in_one_line(tmp_path, damage, message):
                               "from step 0")
 
 
+def test_disk_full_during_a_checkpoint_keeps_the_last_one(tmp_path, monkeypatch):
+    from raretask.errors import UserError
+    from raretask.runs import checkpoint_dir as cd
+
+    gdir = tmp_path / "g0000"
+    cd.save(gdir, {"a.bin": b"old-a", "b.bin": b"old-b"})
+    real, calls = cd._write_synced, []
+
+    def full(path, data):
+        calls.append(path.name)
+        if len(calls) == 2:  # the second file of the new checkpoint
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, data)
+
+    monkeypatch.setattr(cd, "_write_synced", full)
+    with pytest.raises(UserError) as err:
+        cd.save(gdir, {"a.bin": b"new-a", "b.bin": b"new-b"})
+    assert str(err.value) == f"{gdir / 'ckpt'}: cannot write (No space left on device)"
+    assert _ckpt_names(gdir) == ["ckpt"]  # no temporary directory left
+    assert cd.read(gdir) == {"a.bin": b"old-a", "b.bin": b"old-b"}
+
+
 def test_lm_checkpoints_of_the_old_two_file_layout_are_refused(tmp_path):
     """model.safetensors + state.pt were two commits: a kill between them resumed new weights
     with an old optimizer and step. They are refused in one line, not read."""
