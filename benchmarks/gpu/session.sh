@@ -18,7 +18,7 @@
 # LM grids run packed: LM_PROCS (default 6) processes share the GPU, --parallel cells.
 # LM grids also leave NAME.tgz (the run folder, ~30 KB): committed to benchmarks/results/resume/,
 # the next call (any session) resumes a grid that LM_TIMEOUT cut short. The tar leaves out the
-# weights of cells still running (model.safetensors, state.pt: 0.2-2 GB per cell from 20m up, over
+# checkpoints of cells still running (ckpt/: 0.2-2 GB per cell from 20m up, over
 # the 16 MiB a returned file may have) and kept final weights: a cut cell restarts next call.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -40,7 +40,7 @@ lm_run() {  # NAME CONFIG: one LM grid (resumed from benchmarks/results/resume/N
         "--nproc_per_node=${LM_PROCS:-6}" -m raretask run)
     time timeout "${LM_TIMEOUT:-560}" "${run[@]}" "$config" --out "$dir" --parallel cells "${LM_FAST[@]}"
     local rc=$?
-    tar czf "$OUT/$name.tgz" --exclude='*.safetensors' --exclude=state.pt -C /tmp/runs "$name"
+    tar czf "$OUT/$name.tgz" --exclude=ckpt --exclude=ckpt.old --exclude='.raretask-tmp.*' --exclude='*.safetensors' -C /tmp/runs "$name"
     python3 -m raretask show "$dir" --json >"$OUT/$name.json"
     python3 -m raretask show "$dir"
     return $rc
@@ -66,7 +66,7 @@ job() {
         fix_lm) lm_run fix_lm configs/fix_lm.yaml && {  # 15 cells (issue 22); then the fix files
                     COLUMNS=100 python3 -m raretask fix configs/fix_lm.yaml --out /tmp/runs/fix_lm \
                         "${LM_FAST[@]}" >"$OUT/fix_lm_table.txt"
-                    tar czf "$OUT/fix_lm.tgz" --exclude='*.safetensors' --exclude=state.pt \
+                    tar czf "$OUT/fix_lm.tgz" --exclude=ckpt --exclude=ckpt.old --exclude='.raretask-tmp.*' --exclude='*.safetensors' \
                         -C /tmp/runs fix_lm; } ;;
         multi_ddp) python3 benchmarks/lm_multi_gpu.py --out /tmp/runs/mg_ddp --preset 300m --parallel ddp &&
                    cp /tmp/runs/mg_ddp/lm_multi_gpu.json "$OUT/multi_ddp.json" ;;

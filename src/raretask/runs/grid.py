@@ -229,7 +229,7 @@ class GridRun:
             gdir = self._group_dir(g)  # finished before manifests: read once, then hash
             results = [p for p in sorted(gdir.iterdir()) if p.is_file() and p.suffix in (
                 ".parquet", ".json", ".safetensors") and not store.is_temp(p.name)
-                and p.name not in getattr(self.study, "checkpoint_files", ())]
+                and p.name not in self.study.legacy_checkpoint]
             try:
                 for p in results:
                     if p.suffix == ".parquet":

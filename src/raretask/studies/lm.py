@@ -109,8 +109,8 @@ def state_from_files(files: dict[str, bytes], where: Path) -> dict:
     from safetensors.torch import load
 
     try:
-        state = torch.load(io.BytesIO(files[CHECKPOINT_STATE]), map_location="cpu",
-                           weights_only=True)
+        payload = io.BytesIO(files[CHECKPOINT_STATE])
+        state = torch.load(payload, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise TypeError("not a dict")
         state["model"] = load(files[CHECKPOINT_WEIGHTS])
