@@ -401,3 +401,23 @@ def test_plan_files_without_the_constraint_fields_still_read():
     assert plan.weights() == pytest.approx({"a": 0.4, "b": 0.38, "c": 0.19, "d": 0.03})
     assert plan.constraints == {} and plan.binding == []
     assert [t.binding for t in plan.tasks] == [None] * 4
+
+
+def test_a_budget_beyond_2_to_the_53_is_refused_before_anything_is_written(tmp_path, capsys):
+    """--budget 1e30 planned, then crashed in the Mosaic export (an int64 overflow) with --out
+    (issue 22 review)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"task": t, "text": "w w"}) + "\n" for t in "a" * 9 + "b"))
+    assert run(capsys, "analyze", str(data), "--task-field", "task", "--out",
+               str(tmp_path / "an"))[0] == 0
+    src = tmp_path / "an" / "analysis.json"
+    out = tmp_path / "plan"
+    code, stdout, err = run(capsys, "plan", str(src), "--size", "16", "--budget", "1e30",
+                            "--out", str(out))
+    assert (code, stdout) == (2, "")
+    assert err == "error: --budget must be a number > 0 and at most 9,007,199,254,740,992 " \
+        "(2**53), got 1e+30\n"
+    assert not out.exists()
+    code, _, err = run(capsys, "plan", str(src), "--size", "16", "--budget", str(2**53),
+                       "--out", str(out))
+    assert code == 0, err

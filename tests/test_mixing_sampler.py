@@ -413,6 +413,54 @@ def test_from_plan_bad_inputs(plan_json, tmp_path):
         MixtureDataset.from_plan(bare, sources=[["x"] * 10] * 4)
 
 
+def _edit_task(plan_json, i, **kw):
+    return {**plan_json, "tasks": [{**t, **kw} if j == i else t
+                                   for j, t in enumerate(plan_json["tasks"])]}
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    # a plan.json edited by hand (issue 22 review): each was read silently or crashed before
+    (lambda p: _edit_task(p, 3, weight=float("nan")), "tasks.3.weight: expected a share from 0 "
+     "to 1, got nan"),
+    (lambda p: _edit_task(p, 3, weight=-0.1), "tasks.3.weight: expected a share from 0 to 1"),
+    (lambda p: _edit_task(p, 3, weight="0.05"), "tasks.3.weight: expected a share from 0 to 1, "
+     "got '0.05'"),
+    (lambda p: {**p, "tasks": [{**t, "weight": t["weight"] / 2} for t in p["tasks"]]},
+     "tasks.*.weight: the weights sum to 0.5, not 1"),
+    (lambda p: {**p, "budget": float("inf")}, "budget: expected null or a number > 0 and <= "
+     "9,007,199,254,740,992, got inf"),
+    (lambda p: {**p, "budget": "1e6"}, "budget: expected null or a number > 0"),
+    (lambda p: _edit_task(p, 0, available=float("nan")), "tasks.0.available: expected null or a "
+     "number from 0 to 9,007,199,254,740,992, got nan"),
+    (lambda p: _edit_task(p, 0, available=1e300), "tasks.0.available: expected null or a "
+     "number"),
+    (lambda p: _edit_task(p, 2, task="a"), "tasks.2.task: 'a' repeats tasks.0.task"),
+    (lambda p: {**p, "unit": "words"}, "unit: expected 'examples' or 'tokens', got 'words'"),
+    (lambda p: {**p, "tasks": []}, "tasks: expected at least one task"),
+    (lambda p: {**p, "max_epochs": float("nan")}, "max_epochs: expected null or a number > 0"),
+])
+def test_from_plan_refuses_an_edited_plan_naming_the_field(plan_json, tmp_path, edit, message):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(edit(plan_json)))  # NaN and Infinity as Python's json writes
+    with pytest.raises(UserError) as err:
+        MixtureDataset.from_plan(path)
+    assert str(err.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"total": float("nan")}, "total must be an integer from 0 to 9,007,199,254,740,992, got nan"),
+    ({"total": True}, "total must be an integer from 0 to 9,007,199,254,740,992, got True"),
+    ({"total": 10**30}, "total must be an integer from 0 to 9,007,199,254,740,992, got 10000"),
+    ({"total": 10, "seed": "x"}, "seed must be an integer, got 'x'"),
+])
+def test_from_plan_refuses_a_bad_total_or_seed_in_one_line(plan_json, kw, message):
+    with pytest.raises(UserError) as err:
+        MixtureDataset.from_plan(plan_json, **kw)
+    assert str(err.value).startswith(message)
+    assert MixtureDataset.from_plan(plan_json, total=2.0**4).sampler.total == 16  # JSON floats
+
+
 def hf_rows(dataset):
     for task, example in dataset:
         yield {"task": task, "example": example}

@@ -159,10 +159,58 @@ class Plan:
             tasks = tuple(PlanTask(**t) for t in data["tasks"])
             rest = {k: data[k] for k in cls.__dataclass_fields__
                     if k != "tasks" and (k in data or k not in ("constraints", "binding"))}
-            return cls(**rest, tasks=tasks)
+            plan = cls(**rest, tasks=tasks)
         except (KeyError, TypeError) as err:
             raise UserError(f"{source}: not a plan file written by raretask plan ({err})") \
                 from None
+        _check_loaded(plan, source)
+        return plan
+
+
+MAX_BUDGET = 2**53  # examples or tokens; beyond it counts lose digits as floats (and int64 rows)
+
+
+def _number(v) -> bool:
+    return type(v) in (int, float) and np.isfinite(v)
+
+
+def _check_loaded(plan: Plan, source: str) -> None:
+    """A plan read back (plan.json, maybe edited by hand) must be one ``plan`` could have
+    written in what its consumers use: the unit, unique task names, weights that are shares
+    summing to 1, a budget, availability and caps that are finite numbers in range."""
+    def bad(where: str, expected: str, got) -> UserError:
+        text = repr(got) if len(repr(got)) <= 40 else repr(got)[:37] + "..."
+        return UserError(f"{source}: {where}: expected {expected}, got {text}")
+
+    if plan.unit not in ("examples", "tokens"):
+        raise bad("unit", "'examples' or 'tokens'", plan.unit)
+    if not plan.tasks:
+        raise bad("tasks", "at least one task", [])
+    if plan.budget is not None and not (_number(plan.budget) and 0 < plan.budget <= MAX_BUDGET):
+        raise bad("budget", f"null or a number > 0 and <= {MAX_BUDGET:,}", plan.budget)
+    if plan.max_epochs is not None and not (_number(plan.max_epochs) and plan.max_epochs > 0):
+        raise bad("max_epochs", "null or a number > 0", plan.max_epochs)
+    seen: dict[str, int] = {}
+    for i, t in enumerate(plan.tasks):
+        if not isinstance(t.task, str) or not t.task:
+            raise bad(f"tasks.{i}.task", "a name", t.task)
+        if t.task in seen:
+            raise UserError(f"{source}: tasks.{i}.task: {t.task!r} repeats tasks.{seen[t.task]}"
+                            ".task (task names must be unique)")
+        seen[t.task] = i
+        for name in ("weight", "natural"):
+            v = getattr(t, name)
+            if not (_number(v) and 0 <= v <= 1):
+                raise bad(f"tasks.{i}.{name}", "a share from 0 to 1", v)
+        if t.available is not None and not (_number(t.available) and
+                                            0 <= t.available <= MAX_BUDGET):
+            raise bad(f"tasks.{i}.available", f"null or a number from 0 to {MAX_BUDGET:,}",
+                      t.available)
+        if t.max_epochs is not None and not (_number(t.max_epochs) and t.max_epochs > 0):
+            raise bad(f"tasks.{i}.max_epochs", "null or a number > 0", t.max_epochs)
+    total = sum(t.weight for t in plan.tasks)
+    if abs(total - 1) > 1e-6:
+        raise UserError(f"{source}: tasks.*.weight: the weights sum to {total:.9g}, not 1")
 
 
 def _fmt(x: float) -> str:
@@ -285,8 +333,9 @@ def make_plan(
     if epochs_for and avail is None:
         raise UserError("--max-epochs-for: a repetition cap needs the data's counts (plan from "
                         "an analysis, or a task file with counts)")
-    if budget is not None and not (np.isfinite(budget) and budget > 0):
-        raise UserError(f"--budget must be a number > 0, got {budget}")
+    if budget is not None and not (np.isfinite(budget) and 0 < budget <= MAX_BUDGET):
+        raise UserError(f"--budget must be a number > 0 and at most {MAX_BUDGET:,} (2**53), "
+                        f"got {budget:g}")
     if max_epochs is not None and not (np.isfinite(max_epochs) and max_epochs > 0):
         raise UserError(f"--max-epochs must be a number > 0, got {max_epochs}")
     if budget is None and avail is not None:

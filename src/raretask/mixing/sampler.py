@@ -59,6 +59,13 @@ import numpy as np
 from raretask.errors import UserError
 
 CHUNK = 4096
+MAX_TOTAL = 2**53  # positions are int64 and shares x total floats: beyond this they lose digits
+
+
+def _whole(v) -> bool:
+    """An integer (a float with no fraction too, as a budget read from JSON), never a bool."""
+    return not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and \
+        int(v) == v
 BEYOND_BUDGET = ("refuse", "repeat")
 
 
@@ -108,8 +115,10 @@ class MixtureSampler:
             raise UserError(f"sizes: expected {k} example counts >= 0")
         for i in np.flatnonzero((q > 0) & (n == 0)):
             raise UserError(f"task {names[i]!r}: weight {q[i]:.4g} but no examples")
-        if int(total) != total or total < 0:
-            raise UserError(f"total must be an integer >= 0, got {total}")
+        if not _whole(total) or not 0 <= total <= MAX_TOTAL:
+            raise UserError(f"total must be an integer from 0 to {MAX_TOTAL:,}, got {total!r}")
+        if not _whole(seed):
+            raise UserError(f"seed must be an integer, got {seed!r}")
         if int(epoch) != epoch or epoch < 0:
             raise UserError(f"epoch must be an integer >= 0, got {epoch}")
         if beyond_budget not in BEYOND_BUDGET:
