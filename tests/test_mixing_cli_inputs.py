@@ -53,6 +53,13 @@ def edited(tmp_path, obj, name="edited.json"):
      "0 to 1, got nan"),
     (lambda a: a.update(tokens=None), "tokens: null, but tasks.0.tokens is"),
     (lambda a: a["tasks"][0].update(task=""), "tasks.0.task: expected a name, got ''"),
+    # totals edited alone (issue 22 review): the plan would read counts that the file contradicts
+    (lambda a: a.update(examples=99), "examples: 99, but the tasks' counts add up to 100"),
+    (lambda a: a.update(tasks=a["tasks"][:1]), "examples: 100, but the tasks' counts add up to "
+     "50"),
+    (lambda a: a.update(tokens=251), "tokens: 251, but the tasks' tokens add up to 250"),
+    (lambda a: a["tasks"][2].update(count=0), "tasks.2: 50 tokens in 0 examples"),
+    (lambda a: a.update(tasks=[], examples=0, tokens=None), "tasks: expected at least one task"),
 ])
 @pytest.mark.parametrize("unit", ["examples", "tokens"])
 def test_edited_analysis_is_refused_in_one_line(tmp_path, capsys, analysis, edit, message, unit):

@@ -168,10 +168,22 @@ def _check_loaded(a: Analysis, source: str) -> None:
         if t.tokens is not None and a.tokens is None:
             raise UserError(f"{source}: tokens: null, but tasks.{i}.tokens is {t.tokens}; give "
                             "the total or no task's tokens")
+        if t.count == 0 and t.tokens:
+            raise UserError(f"{source}: tasks.{i}: {t.tokens:,} tokens in 0 examples")
         for name in ("share", "token_share", "required_share"):
             v = getattr(t, name)
             if (v is not None or name == "share") and not _share_ok(v):
                 raise bad(f"tasks.{i}.{name}", "a share from 0 to 1", v)
+    # the totals are the tasks' sums (analyze writes them so); an edit of one alone is a mistake
+    if not a.tasks:
+        raise bad("tasks", "at least one task", [])
+    counted = sum(t.count for t in a.tasks)
+    if a.examples != counted:
+        raise UserError(f"{source}: examples: {a.examples:,}, but the tasks' counts add up to "
+                        f"{counted:,}")
+    if a.tokens is not None and a.tokens != sum(t.tokens for t in a.tasks):
+        raise UserError(f"{source}: tokens: {a.tokens:,}, but the tasks' tokens add up to "
+                        f"{sum(t.tokens for t in a.tasks):,}")
 
 
 def fit_power_law(shares: Sequence[float]) -> PowerLaw | None:
