@@ -221,6 +221,34 @@ def test_megatron_refuses_unsafe_prefixes(template, rename, why):
     assert msg.startswith("megatron.txt: task ") and why in msg and "\n" not in msg
 
 
+def test_a_task_name_megatron_cannot_read_leaves_only_megatron_out(tmp_path, capsys):
+    """A data's own task name with a space refused the whole plan --out (plan.json and five
+    loadable exports) before; now megatron.txt alone is left out, said in one line; a template
+    with a space is still the user's to fix and refuses everything (issue 22 review)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"task": t, "text": "w w w"}) + "\n"
+                            for t in ["web text"] * 9 + ["rare"]))
+    _cli(capsys, "analyze", str(data), "--task-field", "task", "--out", str(tmp_path / "an"))
+    out = tmp_path / "plan"
+    text = _cli(capsys, "plan", str(tmp_path / "an"), "--size", "16", "--unit", "tokens",
+                "--path-template", "/d/{task}", "--out", str(out))
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        {"plan.json", *FORMATS} - {"megatron.txt"})
+    why = ("megatron.txt: task 'web text': the data prefix '/d/web text' holds whitespace "
+           "(Megatron splits on it); rename the task (Megatron's line has no quoting)")
+    assert json.loads((out / "plan.json").read_text())["exports_skipped"] == {"megatron.txt": why}
+    assert "not written: megatron.txt: task 'web text'" in " ".join(text.split())
+    olmo = yaml.safe_load((out / "olmo_core.yaml").read_text())["source_mixture_config"]
+    assert [s["paths"] for s in olmo["source_list"]["sources"]] == [["/d/web text"], ["/d/rare"]]
+    with pytest.raises(SystemExit) as exc:
+        from raretask.cli import main
+        main(["plan", str(tmp_path / "an"), "--size", "16", "--unit", "tokens",
+              "--path-template", "/my data/{task}", "--out", str(tmp_path / "p2")])
+    assert exc.value.code == 2 and not (tmp_path / "p2").exists()
+    assert capsys.readouterr().err.startswith("error: megatron.txt: task 'web text': the data "
+                                              "prefix '/my data/web text' holds whitespace")
+
+
 # -- Mosaic streaming --------------------------------------------------------------------------
 
 

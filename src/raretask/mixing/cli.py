@@ -408,8 +408,8 @@ def plan(
         _print_json(obj)
         return
     _print_table(plan_table(result, out, obj.get("extrapolated"), both, token_unit))
-    for fmt, why in skipped.items():
-        console.print(f"[yellow]not written:[/] {fmt}: {why}", highlight=False)
+    for why in skipped.values():  # each reason starts with its file's name
+        console.print(f"[yellow]not written:[/] {why}", highlight=False)
 
 
 def _export_options(sequence_length: int | None, global_batch_size: int | None) -> dict:

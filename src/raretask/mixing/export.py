@@ -223,17 +223,30 @@ def _olmo_core(plan, paths, tpe, fmt, sequence_length, global_batch_size) -> str
     return yaml.safe_dump({"source_mixture_config": mix}, sort_keys=False)
 
 
-def _megatron(plan, paths, tpe, fmt) -> str:
+def _unsafe_prefix(prefix: str) -> str | None:
+    """Why Megatron's --data-path would misread ``prefix`` (None: it reads it whole)."""
+    if not prefix:
+        return "is empty"
+    if prefix.startswith("-"):
+        return "starts with '-' (argparse reads an option)"
+    if prefix != "".join(prefix.split()):
+        return "holds whitespace (Megatron splits on it)"
+    return None
+
+
+def _megatron(plan, paths, tpe, fmt, template: str = "{task}") -> str:
     shares, _ = convert(plan, "tokens", tpe, fmt)
     parts = []
     for task, share in shares.items():
         prefix = paths[task]
-        if not prefix or prefix != "".join(prefix.split()) or prefix.startswith("-"):
-            why = "is empty" if not prefix else ("starts with '-' (argparse reads an option)"
-                                                 if prefix.startswith("-") else
-                                                 "holds whitespace (Megatron splits on it)")
-            raise UserError(f"{fmt}: task {task!r}: the data prefix {prefix!r} {why}; give "
-                            "--path-template and task names without spaces")
+        why = _unsafe_prefix(prefix)
+        if why is not None:
+            msg = f"{fmt}: task {task!r}: the data prefix {prefix!r} {why}"
+            if _unsafe_prefix(template.replace("{task}", "x")) is None:
+                # the data's own task name: the other formats still hold it, so render_all
+                # leaves this one out and says why instead of refusing the whole set
+                raise Unconvertible(f"{msg}; rename the task (Megatron's line has no quoting)")
+            raise UserError(f"{msg}; give --path-template and task names without spaces")
         parts.append(f"{_w(share):.12g} {prefix}")
     return " ".join(parts) + "\n"
 
@@ -301,7 +314,7 @@ def render(plan, fmt: str, path_template: str = "{task}",
     if fmt == "olmo_core.yaml":
         return _olmo_core(plan, paths, tokens_per_example, fmt, sequence_length, global_batch_size)
     if fmt == "megatron.txt":
-        return _megatron(plan, paths, tokens_per_example, fmt)
+        return _megatron(plan, paths, tokens_per_example, fmt, path_template)
     return _mosaicml(plan, paths, tokens_per_example, fmt, sequence_length)
 
 
@@ -310,8 +323,9 @@ def render_all(plan, path_template: str = "{task}",
                **options) -> tuple[dict[str, str], dict[str, str]]:
     """(the text of every format the plan can be put in, {format: why not} for the others).
 
-    Other errors (a bad template, an unsafe Megatron prefix) raise, so a caller that renders
-    first writes nothing.
+    A task name Megatron cannot read (whitespace, a leading '-') leaves megatron.txt out too.
+    Other errors (a bad template, an unsafe Megatron prefix from the template) raise, so a
+    caller that renders first writes nothing.
     """
     texts, skipped = {}, {}
     for fmt in FORMATS:
