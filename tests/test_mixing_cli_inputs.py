@@ -168,3 +168,22 @@ def test_at_risk_only_with_a_basis_for_it(tmp_path, capsys):
     assert res["threshold"].startswith("theory") and "at_risk" not in res["extra"]
     code, _, err = run(capsys, "analyze", p, "--task-field", "task", "--size", "nan")
     assert code == 2 and err == "error: --size must be a finite number > 0, got nan\n"
+
+
+def test_at_risk_says_it_judges_example_shares_when_tokens_differ(tmp_path, capsys):
+    """issue 22 review: 'b' is 10% of the examples but 1/91 of the tokens; analyze's at-risk
+    marks judge example shares (b is not at risk there) and now say so, naming plan --unit
+    tokens, which judges the token shares (b not learned under the natural mix)."""
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps({"task": t, "text": "w " * (10 if t == "a" else 1)}) + "\n"
+                         for t in "a" * 9 + "b"))
+    code, out, _ = run(capsys, "analyze", p, "--task-field", "task", "--size", "4", "--alpha",
+                       "2", "--features", "8", "--out", tmp_path / "an")
+    flat = " ".join(out.split())
+    assert code == 0 and "needs and at risk judge the example shares; for training that mixes " \
+        "tokens, `raretask plan --unit tokens` judges the token shares" in flat
+    res = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert [t["at_risk"] for t in res["tasks"]] == [False, False]
+    plan = json.loads(run(capsys, "plan", tmp_path / "an", "--size", "4", "--unit", "tokens",
+                          "--alpha", "2", "--features", "8", "--json")[1])
+    assert [t["learned_natural"] for t in plan["tasks"]] == [True, False]

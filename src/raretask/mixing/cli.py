@@ -165,6 +165,9 @@ def analyze(
     if marked:
         notes.append(f"at size {size:g}: {sum(bool(t.at_risk) for t in result.tasks)} at risk "
                      f"by {result.threshold}")
+        if result.tokens is not None:  # a task can be safe in examples and short in tokens
+            notes.append("needs and at risk judge the example shares; for training that mixes "
+                         "tokens, `raretask plan --unit tokens` judges the token shares")
     elif size is not None:
         notes.append(f"at size {size:g}: at risk {RISK_UNKNOWN}")
     if result.skipped:
