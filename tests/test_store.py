@@ -208,6 +208,24 @@ def test_check_run_dir_passes_empty_missing_and_runs(tmp_path):
         store.check_run_dir(tmp_path / "file")
 
 
+def test_an_out_inside_another_run_is_refused(tmp_path):
+    """A run's groups/ (empty before its first checkpoint) or any folder below a run is not a
+    place for another run: the outer run would write its group files over the inner's."""
+    run = tmp_path / "run"
+    (run / "groups" / "g0000").mkdir(parents=True)
+    for name in (store.LOCK, "cells.json", "config.yaml"):
+        (run / name).write_text("x")
+    for inner in (run / "groups", run / "groups" / "g0000", run / "new" / "deeper"):
+        with pytest.raises(UserError) as exc:
+            store.check_run_dir(inner)
+        assert str(exc.value) == (f"--out: {inner} is inside the raretask run {run}; give a "
+                                  "directory outside it")
+    assert not (run / "new").exists()
+    store.check_run_dir(run)  # the run itself is fine
+    (run / "cells.json").unlink()  # a lock alone (any program's .lock) does not make a run
+    store.check_run_dir(run / "elsewhere")
+
+
 # -- modes and syncs ----------------------------------------------------------------------------
 
 

@@ -220,14 +220,28 @@ def _foreign_entry(directory: Path) -> str | None:
     return None
 
 
+def _enclosing_run(directory: Path) -> Path | None:
+    """The raretask run directory above ``directory`` (its lock and cells.json), or None."""
+    for parent in directory.absolute().parents:
+        with contextlib.suppress(OSError):
+            if (parent / LOCK).is_file() and (parent / "cells.json").is_file():
+                return parent
+    return None
+
+
 def check_run_dir(directory: Path) -> None:
     """Refuse (one line) a run directory that holds files raretask did not write.
 
     A missing or empty directory passes, and so does a raretask run directory (whether it holds
-    the same experiment is :class:`raretask.runs.grid.GridRun`'s check). Reads only: call it
-    before anything is written there, the run lock included.
+    the same experiment is :class:`raretask.runs.grid.GridRun`'s check), unless it lies inside
+    another run: there the outer run's groups would mix with its files (or overwrite them).
+    Reads only: call it before anything is written there, the run lock included.
     """
     directory = Path(directory)
+    outer = _enclosing_run(directory)
+    if outer is not None:
+        raise UserError(f"--out: {directory} is inside the raretask run {outer}; give a "
+                        "directory outside it")
     if not directory.exists() and not directory.is_symlink():
         return
     if not directory.is_dir():
