@@ -61,6 +61,28 @@ def test_an_error_between_files_leaves_the_old_set_intact(tmp_path):
     assert snapshot(out) == before and leftovers(out) == []
 
 
+def test_a_write_error_names_the_file_under_out_not_the_build_directory(tmp_path, monkeypatch):
+    """Disk full while the new set is built: the line names out/b.txt (where the user looks),
+    not the hidden build directory that is gone when the line is read."""
+    from raretask.runs import store
+
+    out = tmp_path / "p"
+    before = old_set(out)
+    real = store.write_text
+
+    def full(path, text):
+        if Path(path).name == "b.txt":
+            raise store.io_error(path, OSError(28, "No space left on device"))
+        real(path, text)
+
+    monkeypatch.setattr(store, "write_text", full)
+    with pytest.raises(UserError) as exc, output_set(out, "plan", ["a.txt", "b.txt"]) as tmp:
+        store.write_text(tmp / "a.txt", "new a")
+        store.write_text(tmp / "b.txt", "new b")
+    assert str(exc.value) == f"{out}/b.txt: cannot write (No space left on device)"
+    assert snapshot(out) == before and leftovers(out) == []
+
+
 def test_sigkill_between_files_leaves_the_old_set_and_the_next_run_sweeps(tmp_path):
     out = tmp_path / "p"
     before = old_set(out)

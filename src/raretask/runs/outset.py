@@ -185,9 +185,12 @@ def output_set(out: Path | str, command: str, names: Sequence[str]) -> Iterator[
         tmp = _make_build_dir(out)
         held.append(_open_dir(tmp))
         _try_lock(held[-1])  # new and unique: free
-        yield tmp
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        store.write_json(tmp / MANIFEST, {"command": command, "files": files})
+        try:
+            yield tmp
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            store.write_json(tmp / MANIFEST, {"command": command, "files": files})
+        except UserError as err:  # name the file as the user knows it, not the build directory
+            raise UserError(str(err).replace(str(tmp), str(out))) from None
         try:
             os.chmod(tmp, stat.S_IMODE(os.stat(out).st_mode))
             _fsync_dir(tmp)
