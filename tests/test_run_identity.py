@@ -175,6 +175,15 @@ def test_a_duplicate_axis_value_is_refused_before_anything(reference, tmp_path, 
                    "lr=[0.01, 1.0e-2]"], capsys)
     assert "lr: the value 0.01 appears twice" in line
     assert not (tmp_path / "new").exists()
+    # YAML reads 1e-2 (no dot) as a string the float field makes 0.01: the same value, twice
+    # (it made 12 cells while manifest.json and config.yaml recorded one lr)
+    for axis, value, same in (("lr=[0.01, 1e-2]", "'1e-2'", "0.01"),
+                              ('width=[1, "1"]', "'1'", "1")):
+        line = _fails(["run", str(cfg), "--out", str(tmp_path / "new"), "--set", axis], capsys)
+        name = axis.split("=")[0]
+        assert line.endswith(f"{name}: the values {same} and {value} are one value ({same}) "
+                             "twice in the axis (each value once)"), line
+        assert not (tmp_path / "new").exists()
 
 
 def _flip(path: Path) -> None:

@@ -377,7 +377,8 @@ class Grid(StrictModel):
         check_grid_size(grid.axes, source)  # from the axes' lengths: no cell is made
         for key, values in grid.axes.items():
             _check_unique(key, values, source)
-        list(grid.cells(source))  # validate every cell now: fail before any work
+        cells = list(grid.cells(source))  # validate every cell now: fail before any work
+        _check_unique_validated(grid.axes, cells, source)
         return grid
 
     def cells(self, source: str = "config") -> Iterator[Any]:
@@ -420,6 +421,22 @@ def _check_unique(key: str, values: list, source: str) -> None:
             raise UserError(f"{source}: {key}: the value {v!r} appears twice in the axis "
                             "(each value once)")
         seen.add(k)
+
+
+def _check_unique_validated(axes: dict[str, list], cells: list, source: str) -> None:
+    """As :func:`_check_unique`, on the values the cells hold: YAML reads ``1e-1`` as a string
+    that a float field makes 0.1, so ``lr: [0.1, 1e-1]`` is one value twice."""
+    stride = len(cells)
+    for key, values in axes.items():
+        stride //= len(values)  # cells are the product in axis order: the last varies fastest
+        seen: dict[str, Any] = {}
+        for i, raw in enumerate(values):
+            k = _axis_key(getattr(cells[i * stride], key))
+            if k in seen:
+                raise UserError(f"{source}: {key}: the values {seen[k]!r} and {raw!r} are one "
+                                f"value ({getattr(cells[i * stride], key)!r}) twice in the axis "
+                                "(each value once)")
+            seen[k] = raw
 
 
 class ToyGrid(Grid):
