@@ -219,6 +219,28 @@ def test_one_flipped_byte_is_named_by_show_report_and_rerun(reference, tmp_path,
     _runs(["show", str(out)], capsys)
 
 
+@pytest.mark.parametrize("name, old, new", [("config.yaml", "lr: 0.01", "lr: 0.05"),
+                                             ("cells.json", '"lr": 0.01', '"lr": 0.05')])
+def test_report_refuses_an_edited_config_or_cells_copy(reference, tmp_path, capsys, name, old,
+                                                      new):
+    """report prints config.yaml and reads cells' settings from cells.json: an edited copy
+    would label lr-0.01 results as lr 0.05. Named in one line; a re-run writes it again from
+    manifest.json and the report is written."""
+    cfg, out = _copy(reference, tmp_path)
+    path = out / name
+    path.write_text(path.read_text().replace(old, new))
+    html = tmp_path / "r.html"
+    line = _fails(["report", str(out), "--out", str(html)], capsys)
+    assert line == (f"error: {path}: does not match the sha256 recorded in manifest.json "
+                    "(changed outside raretask); re-run the grid to write it again from "
+                    "manifest.json")
+    assert not html.exists()
+    _runs(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
+    assert old in path.read_text() and new not in path.read_text()
+    _runs(["report", str(out), "--out", str(html)], capsys)
+    assert html.exists()
+
+
 def test_a_truncated_parquet_of_a_run_before_manifests_reruns_its_group(reference, tmp_path,
                                                                       capsys):
     cfg, out = _copy(reference, tmp_path)

@@ -196,7 +196,9 @@ def compare_to_natural(results: list[ArmResult]) -> list[ArmResult]:
 def load_experiment_dir(out: Path):
     """The grid a run directory holds (its resolved ``config.yaml``)."""
     from raretask.config import load_experiment
+    from raretask.runs import manifest
 
+    manifest.check_copies(Path(out))  # an edited config.yaml/cells.json would mislabel the arms
     return load_experiment(out / "config.yaml")
 
 

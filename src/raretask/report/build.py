@@ -28,6 +28,7 @@ import yaml
 from raretask.errors import UserError
 from raretask.report import analysis, figures
 from raretask.report.fix import FIX_FILE, FixResult, load_fix
+from raretask.runs import manifest
 from raretask.studies import DEFAULT_KIND, STUDIES, all_studies, study
 
 PAPER_LAW = {"L0": 1.69, "A": 406.4, "B": 410.7, "a": 0.46, "b": 0.51}
@@ -140,6 +141,7 @@ def load_run(path: str | Path) -> RunInput:
     if not cfg_path.exists() and fix is None:
         raise UserError(f"{path}: not a raretask run directory (no config.yaml)")
     text, config = "", {}
+    manifest.check_copies(path)  # settings read from an edited copy would mislabel results
     if cfg_path.exists():
         try:
             text = cfg_path.read_text(encoding="utf-8")

@@ -145,6 +145,26 @@ def damaged_results(out: Path, manifest: dict | None) -> list[tuple[str, str]]:
     return bad
 
 
+COPIES = ("config.yaml", "cells.json")
+"""The identity's readable copies: a run rewrites them from here, a reader checks them."""
+
+
+def check_copies(out: Path) -> None:
+    """Refuse (one line) a ``config.yaml`` or ``cells.json`` that no longer matches its hash, for
+    readers that take settings from them (``report``, ``fix``): an edited copy would describe
+    results it did not make. A run made before manifests, or a copy that is gone, passes (a
+    reader says what is missing)."""
+    recorded = read(out)
+    if recorded is None:
+        return
+    for rel in COPIES:
+        path, digest = Path(out) / rel, recorded["files"].get(rel)
+        if digest and path.exists() and store.file_sha256(path) != digest:
+            raise UserError(f"{path}: does not match the sha256 recorded in {NAME} (changed "
+                            "outside raretask); re-run the grid to write it again from "
+                            f"{NAME}")
+
+
 def check_results(out: Path) -> dict | None:
     """The manifest of ``out`` (None for a run made before manifests), after checking every
     recorded result (:func:`damaged_results`); the first damaged file is one line naming it."""
