@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_calls import fails
 
 from raretask import limits
-from raretask.cli import main
 from raretask.config import ToyCell, load_experiment, load_task_file
 from raretask.errors import UserError
 
@@ -23,15 +23,6 @@ def _config(path: Path, data: dict | None = None) -> Path:
     return path
 
 
-def _fails(argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    cap = capsys.readouterr()
-    assert exc.value.code == 2 and cap.out == ""
-    lines = cap.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), cap.err
-    return lines[0]
 
 
 @pytest.fixture
@@ -52,7 +43,7 @@ def test_a_grid_of_1e11_cells_is_refused_without_making_cells(tmp_path, capsys, 
             "batch_size": list(range(1, 42))}
     path = _config(tmp_path / "big.yaml", {"tasks": 8, "features": 8, **axes})
     out = tmp_path / "out"
-    line = _fails(["run", str(path), "--out", str(out)] + ["--dry-run"] * dry_run, capsys)
+    line = fails(["run", str(path), "--out", str(out)] + ["--dry-run"] * dry_run, capsys)
     assert line == (f"error: {path}: grid: 7 list axes make 419,840,000,000 cells (width 40 x "
                     "seed 100 x lr 40 x beta 40 x alpha 40 x eval_points 40 x batch_size 41), "
                     "more than the limit of 100,000 cells in one grid")
@@ -72,7 +63,7 @@ def test_the_grid_limit_is_inclusive(tmp_path):
 def test_yaml_nested_1000_deep_is_one_line(tmp_path, capsys):
     path = tmp_path / "deep.yaml"
     path.write_text("width: " + "[" * 1000 + "]" * 1000 + "\n")
-    line = _fails(["run", str(path), "--out", str(tmp_path / "out")], capsys)
+    line = fails(["run", str(path), "--out", str(tmp_path / "out")], capsys)
     assert line == (f"error: {path}: nested deeper than the limit of 32 levels of mappings "
                     "and lists")
     assert not (tmp_path / "out").exists()
@@ -81,17 +72,17 @@ def test_yaml_nested_1000_deep_is_one_line(tmp_path, capsys):
 def test_yaml_depth_limit_names_the_key_and_counts_aliases(tmp_path, capsys):
     path = tmp_path / "deep.yaml"
     path.write_text("tasks: 2\nwidth: " + "[" * 32 + "]" * 32 + "\n")
-    assert "width: nested deeper than the limit of 32" in _fails(
+    assert "width: nested deeper than the limit of 32" in fails(
         ["run", str(path), "--out", str(tmp_path / "o")], capsys)
     # each alias only 1 deeper than the last, 40 in a chain: 40 levels in all
     chain = "x0: &x0 [1]\n" + "".join(f"x{i}: &x{i} [*x{i - 1}]\n" for i in range(1, 40))
     path.write_text(chain)
-    assert "x31: nested deeper than the limit of 32" in _fails(
+    assert "x31: nested deeper than the limit of 32" in fails(
         ["run", str(path), "--out", str(tmp_path / "o")], capsys)
     path.write_text("tasks: &a [*a]\n")
-    assert "tasks: refers to itself" in _fails(["run", str(path), "--out", str(tmp_path / "o")],
+    assert "tasks: refers to itself" in fails(["run", str(path), "--out", str(tmp_path / "o")],
                                                capsys)
-    line = _fails(["run", str(_config(tmp_path / "t.yaml")), "--out", str(tmp_path / "o"),
+    line = fails(["run", str(_config(tmp_path / "t.yaml")), "--out", str(tmp_path / "o"),
                    "--set", "width=" + "[" * 40 + "]" * 40], capsys)
     assert "--set width: nested deeper than the limit of 32" in line
     assert not (tmp_path / "o").exists()
@@ -100,7 +91,7 @@ def test_yaml_depth_limit_names_the_key_and_counts_aliases(tmp_path, capsys):
 def test_a_config_over_1_mib_is_refused_before_reading(tmp_path, capsys):
     path = tmp_path / "huge.yaml"
     path.write_text("tasks: 2\n#" + "x" * (1 << 20) + "\n")
-    line = _fails(["run", str(path), "--out", str(tmp_path / "o")], capsys)
+    line = fails(["run", str(path), "--out", str(tmp_path / "o")], capsys)
     assert line == (f"error: {path}: {path.stat().st_size:,} bytes, more than the limit of "
                     "1,048,576 bytes for a config file")
 
@@ -110,7 +101,7 @@ def test_a_config_over_1_mib_is_refused_before_reading(tmp_path, capsys):
 
 def test_a_batch_that_cannot_fit_names_batch_size(cfg, tmp_path, capsys):
     out = tmp_path / "out"
-    line = _fails(["run", str(cfg), "--out", str(out), "--set", "batch_size=1048576",
+    line = fails(["run", str(cfg), "--out", str(out), "--set", "batch_size=1048576",
                    "--set", "tasks=4096", "--set", "features=64", "--set", "width=4"], capsys)
     assert line.startswith("error: config: batch_size: group g0000 (1 cell) needs about ")
     assert "TB of memory, more than the " in line and line.endswith("(the limit); lower "
@@ -120,7 +111,7 @@ def test_a_batch_that_cannot_fit_names_batch_size(cfg, tmp_path, capsys):
 
 def test_a_burst_that_cannot_fit_names_every(cfg, tmp_path, capsys):
     out = tmp_path / "out"
-    line = _fails(["run", str(cfg), "--out", str(out), "--set", "delivery=burst", "--set",
+    line = fails(["run", str(cfg), "--out", str(out), "--set", "delivery=burst", "--set",
                    "every=1000000000", "--set", "steps=1000000000", "--set", "rate=0.5",
                    "--set", "tasks=64", "--set", "features=64", "--set", "width=4",
                    "--set", "batch_size=1024"], capsys)
@@ -163,7 +154,7 @@ def test_the_device_memory_is_known():
 
 
 def test_a_trace_too_long_names_trace_every(cfg, tmp_path, capsys):
-    line = _fails(["run", str(cfg), "--out", str(tmp_path / "o"), "--set", "trace_every=1",
+    line = fails(["run", str(cfg), "--out", str(tmp_path / "o"), "--set", "trace_every=1",
                    "--set", "steps=1000000000"], capsys)
     assert line == (f"error: {cfg}: trace_every: steps 1,000,000,000 / trace_every 1 = "
                     "1,000,000,001 trace points per cell, more than the limit of 1,000,000")
@@ -177,7 +168,7 @@ def test_a_trace_too_long_names_trace_every(cfg, tmp_path, capsys):
                                                  ("lr=false", "lr"), ("width=[2,true]", "width"),
                                                  ("profile.group_size=true", "group_size")])
 def test_booleans_are_not_numbers(cfg, tmp_path, capsys, override, field):
-    line = _fails(["run", str(cfg), "--out", str(tmp_path / "o"), "--set", override], capsys)
+    line = fails(["run", str(cfg), "--out", str(tmp_path / "o"), "--set", override], capsys)
     assert f"{field}: expected " in line and "got a boolean" in line
     assert not (tmp_path / "o").exists()
 
@@ -202,7 +193,7 @@ def test_a_task_file_with_a_boolean_frequency_is_refused(tmp_path):
 def test_an_empty_config_is_an_error(tmp_path, capsys, text):
     path = tmp_path / "empty.yaml"
     path.write_text(text)
-    line = _fails(["run", str(path), "--out", str(tmp_path / "o")], capsys)
+    line = fails(["run", str(path), "--out", str(tmp_path / "o")], capsys)
     assert line == f"error: {path}: empty config: give the experiment's fields (see the " \
                    "shipped configs/ for examples)"
     assert not (tmp_path / "o").exists()
@@ -210,7 +201,7 @@ def test_an_empty_config_is_an_error(tmp_path, capsys, text):
 
 @pytest.mark.parametrize("value", ["nan", "-5", "inf"])
 def test_checkpoint_seconds_must_be_finite_and_not_negative(cfg, tmp_path, capsys, value):
-    line = _fails(["run", str(cfg), "--out", str(tmp_path / "o"), "--checkpoint-seconds",
+    line = fails(["run", str(cfg), "--out", str(tmp_path / "o"), "--checkpoint-seconds",
                    value], capsys)
     assert line == ("error: --checkpoint-seconds: expected a finite number of seconds >= 0, "
                     f"got {float(value):g}")
@@ -218,7 +209,7 @@ def test_checkpoint_seconds_must_be_finite_and_not_negative(cfg, tmp_path, capsy
 
 
 def test_kind_is_not_an_axis(cfg, tmp_path, capsys):
-    line = _fails(["run", str(cfg), "--out", str(tmp_path / "o"), "--set", "kind=[toy,lm]"],
+    line = fails(["run", str(cfg), "--out", str(tmp_path / "o"), "--set", "kind=[toy,lm]"],
                   capsys)
     assert "kind: unknown experiment kind ['toy', 'lm']" in line
 
@@ -227,7 +218,7 @@ def test_kind_is_not_an_axis(cfg, tmp_path, capsys):
 
 
 def test_predict_refuses_a_problem_over_its_limit_at_once(capsys):
-    line = _fails(["predict", "--tasks", "1000", "--features", "1000", "--width", "100"], capsys)
+    line = fails(["predict", "--tasks", "1000", "--features", "1000", "--width", "100"], capsys)
     assert line == ("error: tasks x features: 1,000 tasks x 1,000,000 features in all = "
                     "1,000,000,000, more than the limit of 10,000,000 (about 10 s); predict "
                     "fewer tasks or features")
@@ -245,7 +236,7 @@ def test_predict_below_its_limit_still_answers():
 def test_an_lm_batch_that_cannot_fit_names_batch_size(tmp_path, capsys):
     path = _config(tmp_path / "lm.yaml", {"kind": "lm", "size": "tiny", "task": "none",
                                           "steps": 2})
-    line = _fails(["run", str(path), "--out", str(tmp_path / "o"), "--set", "batch_size=65536",
+    line = fails(["run", str(path), "--out", str(tmp_path / "o"), "--set", "batch_size=65536",
                    "--set", "seq_len=2048", "--set", "vocab_size=65536"], capsys)
     assert line.startswith("error: config: batch_size: group g0000 (1 cell) needs about ")
     assert "TB of memory" in line and not (tmp_path / "o").exists()

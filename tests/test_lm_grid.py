@@ -116,6 +116,7 @@ def test_metrics_hold_every_evaluation_with_probes(reference):
                     "cos_gnt_gr", presence} <= names, (cell, step)
 
 
+@pytest.mark.slow  # make test: test_reliability's LM kill sample (exact kill points)
 def test_kill_and_resume_gives_identical_results(tiny_config, reference, tmp_path, capsys):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "raretask", "run", str(tiny_config), "--out", str(out),
@@ -283,6 +284,7 @@ def _train_cmp(frequency: float) -> tuple[float, dict]:
     return last["test_accuracy"], chance_levels(trainer.task)
 
 
+@pytest.mark.slow  # 26 s of training: a learning check, in make test-slow
 def test_cmp_is_learned_at_a_high_frequency_and_not_at_a_low_one(cache, one_thread):
     """600 steps of 32 x 16 tokens, a 0.13M-parameter model: every row carrying an instance
     (1/16 per token, 19,200 instances) lifts held-out accuracy far above the 0.505 a model

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_calls import run_cli as run
 
-from raretask.cli import main
 from raretask.errors import UserError
 from raretask.mixing.analyze import analyze, fit_power_law, mark_risk
 from raretask.mixing.rules import RuleSet, load_rules
@@ -43,11 +43,6 @@ def files(tmp_path_factory):
     return d
 
 
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.mark.parametrize("name", ["d.jsonl", "d.csv", "d.parquet"])

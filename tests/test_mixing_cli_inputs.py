@@ -6,18 +6,11 @@ import io
 import json
 
 import pytest
+from cli_calls import run_cli as run
 from rich.console import Console
 
-from raretask.cli import main
 from raretask.mixing import cli as mixing_cli
 from raretask.mixing.analyze import analyze
-
-
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

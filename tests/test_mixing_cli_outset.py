@@ -8,8 +8,8 @@ import signal
 from pathlib import Path
 
 import pytest
+from cli_calls import run_cli as run
 
-from raretask.cli import main
 from raretask.errors import UserError
 from raretask.runs import outset
 from raretask.runs.outset import MANIFEST, output_set
@@ -17,11 +17,6 @@ from raretask.runs.outset import MANIFEST, output_set
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def snapshot(d: Path) -> dict:

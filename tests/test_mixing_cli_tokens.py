@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_calls import run_cli as run
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
-from raretask.cli import main
 from raretask.mixing.analyze import analyze
 from raretask.mixing.token_counts import BATCH, load_token_counter
 
@@ -18,11 +18,6 @@ ROWS = [("prose", "the cat sat on the mat", 6, 6),
         ("math", "12 + 34 = 46", 5, 8)]
 
 
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

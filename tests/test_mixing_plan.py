@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from cli_calls import run_cli as run
 from scipy.optimize import minimize
 
-from raretask.cli import main
 from raretask.errors import UserError
 from raretask.mixing.export import FORMATS, render
 from raretask.mixing.plan import kl, make_plan, min_kl_weights
@@ -19,11 +19,6 @@ from raretask.theory import TaskSet, Theory
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def scipy_min_kl(p, lo, hi):

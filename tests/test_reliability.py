@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_calls import fails
 
 from raretask.cli import main
 from raretask.config import load_experiment
@@ -131,6 +132,7 @@ def _kill_plan(seed: int) -> list[str]:
     return [*plan, "merge:torn", "merge:after"]  # the last two: inside the final merge
 
 
+@pytest.mark.slow  # make test: the fault sample below kills at exact durable steps instead
 def test_random_sigkills_then_identical_results(reference, tmp_path, capsys):
     cfg = _config(tmp_path / "tiny.yaml")
     out, journal = tmp_path / "run", tmp_path / "journal"
@@ -206,15 +208,6 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
         time.sleep(0.01)
 
 
-def _fails(argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    cap = capsys.readouterr()
-    assert exc.value.code == 2 and cap.out == ""
-    lines = cap.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), cap.err
-    return lines[0]
 
 
 def test_second_process_refuses_while_the_first_runs(reference, tmp_path, capsys):
@@ -225,7 +218,7 @@ def test_second_process_refuses_while_the_first_runs(reference, tmp_path, capsys
         _wait_for(out / "groups" / "g0000" / "ckpt", first)
         # temp files come and go with the running process's atomic writes: compare the rest
         before = sorted(p.name for p in out.rglob("*") if store.TEMP_PREFIX not in str(p))
-        err = _fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
+        err = fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
         assert err == f"error: {out}: another raretask process is running in this directory"
         second = subprocess.run([sys.executable, "-m", "raretask", "run", str(cfg), "--out",
                                  str(out), "--quiet"], capture_output=True, text=True,
@@ -270,7 +263,7 @@ def test_disk_full_mid_run_keeps_earlier_results(reference, tmp_path, capsys, mo
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", full)
-    err = _fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
+    err = fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
     target = out / "groups" / "g0001" / "summary.json"
     assert err == f"error: {target}: cannot write (No space left on device)"
     # the group finished before the disk filled is intact; nothing half-written is left
@@ -300,7 +293,7 @@ def test_no_space_for_the_log_or_the_lock(tmp_path, capsys, monkeypatch):
         return real_open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", no_log)
-    err = _fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
+    err = fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
     assert err == f"error: {out / 'log.txt'}: cannot write (Disk quota exceeded)"
     monkeypatch.undo()
 
@@ -310,7 +303,7 @@ def test_no_space_for_the_log_or_the_lock(tmp_path, capsys, monkeypatch):
         return real_open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", no_lock)
-    err = _fails(["run", str(cfg), "--out", str(tmp_path / "other"), "--quiet"], capsys)
+    err = fails(["run", str(cfg), "--out", str(tmp_path / "other"), "--quiet"], capsys)
     assert err == (f"error: {tmp_path / 'other'}: cannot use as a run directory "
                    "(Permission denied)")
 
@@ -339,7 +332,7 @@ def test_read_only_run_directory(reference, tmp_path, capsys):
     try:
         if not _chmod_blocks_writes(out):
             pytest.skip("running as root: chmod does not block writes")
-        err = _fails(["run", str(out / "config.yaml"), "--out", str(out), "--quiet"], capsys)
+        err = fails(["run", str(out / "config.yaml"), "--out", str(out), "--quiet"], capsys)
         assert "Permission denied" in err and str(out) in err
     finally:
         for d in dirs:
@@ -484,7 +477,7 @@ def test_a_flipped_byte_in_a_checkpoint_is_refused_then_restarts(reference, tmp_
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit in the middle of a tensor: still loads, silently
     state.write_bytes(bytes(data))
-    err = _fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
+    err = fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
     assert err == (f"error: {state}: damaged (does not match manifest.json: sha256); delete "
                    f"{ckpt} to restart group g0000 from step 0")
     assert not (out / "summary.json").exists()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_calls import fails
 
 from raretask.cli import main
 from raretask.runs import manifest, store
@@ -26,15 +27,6 @@ def _config(path: Path, extra: dict | None = None) -> Path:
     return path
 
 
-def _fails(argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    cap = capsys.readouterr()
-    assert exc.value.code == 2 and cap.out == ""
-    lines = cap.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), cap.err
-    return lines[0]
 
 
 def _runs(argv: list[str], capsys) -> str:
@@ -100,7 +92,7 @@ def test_config_removed_and_another_set_is_refused(reference, tmp_path, capsys):
     cfg, out = _copy(reference, tmp_path)
     (out / "config.yaml").unlink()
     before = _tree(out)
-    line = _fails(["run", str(cfg), "--out", str(out), "--set", "lr=0.05", "--set", "steps=40",
+    line = fails(["run", str(cfg), "--out", str(out), "--set", "lr=0.05", "--set", "steps=40",
                    "--quiet"], capsys)
     assert "holds another experiment (lr: 0.01 there, 0.05 now)" in line
     assert _tree(out) == before and not (out / "config.yaml").exists()
@@ -116,7 +108,7 @@ def test_config_edited_is_detected_and_written_again(reference, tmp_path, capsys
                            "raretask; written again from manifest.json (the experiment matches)")
     assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == 0.01
     assert (out / "log.txt").read_text().count("g0000: 2 cells") == 1  # not trained again
-    line = _fails(["run", str(cfg), "--out", str(out), "--set", "lr=0.5"], capsys)
+    line = fails(["run", str(cfg), "--out", str(out), "--set", "lr=0.5"], capsys)
     assert "(lr: 0.01 there, 0.5 now)" in line
 
 
@@ -127,7 +119,7 @@ def test_a_damaged_run_config_is_one_line_without_a_manifest(reference, tmp_path
     (out / "manifest.json").unlink()
     (out / "config.yaml").write_text("kind: toy\nwidth: [1, 2\n")
     before = _tree(out)
-    line = _fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
+    line = fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
     assert f"{out / 'config.yaml'}: unreadable (" in line and "use a new --out" in line
     assert _tree(out) == before
 
@@ -136,7 +128,7 @@ def test_results_without_any_identity_are_refused(reference, tmp_path, capsys):
     cfg, out = _copy(reference, tmp_path)
     (out / "manifest.json").unlink()
     (out / "config.yaml").unlink()
-    line = _fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
+    line = fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
     assert "holds results (cells.json) but no manifest.json or config.yaml" in line
     assert not (out / "manifest.json").exists()
 
@@ -160,7 +152,7 @@ def test_axes_in_another_order_are_another_numbering(reference, tmp_path, capsys
     swapped = {k: v for k, v in TINY.items() if k not in ("width", "seed")}
     (tmp_path / "swapped.yaml").write_text(yaml.safe_dump(
         {**swapped, "seed": [0, 1], "width": [1, 2]}, sort_keys=False))
-    line = _fails(["run", str(tmp_path / "swapped.yaml"), "--out", str(out)], capsys)
+    line = fails(["run", str(tmp_path / "swapped.yaml"), "--out", str(out)], capsys)
     assert "axes (the order that numbers the cells): ['width', 'seed'] there, " \
            "['seed', 'width'] now" in line
 
@@ -168,10 +160,10 @@ def test_axes_in_another_order_are_another_numbering(reference, tmp_path, capsys
 def test_a_duplicate_axis_value_is_refused_before_anything(reference, tmp_path, capsys):
     cfg, out = _copy(reference, tmp_path)
     before = _tree(out)
-    line = _fails(["run", str(cfg), "--out", str(out), "--set", "width=[1,1,2]"], capsys)
+    line = fails(["run", str(cfg), "--out", str(out), "--set", "width=[1,1,2]"], capsys)
     assert line.endswith("width: the value 1 appears twice in the axis (each value once)")
     assert _tree(out) == before
-    line = _fails(["run", str(cfg), "--out", str(tmp_path / "new"), "--set",
+    line = fails(["run", str(cfg), "--out", str(tmp_path / "new"), "--set",
                    "lr=[0.01, 1.0e-2]"], capsys)
     assert "lr: the value 0.01 appears twice" in line
     assert not (tmp_path / "new").exists()
@@ -179,7 +171,7 @@ def test_a_duplicate_axis_value_is_refused_before_anything(reference, tmp_path, 
     # (it made 12 cells while manifest.json and config.yaml recorded one lr)
     for axis, value, same in (("lr=[0.01, 1e-2]", "'1e-2'", "0.01"),
                               ('width=[1, "1"]', "'1'", "1")):
-        line = _fails(["run", str(cfg), "--out", str(tmp_path / "new"), "--set", axis], capsys)
+        line = fails(["run", str(cfg), "--out", str(tmp_path / "new"), "--set", axis], capsys)
         name = axis.split("=")[0]
         assert line.endswith(f"{name}: the values {same} and {value} are one value ({same}) "
                              "twice in the axis (each value once)"), line
@@ -200,7 +192,7 @@ def test_one_flipped_byte_is_named_by_show_report_and_rerun(reference, tmp_path,
     bad = out / "groups" / "g0001" / "metrics.parquet"
     _flip(bad)
     for argv in (["show", str(out)], ["report", str(out), "--out", str(tmp_path / "r.html")]):
-        line = _fails(argv, capsys)
+        line = fails(argv, capsys)
         assert line == (f"error: {bad}: does not match the sha256 recorded in manifest.json "
                         "(changed outside raretask); re-run the grid: its group is trained again")
     assert not (tmp_path / "r.html").exists()
@@ -230,7 +222,7 @@ def test_report_refuses_an_edited_config_or_cells_copy(reference, tmp_path, caps
     path = out / name
     path.write_text(path.read_text().replace(old, new))
     html = tmp_path / "r.html"
-    line = _fails(["report", str(out), "--out", str(html)], capsys)
+    line = fails(["report", str(out), "--out", str(html)], capsys)
     assert line == (f"error: {path}: does not match the sha256 recorded in manifest.json "
                     "(changed outside raretask); re-run the grid to write it again from "
                     "manifest.json")
@@ -257,7 +249,7 @@ def test_a_truncated_parquet_of_a_run_before_manifests_reruns_its_group(referenc
 def test_a_damaged_merged_table_is_named_and_merged_again(reference, tmp_path, capsys):
     cfg, out = _copy(reference, tmp_path)
     _flip(out / "metrics.parquet")
-    line = _fails(["show", str(out)], capsys)
+    line = fails(["show", str(out)], capsys)
     assert f"{out / 'metrics.parquet'}: does not match" in line and "merge it again" in line
     _runs(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
     assert (out / "metrics.parquet").read_bytes() == (reference[1] / "metrics.parquet").read_bytes()
@@ -267,10 +259,10 @@ def test_a_damaged_manifest_is_one_line(reference, tmp_path, capsys):
     cfg, out = _copy(reference, tmp_path)
     (out / "manifest.json").write_text("{not json")
     before = _tree(out)
-    line = _fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
+    line = fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
     assert f"{out / 'manifest.json'}: unreadable (JSONDecodeError)" in line
     assert _tree(out) == before
-    assert "manifest.json: unreadable" in _fails(["show", str(out)], capsys)
+    assert "manifest.json: unreadable" in fails(["show", str(out)], capsys)
 
 
 def test_show_on_an_unfinished_run_says_how_many_cells_are_missing(reference, tmp_path,

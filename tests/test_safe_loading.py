@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_calls import fails
 
 from raretask.cli import main
 
@@ -41,15 +42,6 @@ def test_no_unsafe_loader_in_the_source():
     assert "kind not in STUDIES:" in registry
 
 
-def _fails(argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    cap = capsys.readouterr()
-    assert exc.value.code == 2 and cap.out == "", cap
-    lines = cap.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
-    return lines[0]
 
 
 def _tag(marker: Path) -> str:
@@ -60,26 +52,26 @@ def test_yaml_python_tags_never_run(tmp_path, capsys):
     marker = tmp_path / "PWNED"
     run_cfg = tmp_path / "run.yaml"
     run_cfg.write_text(f"tasks: 4\nwidth: {_tag(marker)}\n")
-    err = _fails(["run", str(run_cfg), "--out", str(tmp_path / "o"), "--dry-run"], capsys)
+    err = fails(["run", str(run_cfg), "--out", str(tmp_path / "o"), "--dry-run"], capsys)
     assert "could not determine a constructor" in err and str(run_cfg) in err
     tasks = tmp_path / "t.yaml"
     tasks.write_text(f"tasks:\n  - {{name: a, count: 1, alpha: 2, features: {_tag(marker)}}}\n")
-    _fails(["predict", "--task-file", str(tasks), "--width", "4"], capsys)
-    _fails(["plan", str(tasks), "--size", "4"], capsys)
+    fails(["predict", "--task-file", str(tasks), "--width", "4"], capsys)
+    fails(["plan", str(tasks), "--size", "4"], capsys)
     rules = tmp_path / "r.yaml"
     rules.write_text(f"rules: {_tag(marker)}\n")
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "x"}\n')
-    _fails(["analyze", str(data), "--rules", str(rules)], capsys)
+    fails(["analyze", str(data), "--rules", str(rules)], capsys)
     fix = tmp_path / "fix.yaml"
     fix.write_text(f"kind: fix_toy\nwidth: {_tag(marker)}\n")
-    _fails(["fix", str(fix), "--out", str(tmp_path / "f")], capsys)
-    err = _fails(["run", str(run_cfg.with_name("none.yaml")), "--out", "o", "--set",
+    fails(["fix", str(fix), "--out", str(tmp_path / "f")], capsys)
+    err = fails(["run", str(run_cfg.with_name("none.yaml")), "--out", "o", "--set",
                   f"width={_tag(marker)}"], capsys)
     assert "--set width: cannot read value" in err or "no such file" in err
     cfg = tmp_path / "ok.yaml"
     cfg.write_text("tasks: 4\n")
-    err = _fails(["run", str(cfg), "--out", "o", "--dry-run", "--set", f"width={_tag(marker)}"],
+    err = fails(["run", str(cfg), "--out", "o", "--dry-run", "--set", f"width={_tag(marker)}"],
                  capsys)
     assert "--set width: cannot read value" in err
     assert not marker.exists()
@@ -88,10 +80,10 @@ def test_yaml_python_tags_never_run(tmp_path, capsys):
 def test_a_config_cannot_name_code(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("kind: os:system\n")
-    assert "kind: unknown experiment kind 'os:system'" in _fails(
+    assert "kind: unknown experiment kind 'os:system'" in fails(
         ["run", str(cfg), "--out", str(tmp_path / "o"), "--dry-run"], capsys)
     cfg.write_text("kind: raretask.config:ToyGrid\n")
-    assert "unknown experiment kind" in _fails(
+    assert "unknown experiment kind" in fails(
         ["run", str(cfg), "--out", str(tmp_path / "o"), "--dry-run"], capsys)
 
 
@@ -99,7 +91,7 @@ def test_a_config_cannot_name_code(tmp_path, capsys):
 def test_names_with_path_parts_are_refused(name, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("tasks: 4\n")
-    err = _fails(["run", str(cfg), "--out", str(tmp_path / "o"), "--set", f"name={name}"],
+    err = fails(["run", str(cfg), "--out", str(tmp_path / "o"), "--set", f"name={name}"],
                  capsys)
     assert ": name: String should match pattern" in err
     assert not (tmp_path / "o").exists()
@@ -154,7 +146,7 @@ def test_checkpoints_are_never_unpickled(tmp_path, capsys, monkeypatch, one_thre
     for payload in (pickle.dumps(_Boom()), b"\x00" * 7, b""):
         # a checkpoint directory whose manifest vouches for the payload (hashes match)
         checkpoint_dir.save(gdir, {"state.safetensors": payload})
-        err = _fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
+        err = fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
         assert err == (f"error: {gdir / 'ckpt' / 'state.safetensors'}: unreadable checkpoint "
                        f"(SafetensorError); delete {gdir / 'ckpt'} to restart group g0000 from "
                        "step 0")
@@ -162,7 +154,7 @@ def test_checkpoints_are_never_unpickled(tmp_path, capsys, monkeypatch, one_thre
     ckpt = gdir / "checkpoint.safetensors"  # the single-file layout before checkpoint dirs
     for payload in (pickle.dumps(_Boom()), b"\x00" * 7, b""):
         ckpt.write_bytes(payload)
-        err = _fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
+        err = fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
         assert err == (f"error: {ckpt}: unreadable checkpoint (SafetensorError); delete it to "
                        "restart group g0000 from step 0")
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()

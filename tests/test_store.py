@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from cli_calls import fails
 
 from raretask.cli import main
 from raretask.errors import UserError
@@ -55,14 +56,7 @@ def _config(path: Path) -> Path:
 
 
 def _fails(argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    cap = capsys.readouterr()
-    assert exc.value.code == 2 and cap.out == "", cap
-    lines = cap.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), cap.err
-    return lines[0][len("error: "):]
+    return fails(argv, capsys)[len("error: "):]
 
 
 def _listing(directory: Path) -> dict[str, bytes]:

@@ -86,6 +86,7 @@ def test_archived_run_without_group_files_still_shows(reference, tmp_path):
     assert len(load_summary(archived)) == 6 * 4
 
 
+@pytest.mark.slow  # make test: test_reliability's toy kill sample (exact kill points)
 def test_kill_and_resume_gives_identical_results(tiny_config, reference, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "raretask", "run", str(tiny_config), "--out", str(out),
