@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from raretask.errors import UserError
-from raretask.mixing.readers import field_names, read_records
+from raretask.mixing.readers import check_task_names, field_names, read_records
 from raretask.mixing.rules import RuleSet
 from raretask.mixing.token_counts import BATCH, load_token_counter
 
@@ -150,14 +150,8 @@ def _check_loaded(a: Analysis, source: str) -> None:
             raise bad(name, in_range, getattr(a, name))
     if a.tokens is not None and not _count_ok(a.tokens):
         raise bad("tokens", f"null or {in_range}", a.tokens)
-    seen: dict[str, int] = {}
+    check_task_names([t.task for t in a.tasks], source)
     for i, t in enumerate(a.tasks):
-        if not isinstance(t.task, str) or not t.task:
-            raise bad(f"tasks.{i}.task", "a name", t.task)
-        if t.task in seen:
-            raise UserError(f"{source}: tasks.{i}.task: {t.task!r} repeats tasks.{seen[t.task]}"
-                            ".task (task names must be unique)")
-        seen[t.task] = i
         if not _count_ok(t.count):
             raise bad(f"tasks.{i}.count", in_range, t.count)
         if t.tokens is None and a.tokens is not None:

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from raretask.errors import UserError
+from raretask.mixing.readers import check_task_names
 
 MAX_ROUNDS = 100
 
@@ -190,14 +191,8 @@ def _check_loaded(plan: Plan, source: str) -> None:
         raise bad("budget", f"null or a number > 0 and <= {MAX_BUDGET:,}", plan.budget)
     if plan.max_epochs is not None and not (_number(plan.max_epochs) and plan.max_epochs > 0):
         raise bad("max_epochs", "null or a number > 0", plan.max_epochs)
-    seen: dict[str, int] = {}
+    check_task_names([t.task for t in plan.tasks], source)
     for i, t in enumerate(plan.tasks):
-        if not isinstance(t.task, str) or not t.task:
-            raise bad(f"tasks.{i}.task", "a name", t.task)
-        if t.task in seen:
-            raise UserError(f"{source}: tasks.{i}.task: {t.task!r} repeats tasks.{seen[t.task]}"
-                            ".task (task names must be unique)")
-        seen[t.task] = i
         for name in ("weight", "natural"):
             v = getattr(t, name)
             if not (_number(v) and 0 <= v <= 1):

@@ -193,3 +193,18 @@ def _arrow(path: Path, fields: tuple[str, ...]) -> Iterator[Record]:
 
 
 _READERS = {"jsonl": _jsonl, "csv": _csv, "parquet": _parquet, "arrow": _arrow}
+
+
+def check_task_names(names, source: str) -> None:
+    """Each entry of ``tasks`` in a file read back (analysis.json, plan.json) names a task, once:
+    a one-line UserError naming the entry otherwise (a repeated name would be lost in the
+    exports, which key on it)."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name:
+            text = repr(name) if len(repr(name)) <= 40 else repr(name)[:37] + "..."
+            raise UserError(f"{source}: tasks.{i}.task: expected a name, got {text}")
+        if name in seen:
+            raise UserError(f"{source}: tasks.{i}.task: {name!r} repeats tasks.{seen[name]}.task "
+                            "(task names must be unique)")
+        seen[name] = i
