@@ -13,6 +13,7 @@
 #   LM_TIMEOUT=300 bash benchmarks/gpu/session.sh add_grok; LM_TIMEOUT=250 bash benchmarks/gpu/session.sh fig8_retention
 #                                                               (issue 19: T_ADD grokking and Fig. 8 in one call)
 #   bash benchmarks/gpu/session.sh fix_lm                      (issue 22: the LM fix, 5 arms x 3 seeds)
+#   bash benchmarks/gpu/session.sh profile_switch              (issue 21: a toy run cut on CUDA resumed on CPU, and back)
 # $OUT returns at most 8 files: a job leaves two to four (JOB.out, a JSON, a log, NAME.tgz); count
 # them before a call (tar the .out files together at the end, as session 6 did).
 # LM grids run packed: LM_PROCS (default 6) processes share the GPU, --parallel cells.
@@ -90,6 +91,17 @@ job() {
                   --out /tmp/runs/fig2_phase --quiet ${FIG2_SET:-}; local rc=$?
               tar czf "$OUT/fig2_phase.tgz" -C /tmp/runs fig2_phase  # show / report here
               return $rc ;;
+        profile_switch)  # issue 21: one toy YAML, no edits, cut under one device, resumed under the other
+            for pair in cuda:cpu cpu:cuda; do
+                local first=${pair%:*} second=${pair#*:} d=/tmp/runs/switch_${pair/:/_}
+                timeout "${SWITCH_CUT:-12}" python3 -m raretask run src/raretask/configs/demo_phase.yaml \
+                    --out "$d" --set profile.device=$first --checkpoint-seconds 1 --quiet
+                echo "$first: cut, rc=$?; groups done: $(ls "$d"/groups/*/summary.json 2>/dev/null | wc -l)"
+                python3 -m raretask run src/raretask/configs/demo_phase.yaml --out "$d" \
+                    --set profile.device=$second --quiet; echo "$second: resumed, rc=$?"
+                grep -i "device\|profile\|resum" "$d/log.txt" | head -20
+                python3 -m raretask show "$d" | tail -12
+            done ;;
         *) echo "error: unknown job $1" >&2; return 2 ;;
     esac
 }
