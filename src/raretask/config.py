@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 from pydantic import Field, ValidationError, model_validator
@@ -35,6 +35,11 @@ from raretask.theory import DEFAULT_FREQUENT_MASS, TaskSet
 
 PositiveFinite = Field(gt=0, allow_inf_nan=False)
 
+
+
+FixArm = Literal["natural", "plan", "even", "burst", "big"]
+"""The fix's arms, shared by the toy and LM cells (raretask.mixing.fix, raretask.mixing.fix_lm)."""
+FIX_ARMS: tuple[str, ...] = get_args(FixArm)
 
 class TaskSpec(StrictModel):
     """One task: a frequency (or a count) and a spectrum (alpha + features, or eigenvalues)."""
@@ -200,7 +205,7 @@ class ToyCell(StrictModel):
     rare_task: int = Field(-1, description="Index of the rare task (negative counts from the "
                            "end; default the rarest).")
     frequent_mass: float = Field(0.8, gt=0, le=1, description="Prior mass of the frequent set F.")
-    arm: Literal["natural", "plan", "even", "burst", "big"] | None = Field(
+    arm: FixArm | None = Field(
         None, description="An arm of the fix (raretask fix; None: an ordinary cell): "
         "'natural' the mix as it is; 'plan' the planned mix (minimum KL, the rare task at "
         "`margin` x the share Theorem 3 needs at `width`), i.i.d.; 'even' the plan's share in "

@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from raretask.config import Grid, StrictModel
+from raretask.config import FixArm, Grid, StrictModel
 from raretask.lm.model import PRESETS
 
 
@@ -77,7 +77,7 @@ class LMCell(StrictModel):
         "costs about three training steps per evaluation.")
     probe_k: int = Field(64, ge=1, description="Neurons kept by the gradient probe (at most the "
                          "MLP's hidden width).")
-    arm: Literal["natural", "plan", "even", "burst", "big"] | None = Field(
+    arm: FixArm | None = Field(
         None, description="An arm of the fix (raretask fix; None: an ordinary cell), "
         "mixing/fix_lm.py: 'natural' the task at `rate` (its natural rate), i.i.d.; 'plan' at "
         "the rate `raretask plan` gives for `size` from `calibration`, i.i.d.; 'even' the "

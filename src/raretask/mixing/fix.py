@@ -40,10 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
+from raretask.config import FIX_ARMS
 from raretask.errors import UserError
 from raretask.theory import TaskSet
-
-ARMS = ("natural", "plan", "even", "burst", "big")
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,8 @@ class FixSetting:
 
 
 def toy_fix_results(out: Path) -> tuple[FixSetting, object, list[ArmResult]]:
-    """(setting, plan, one result per arm in :data:`ARMS` order) of a finished fix grid."""
+    """(setting, plan, one result per arm in :data:`raretask.config.FIX_ARMS` order) of a
+    finished fix grid."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -154,7 +154,7 @@ def toy_fix_results(out: Path) -> tuple[FixSetting, object, list[ArmResult]]:
     d, k, rare = c0.tasks * c0.features, c0.tasks, c0.rare_index
     names = natural.names
     results = []
-    for arm in [a for a in ARMS if any(c.arm == a for c in cells)]:
+    for arm in [a for a in FIX_ARMS if any(c.arm == a for c in cells)]:
         ids = [i for i, c in enumerate(cells) if c.arm == arm]
         width = arm_setting(cells[ids[0]])[0]
         rare_avg = [float(np.mean(late[i])) for i in ids]

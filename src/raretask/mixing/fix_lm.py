@@ -37,9 +37,9 @@ import numpy as np
 from rich import box
 from rich.table import Table
 
+from raretask.config import FIX_ARMS
 from raretask.errors import UserError
 
-ARMS = ("natural", "plan", "even", "burst", "big")
 LEARNED_ACCURACY = 0.9  # the calibration's verdict when it does not say (ours: 0.9)
 
 
@@ -159,12 +159,12 @@ def _legacy_labels(rows: list[dict]) -> list[str]:
 
 
 def arm_rows(rows: list[dict]) -> dict[str, list[dict]]:
-    """Rows by arm, in :data:`ARMS` order (other labels after)."""
+    """Rows by arm, in :data:`raretask.config.FIX_ARMS` order (other labels after)."""
     labels = [r["arm"] for r in rows] if all(r.get("arm") for r in rows) else _legacy_labels(rows)
     by: dict[str, list[dict]] = {}
     for r, lab in zip(rows, labels, strict=True):
         by.setdefault(lab, []).append(r)
-    order = [a for a in ARMS if a in by] + [a for a in by if a not in ARMS]
+    order = [a for a in FIX_ARMS if a in by] + [a for a in by if a not in FIX_ARMS]
     return {a: sorted(by[a], key=lambda r: r["seed"]) for a in order}
 
 
