@@ -97,3 +97,29 @@ def test_bad_export_is_one_line_exit_2(tmp_path, capsys, args, message):
         main(["export-hf", str(run), *args, "--out", str(tmp_path / "hf")])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_is_one_set_that_replaces_only_its_own_files(tmp_path, capsys, one_thread):
+    """A second export replaces the first whole and leaves no temporary beside it; a directory
+    holding someone else's file is refused in one line and left as it was."""
+    cfg = ModelConfig.preset("tiny")
+    out = tmp_path / "hf"
+    export_weights(trained_like(cfg, seed=0).state_dict(), cfg, out)
+    second = trained_like(cfg, seed=5)
+    export_weights(second.state_dict(), cfg, out)
+    ours, theirs = logits_both(second, out, cfg.vocab_size)
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no build directory left
+    assert not {p.name for p in out.iterdir()} - {".raretask-set.json", "config.json",
+                                                   "generation_config.json", "model.safetensors"}
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "tokenizer.json").write_text("{}")
+    run, _ = run_dir(tmp_path, "final.safetensors")
+    capsys.readouterr()  # the exports' progress bars
+    with pytest.raises(SystemExit) as exc:
+        main(["export-hf", str(run), "--cell", "0", "--out", str(mine)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "holds files raretask did not write ('tokenizer.json')" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["tokenizer.json"]

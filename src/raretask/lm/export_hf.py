@@ -4,7 +4,8 @@ raretask's decoder (lm/model.py) is OLMo 2's architecture: normalised sublayer o
 over the whole projection before RoPE (rotate-half layout), SwiGLU, no biases, untied head. So
 ``transformers``' ``Olmo2ForCausalLM`` computes the same function from the same tensors under
 other names (:data:`HF_NAMES`); no tensor is permuted or reshaped. The export writes
-``config.json`` and ``model.safetensors`` with ``save_pretrained``, and
+``config.json`` and ``model.safetensors`` with ``save_pretrained`` (as one output set: a kill
+leaves the previous export or the new one; ``--out`` must be new, empty or an earlier export), and
 ``Olmo2ForCausalLM.from_pretrained(DIR)`` gives raretask's logits (tests/test_lm_export_hf.py:
 within 1e-4 in float32 on CPU).
 
@@ -27,11 +28,13 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from raretask.errors import UserError
+from raretask.runs.outset import output_set
 
 if TYPE_CHECKING:  # torch is imported by the functions that need it: `raretask --help` stays fast
     from torch import Tensor
@@ -42,6 +45,9 @@ FINAL_WEIGHTS = "final.safetensors"
 """A finished cell's final weights in its group directory (kept with ``save_model: true``)."""
 CHECKPOINT_WEIGHTS = "ckpt/model.safetensors"
 """A running cell's last checkpoint weights (removed once the cell is done)."""
+
+HF_FILES = ["config.json", "generation_config.json", "model.safetensors"]
+"""What ``save_pretrained`` writes (the export's ``--out`` holds these and its set manifest)."""
 
 HF_NAMES = [  # raretask parameter name -> Olmo2ForCausalLM name (transformers modeling_olmo2.py)
     (r"embed\.weight", "model.embed_tokens.weight"),
@@ -106,8 +112,13 @@ def export_weights(state: dict[str, Tensor], cfg: ModelConfig, out: str | Path) 
     if cfg.tie_embeddings:
         mapped["lm_head.weight"] = mapped["model.embed_tokens.weight"]
     model.load_state_dict(mapped, strict=True)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    # built beside ``out`` and swapped in whole (runs/outset.py): a kill leaves the old export
+    # or the new one, never save_pretrained's half-written files among the user's
+    with output_set(out, "export-hf", HF_FILES) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for path in tmp.iterdir():  # save_pretrained does not fsync
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
     return out
 
 
