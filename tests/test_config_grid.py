@@ -1,5 +1,6 @@
 """Experiment configs: list axes expand to grids, overrides, and one-line errors naming fields."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -51,19 +52,19 @@ def test_paper_configs_have_the_paper_grids():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["wdth=8"], "config: wdth: unknown key"),
-        (["width=-1"], "config: width: Input should be greater than or equal to 1, got -1"),
-        (["beta=[]"], "config: beta: list is empty"),
-        (["width=2000"], "config: width: 2000 exceeds the total feature count"),
-        (["schedule=matched"], "config: schedule: renamed: use delivery (iid, even or burst; "
+        (["wdth=8"], "--set wdth: unknown key"),
+        (["width=-1"], "--set width: Input should be greater than or equal to 1, got -1"),
+        (["beta=[]"], "--set beta: list is empty"),
+        (["width=2000"], "--set width: 2000 exceeds the total feature count"),
+        (["schedule=matched"], "--set schedule: renamed: use delivery (iid, even or burst; "
                                "'matched' is burst)"),
-        (["delivery=even", "every=5"], "config: every: only a burst delivery has a period"),
-        (["rate=1.5"], "config: rate: Input should be less than 1"),
-        (["lr=0"], "config: lr: Input should be greater than 0"),
-        (["kind=vision"], "config: kind: unknown experiment kind 'vision'"),
+        (["delivery=even", "every=5"], "--set every: only a burst delivery has a period"),
+        (["rate=1.5"], "--set rate: Input should be less than 1"),
+        (["lr=0"], "--set lr: Input should be greater than 0"),
+        (["kind=vision"], "--set kind: unknown experiment kind 'vision'"),
         (["profile.group_size=0"],
-         "config: profile.group_size: Input should be greater than or equal to 1"),
-        (["tf32=false"], "config: tf32: an execution setting, not part of the experiment: set "
+         "--set profile.group_size: Input should be greater than or equal to 1"),
+        (["tf32=false"], "--set tf32: an execution setting, not part of the experiment: set "
                          "profile.tf32"),
         (["steps"], "--set 'steps': expected key=value"),
     ],
@@ -72,6 +73,16 @@ def test_bad_values_name_the_field(overrides, message):
     with pytest.raises(UserError) as err:
         load_experiment(None, overrides)
     assert str(err.value).startswith(message)
+
+
+def test_an_error_names_where_the_value_came_from(tmp_path):
+    """A bad value in the file names the file; one given with --set names --set."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("width: -1\nsteps: 10\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(cfg))}: width: Input should be"):
+        load_experiment(cfg, ["steps=20"])
+    with pytest.raises(UserError, match=r"^--set steps: Input should be a valid integer"):
+        load_experiment(cfg, ["width=4", "steps=abc"])
 
 
 def test_bad_file(tmp_path):

@@ -156,7 +156,7 @@ def test_the_device_memory_is_known():
 def test_a_trace_too_long_names_trace_every(cfg, tmp_path, capsys):
     line = fails(["run", str(cfg), "--out", str(tmp_path / "o"), "--set", "trace_every=1",
                    "--set", "steps=1000000000"], capsys)
-    assert line == (f"error: {cfg}: trace_every: steps 1,000,000,000 / trace_every 1 = "
+    assert line == ("error: --set trace_every: steps 1,000,000,000 / trace_every 1 = "
                     "1,000,000,001 trace points per cell, more than the limit of 1,000,000")
     assert not (tmp_path / "o").exists()
 

@@ -172,7 +172,7 @@ def test_frequency_with_every_rejects_what_it_cannot_deliver(fields, message):
 
 
 def test_bad_every_in_a_config_is_one_line_naming_the_field(tmp_path):
-    with pytest.raises(UserError, match=r"fig6_lm_schedule\.yaml: every: a burst of 1024 "
+    with pytest.raises(UserError, match=r"--set every: a burst of 1024 "
                        r"instances"):
         load_experiment(CONFIGS / "fig6_lm_schedule.yaml", ["every=64"])
 

@@ -502,4 +502,19 @@ def load_experiment(path: str | Path | None, overrides: Sequence[str] = (),
         data["profile"] = {**(block if isinstance(block, dict) else {}), **(extra or {})}
 
     kind = data.get("kind", DEFAULT_KIND)
-    return study(kind, source).grid_class.from_dict(data, source)
+    try:
+        return study(kind, source).grid_class.from_dict(data, source)
+    except UserError as err:
+        raise _name_override(err, source, [parse_override(t)[0] for t in overrides]) from None
+
+
+def _name_override(err: UserError, source: str, keys: Sequence[str]) -> UserError:
+    """An error about a value given with ``--set`` names ``--set KEY``, not the file, which may
+    not hold that key at all (or hold another value)."""
+    text, head = str(err), f"{source}: "
+    if text.startswith(head):
+        rest = text[len(head):]
+        for key in keys:
+            if rest.startswith(key) and rest[len(key):len(key) + 1] in (":", ".", " "):
+                return UserError(f"--set {rest}")
+    return err
