@@ -302,6 +302,30 @@ def test_resume_is_bit_exact(stop):
                                    equal_nan=True, msg=key)
 
 
+def test_a_checkpoint_from_another_device_kind_resumes_reproducibly():
+    """A CUDA generator's state (16 bytes, Philox) cannot continue a CPU Mersenne Twister's
+    stream, nor the reverse: the streams restart from a seed fixed by instance and step, so a
+    run cut on one device resumes on the other, twice the same, where set_state used to raise."""
+    instances, settings = _resume_setup()
+    first = ToyTrainer(instances, settings)
+    first.run(until=13)
+    state = first.state_dict()
+    philox = torch.arange(16, dtype=torch.uint8)  # the size torch.cuda's generator state has
+    foreign = {k: (philox if k.endswith(("rng_train", "rng_inject")) else v)
+               for k, v in state.items()}
+    runs = []
+    for _ in range(2):
+        resumed = ToyTrainer(instances, settings)
+        resumed.load_state_dict(foreign)
+        resumed.run()
+        runs.append(resumed)
+    same(table(runs[0]), table(runs[1]))
+    full = ToyTrainer(instances, settings)
+    full.run()
+    assert not np.array_equal(runs[0].traces()[-1], full.traces()[-1])  # other draws after 13
+    np.testing.assert_array_equal(runs[0].traces()[:4], full.traces()[:4])  # steps 0..12 kept
+
+
 def test_load_rejects_other_instances():
     instances, settings = _resume_setup()
     state = ToyTrainer(instances, settings).state_dict()

@@ -127,6 +127,18 @@ def _generator(device: torch.device | str, seed: int) -> torch.Generator:
     return g
 
 
+def _restore_generator(gen: torch.Generator, saved: Tensor, reseed: int) -> None:
+    """Continue ``gen`` from a checkpoint's ``saved`` state, or, when the state was taken on
+    another kind of device (a CPU Mersenne Twister is 5,056 bytes, a CUDA Philox 16: neither can
+    continue the other's stream), restart it from ``reseed``, a seed fixed by the instance and
+    the step, so that a resume after a device switch is still reproducible. The run's log warns
+    that such a run's numbers may differ from a run on either device alone."""
+    if saved.numel() == gen.get_state().numel():
+        gen.set_state(saved)
+    else:
+        gen.manual_seed(reseed)
+
+
 def _cdf(p: np.ndarray) -> np.ndarray:
     """Inverse-CDF table for ``searchsorted(cdf, u, right=True)`` with u in [0, 1).
 
@@ -848,8 +860,11 @@ class ToyTrainer:
                         )
                     dst.copy_(v.reshape(dst.shape))
                 key, row = self._stream_of[i]
-                self._streams[key].gens[row].set_state(state[p + "rng_train"])
-                self._gen_inject[i].set_state(state[p + "rng_inject"])
+                seed = self.instances[i].seed
+                _restore_generator(self._streams[key].gens[row], state[p + "rng_train"],
+                                   stream_seed(seed, _TRAIN, step))
+                _restore_generator(self._gen_inject[i], state[p + "rng_inject"],
+                                   stream_seed(seed, _INJECT, step))
                 gr.seen[j].copy_(state[p + "seen"])
                 if p + "diverged" in state:  # absent from checkpoints older than the check
                     gr.diverged[j].copy_(state[p + "diverged"])
