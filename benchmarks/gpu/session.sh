@@ -29,7 +29,9 @@ source benchmarks/gpu/setup.sh || exit 1
 LM_FAST=(--set profile.device=cuda --set "profile.compile_mode=${LM_COMPILE_MODE:-reduce-overhead}" --quiet)
 
 lm_run() {  # NAME CONFIG: one LM grid (resumed from benchmarks/results/resume/NAME.tgz), show --json
-    local name=$1 config=$2 dir=/tmp/runs/$1
+    # LM_TAG=T LM_SET="--set size=[20m,4m]": a part of the grid, its own run NAME_T
+    local name=$1${LM_TAG:+_$LM_TAG} config=$2
+    local dir=/tmp/runs/$name
     mkdir -p /tmp/runs
     local saved=benchmarks/results/resume/$name.tgz
     [ -f "$saved" ] && tar xzf "$saved" -C /tmp/runs
@@ -39,11 +41,12 @@ lm_run() {  # NAME CONFIG: one LM grid (resumed from benchmarks/results/resume/N
     local run=(python3 -m raretask run)
     [ "${LM_PROCS:-6}" -gt 1 ] && run=(python3 -m torch.distributed.run --standalone
         "--nproc_per_node=${LM_PROCS:-6}" -m raretask run)
-    time timeout "${LM_TIMEOUT:-560}" "${run[@]}" "$config" --out "$dir" --parallel cells "${LM_FAST[@]}"
+    time timeout "${LM_TIMEOUT:-560}" "${run[@]}" "$config" --out "$dir" --parallel cells "${LM_FAST[@]}" ${LM_SET:-}
     local rc=$?
     tar czf "$OUT/$name.tgz" --exclude=ckpt --exclude=ckpt.old --exclude='.raretask-tmp.*' --exclude='*.safetensors' -C /tmp/runs "$name"
     python3 -m raretask show "$dir" --json >"$OUT/$name.json"
     python3 -m raretask show "$dir"
+    tail -n 40 "$dir/log.txt"  # each group's checkpoints: how far it came, how fast
     return $rc
 }
 
@@ -91,12 +94,16 @@ job() {
                   --out /tmp/runs/fig2_phase --quiet ${FIG2_SET:-}; local rc=$?
               tar czf "$OUT/fig2_phase.tgz" -C /tmp/runs fig2_phase  # show / report here
               return $rc ;;
-        profile_switch)  # issue 21: one toy YAML, no edits, cut under one device, resumed under the other
+        profile_switch)  # issue 21: one toy YAML, no edits, killed under one device once it has
+                         # a checkpoint, resumed under the other
             for pair in cuda:cpu cpu:cuda; do
                 local first=${pair%:*} second=${pair#*:} d=/tmp/runs/switch_${pair/:/_}
-                timeout "${SWITCH_CUT:-12}" python3 -m raretask run src/raretask/configs/demo_phase.yaml \
-                    --out "$d" --set profile.device=$first --checkpoint-seconds 1 --quiet
-                echo "$first: cut, rc=$?; groups done: $(ls "$d"/groups/*/summary.json 2>/dev/null | wc -l)"
+                python3 -m raretask run src/raretask/configs/demo_phase.yaml \
+                    --out "$d" --set profile.device=$first --checkpoint-seconds 1 --quiet &
+                local pid=$! i
+                for i in $(seq 1200); do [ -f "$d/groups/g0000/ckpt/manifest.json" ] && break; sleep 0.1; done
+                sleep 1; kill -9 $pid; wait $pid
+                echo "$first: killed, rc=$?; groups done: $(ls "$d"/groups/*/summary.json 2>/dev/null | wc -l)"
                 python3 -m raretask run src/raretask/configs/demo_phase.yaml --out "$d" \
                     --set profile.device=$second --quiet; echo "$second: resumed, rc=$?"
                 grep -i "device\|profile\|resum" "$d/log.txt" | head -20

@@ -397,6 +397,9 @@ class GridRun:
             if due:
                 study.save_checkpoint(gdir, trainer, ranks.writes)
                 last_save = now
+                if ranks.writes:  # the log shows how far a long group has come, and how fast
+                    self._log(f"{group.name}: checkpoint at step {step} of {total} "
+                              f"({now - started:.0f} s since step {start_step})")
             if progress:
                 progress({"event": "step", "group": group.name, "step": step, "steps": total,
                           "cells": len(group.cell_ids)})
