@@ -69,3 +69,28 @@ def test_heatmap_marks_cells_whose_seeds_disagree(fig9):
     assert red_boxes(acc) == 1 and red_boxes(loss) == 1
     assert acc.texts[0].get_text().startswith("0.341*") and "seeds disagree" in acc.get_title()
     plt.close(fig)
+
+
+GROK = FIG9.parent / "fig5_lm_add_grok_20m_4m"
+
+
+def test_grokking_panels_show_train_and_test_accuracy_per_add_cell():
+    """The committed T_ADD run (20m and 4m x weight decay 1.0 / 0.1, one H200 call): a panel per
+    cell titled by what differs, the train and test curves are the run's own numbers; T_CMP
+    runs have no grokking panel."""
+    rows = json.loads((GROK / "summary.json").read_text())
+    cells = {c["cell"]: c for c in json.loads((GROK / "cells.json").read_text())}
+    m = load_metrics(GROK)
+    fig = figures.lm_grokking_figure(rows, m, cells, "grok")
+    axes = [a for a in fig.axes if a.get_visible()]
+    assert [a.get_title() for a in axes] == [
+        "cell 0: size 20m, weight_decay 1.0", "cell 1: size 20m, weight_decay 0.1",
+        "cell 2: size 4m, weight_decay 1.0", "cell 3: size 4m, weight_decay 0.1"]
+    train, test = (ln.get_ydata() for ln in axes[1].get_lines()[:2])
+    assert test[-1] == pytest.approx(rows[1]["test_accuracy"]) and test[-1] > 0.9
+    assert train[-1] == pytest.approx(rows[1]["train_accuracy"])
+    last_test_4m = axes[3].get_lines()[1].get_ydata()[-1]
+    assert last_test_4m == pytest.approx(rows[3]["test_accuracy"]) and last_test_4m < 0.5
+    plt.close(fig)
+    fig9_rows = json.loads((FIG9 / "summary.json").read_text())
+    assert figures.lm_grokking_figure(fig9_rows, load_metrics(FIG9), {}, "cmp") is None

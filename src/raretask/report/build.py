@@ -409,6 +409,12 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
              "Gap sweep",
              "Final task loss against the gap N (N instances every N steps, same long-run "
              "frequency), a line per size and task."),
+            (presence, figures.lm_grokking_figure(rows, m, run.cells,
+                                                  f"{run.name}: T_ADD train vs test accuracy"),
+             "Grokking",
+             "Accuracy on the training pairs (dashed) and the held-out pairs (solid) at each "
+             "evaluation, a panel per T_ADD cell: memorisation is the train curve rising "
+             "alone, grokking the test curve following it later; dotted: 0.9."),
             (presence, figures.lm_presence_figure(rows, m, f"{run.name}: feature presence"),
              "Feature presence",
              "order_r2 (T_CMP) and fourier_modes (T_ADD) at each evaluation next to test "

@@ -12,6 +12,7 @@ functions return a matplotlib Figure (or None when the data cannot make one) and
 from __future__ import annotations
 
 import io
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -548,6 +549,55 @@ def lm_retention_figure(rows, m, title: str):
     what each injection taught it?)."""
     return _lm_trajectory_figure(rows, m, [("task_loss", "task loss"),
                                            ("task_test_loss", "held-out task loss")], title)
+
+
+def _varying_fields(cells: dict[int, dict], ids: list[int]) -> list[str]:
+    """The cell fields (other than ids, seed and the derived ones) whose values differ among
+    ``ids``: what tells the cells apart in a label."""
+    skip = {"cell", "group", "seed"}
+    fields = {k for i in ids for k in cells.get(i, {})} - skip
+    return sorted(k for k in fields
+                  if len({json.dumps(cells.get(i, {}).get(k), sort_keys=True) for i in ids}) > 1)
+
+
+def lm_grokking_figure(rows, m, cells: dict[int, dict], title: str, max_panels: int = 12):
+    """Grokking curves: train and test accuracy over training, one panel per T_ADD cell (first
+    ``max_panels``), titled by the fields that differ between the cells (size, weight decay...);
+    None unless a T_ADD cell recorded both. Memorisation is the train curve rising alone;
+    grokking, the test curve following it later."""
+    from raretask.report.analysis import metric_series
+
+    add = [r for r in rows if r["task"] == "add" and _has(m, r["cell"], "train_accuracy")
+           and _has(m, r["cell"], "test_accuracy")][:max_panels]
+    if not add:
+        return None
+    vary = _varying_fields(cells, [r["cell"] for r in add])
+    ncol = min(4, len(add))
+    nrow = -(-len(add) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, squeeze=False, figsize=(3.4 * ncol, 2.7 * nrow),
+                             sharey=True)
+    for ax in axes.flat[len(add):]:
+        ax.set_visible(False)
+    for ax, r in zip(axes.flat, add, strict=False):
+        for metric, style, label in (("train_accuracy", "--", "train"),
+                                     ("test_accuracy", "-", "test (held-out pairs)")):
+            steps, v = metric_series(m, r["cell"], metric)
+            keep = (steps > 0) & np.isfinite(v)
+            ax.plot(steps[keep], v[keep], style, color="C0" if label == "train" else "C3",
+                    lw=1.3, label=label)
+        c = cells.get(r["cell"], {})
+        ax.set_title(f"cell {r['cell']}: " + ", ".join(f"{k} {c.get(k)}" for k in vary)
+                     if vary else lm_label(r), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.axhline(0.9, color="0.6", lw=0.7, ls=":")
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].set_ylabel("T_ADD accuracy", fontsize=8)
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def lm_cosine_figure(rows, m, title: str):

@@ -273,7 +273,8 @@ class LMStudy(Study):
             + ("; task*: format not learned (accuracy below the format-only chance)"
                if any(b[3].endswith("*") for b in body) else "")
             + "; task L: loss at LABEL on the training instances; val L: background validation "
-            "loss")
+            "loss; epochs: background tokens / the corpus' training tokens (an n-gram source "
+            "samples new text: it repeats nothing)")
 
     def report_sections(self, runs):
         from raretask.report.build import lm_sections
