@@ -4,6 +4,7 @@ the sequences cannot carry is refused before anything is written; `raretask fix`
 per-arm table, fix.json (read by the report) and results.json."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +128,20 @@ def test_arm_summary_means_and_sds_over_seeds():
     assert plan["test_accuracy"] == pytest.approx(0.79)
     assert plan["test_accuracy_sd"] == pytest.approx(0.2515949, rel=1e-6)
     assert plan["val_loss"] == pytest.approx(4.1) and plan["flops"] == 6000.0
+
+
+def test_report_shows_the_gpu_fix_with_seeds_text_loss_and_compute():
+    """The committed H200 run (benchmarks/results/fix_lm): the report's fix table gives each
+    arm's seeds learned, accuracy ± sd, text loss and its change, and compute vs natural."""
+    from raretask.report.build import fix_section, load_run
+
+    run = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "fix_lm"
+    (table,) = fix_section([load_run(run)]).tables
+    rows = {r[0].split()[0]: dict(zip(table.columns, r, strict=True)) for r in table.rows}
+    assert list(rows) == ["natural", "plan", "even", "burst", "big"]
+    assert [rows[a]["learned"] for a in rows] == [
+        "0/3 seeds", "3/3 seeds", "2/3 seeds", "2/3 seeds", "3/3 seeds"]
+    assert rows["natural"]["acc"] == "0.374 ± 0.168" and rows["plan"]["acc"] == "0.906 ± 0.004"
+    assert rows["plan"]["text L"] == "4.0638" and rows["plan"]["change"] == "+0.0097"
+    assert rows["natural"]["compute"] == "1x" and rows["big"]["compute"] == "143x"
+    assert "compute: training FLOPs (6 N T) relative to the first row" in table.caption

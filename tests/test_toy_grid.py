@@ -166,6 +166,22 @@ def test_a_directory_resumes_under_another_profile(reference, tiny_config, tmp_p
     assert yaml.safe_load((out / "profile.yaml").read_text())["group_size"] == 5
 
 
+def test_a_finished_grid_revisited_elsewhere_changes_nothing(reference, tiny_config, tmp_path):
+    """A finished grid run again on another device trains nothing: no device warning, its
+    profile.yaml still names the device that trained it, the merged tables keep their bytes
+    (and so the hashes the manifest recorded)."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    prof = yaml.safe_load((out / "profile.yaml").read_text())
+    (out / "profile.yaml").write_text(yaml.safe_dump({**prof, "device": "cuda:0"}))
+    before = {n: (out / n).read_bytes() for n in ("profile.yaml", "metrics.parquet",
+                                                  "summary.json", "manifest.json")}
+    res = cli("run", str(tiny_config), "--out", str(out), "--quiet")
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert {n: (out / n).read_bytes() for n in before} == before
+    assert "0 groups to run" in (out / "log.txt").read_text().splitlines()[-2]
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [("wdth=3", "wdth: unknown key"), ("width=-1", "width: Input should be greater than or "

@@ -246,6 +246,8 @@ def fix_lm_json(arms: list[dict], task: str, learned_accuracy: float = LEARNED_A
             "rows": [{"label": f"{a['arm']} ({a['schedule']})", "size": a["size"],
                       "params": a["params"], "frequency": a["rate"], "steps": a["steps"],
                       "tokens": a["tokens"], "test_accuracy": a["test_accuracy"],
+                      "test_accuracy_sd": a["test_accuracy_sd"], "seeds": len(a["seeds"]),
+                      "learned_seeds": a["learned"], "flops": a["flops"],
                       "task_loss": a["task_loss"], "val_loss": a["val_loss"],
                       "learned": a["learned"] == len(a["seeds"]), "run": "."}
                      for a in arms]}

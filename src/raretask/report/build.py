@@ -469,19 +469,50 @@ def fix_section(runs: list[RunInput]) -> Section:
     for i, run in enumerate(r for r in runs if r.fix is not None):
         fix = run.fix
         every_task = any(r.tasks_learned is not None for r in fix.rows)  # issue 22: all tasks
+        text = any(r.val_loss is not None for r in fix.rows)  # what the other data pay (LM)
+        cost = fix.rows[0].flops is not None and any(r.flops is not None for r in fix.rows)
         sec.tables.append(Table(
             f"{run.path / FIX_FILE}: task {fix.task}" + (f". {fix.note}" if fix.note else "")
+            + (". text L: held-out background text loss, and its change against the first row"
+               if text else "")
+            + (". compute: training FLOPs (6 N T) relative to the first row" if cost else "")
             + f". Made by `{run.made_by}`.",
             ["row", "size", "params", "frequency", "steps", "tokens", "acc", "task L",
-             "learned", "run"] + (["tasks learned", "gained", "lost"] if every_task else []),
+             "learned"] + (["text L", "change"] if text else []) + (["compute"] if cost else [])
+            + ["run"] + (["tasks learned", "gained", "lost"] if every_task else []),
             [[r.label, r.size, "-" if r.params is None else f"{r.params / 1e6:.2f}M",
               f"{r.frequency:.2e}", "-" if r.steps is None else str(r.steps),
-              "-" if r.tokens is None else f"{r.tokens:.3g}",
-              _f(r.test_accuracy, ".3f"), "-" if r.task_loss is None else _fmt(r.task_loss),
-              "-" if r.learned is None else _fmt(r.learned), r.run or "-"]
-             + (_fix_task_cells(r) if every_task else []) for r in fix.rows],
+              "-" if r.tokens is None else f"{r.tokens:.3g}", _fix_accuracy(r),
+              "-" if r.task_loss is None else _fmt(r.task_loss), _fix_learned(r)]
+             + (_fix_text_cells(r, fix.rows[0]) if text else [])
+             + ([f"{r.flops / fix.rows[0].flops:.3g}x" if r.flops is not None else "-"]
+                if cost else [])
+             + [r.run or "-"] + (_fix_task_cells(r) if every_task else []) for r in fix.rows],
             f"fix-{i}"))
     return sec
+
+
+def _fix_accuracy(row) -> str:
+    """Test accuracy, with ``± sd`` over seeds when the row has several."""
+    acc = _f(row.test_accuracy, ".3f")
+    if row.test_accuracy is not None and row.test_accuracy_sd is not None and (row.seeds or 1) > 1:
+        acc += f" ± {row.test_accuracy_sd:.3f}"
+    return acc
+
+
+def _fix_learned(row) -> str:
+    """The verdict, as 'k/n seeds' when the row says how many seeds learned."""
+    if row.learned_seeds is not None and row.seeds is not None:
+        return f"{row.learned_seeds}/{row.seeds} seeds"
+    return "-" if row.learned is None else _fmt(row.learned)
+
+
+def _fix_text_cells(row, first) -> list[str]:
+    """Held-out text loss and its change against the first row (the natural mix)."""
+    if row.val_loss is None:
+        return ["-", "-"]
+    change = "-" if first.val_loss is None else f"{row.val_loss - first.val_loss:+.4f}"
+    return [f"{row.val_loss:.4f}", change]
 
 
 def _fix_task_cells(row) -> list[str]:

@@ -17,6 +17,10 @@ bigger model, side by side. The format (unknown keys are errors)::
          "tokens": 1024000,                # optional: training tokens
          "test_accuracy": 0.02,            # null when not measured
          "task_loss": 4.1,                 # null when not measured
+         "test_accuracy_sd": 0.01,         # optional: sd over seeds
+         "seeds": 3, "learned_seeds": 0,   # optional: how many seeds, how many learned
+         "flops": 2.6e13,                  # optional: training compute (6 N T)
+         "val_loss": 4.05,                 # optional (LM): held-out background text loss
          "learned": false,                 # optional verdict
          "tasks_learned": ["1", "2"],      # optional: every task this row learns
          "gained": [], "lost": ["9"],      # optional: vs the natural-mix row
@@ -63,6 +67,13 @@ class FixRow(StrictModel):
     val_loss: float | None = Field(None, ge=0, allow_inf_nan=False,
                                    description="LM: held-out background text loss (what the "
                                    "other data may lose).")
+    test_accuracy_sd: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                           description="Sample sd of the accuracy over seeds.")
+    seeds: int | None = Field(None, ge=1, description="How many seeds the row's means are over.")
+    learned_seeds: int | None = Field(None, ge=0, description="How many of them learned it.")
+    flops: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                description="Training compute (6 N T); shown relative to the "
+                                "first row.")
     learned: bool | None = Field(None, description="The fix flow's verdict, if it gives one.")
     tasks_learned: list[str] | None = Field(
         None, description="Every task this row's model learns (not only the rare one).")

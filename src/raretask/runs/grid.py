@@ -347,13 +347,28 @@ class GridRun:
         except (OSError, yaml.YAMLError, AttributeError):
             return
         kind = "cuda" if profile.device.startswith("cuda") else "cpu"
+        groups = self.groups
         if before and before.split(":")[0] != kind and any(
                 (self._group_dir(g) / "summary.json").exists()
-                or self.study.has_checkpoint(self._group_dir(g)) for g in self.groups):
+                or self.study.has_checkpoint(self._group_dir(g)) for g in groups) and any(
+                not self.is_done(g) for g in groups):  # a finished grid resumes nothing
             message = (f"warning: {self.out} was run on {before} and resumes on "
                        f"{profile.device}; its numbers may differ from a run on either alone")
             self._log(message)
             print(message, file=sys.stderr)
+
+    def _merged(self) -> bool:
+        """The grid's merged tables are on disk, recorded and unchanged (a revisit of a finished
+        grid leaves them as they are: a new writer's bytes would change their recorded hash)."""
+        recorded = manifest.read(self.out)
+        if recorded is None or not all((self.out / n).exists() and n in recorded["files"]
+                                       for n in manifest.MERGED):
+            return False
+        try:
+            manifest.check_results(self.out)
+        except UserError:
+            return False
+        return True
 
     def _merge(self) -> None:
         """One metrics table and one summary for the whole grid, next to the per-group files."""
@@ -471,9 +486,11 @@ class GridRun:
                           f"{device}, {len(self.cells)} cells in {len(self.groups)} groups, "
                           f"{len(todo)} groups to run"
                           + (f", {world} processes ({mode})" if world > 1 else ""))
-                # after the start line: what the log says began is what profile.yaml records
-                store.write_text(self.out / "profile.yaml", yaml.safe_dump(
-                    self.resolved_profile.model_dump(), sort_keys=False))
+                # after the start line: what the log says began is what profile.yaml records;
+                # a visit that trains nothing keeps the profile of the run that did
+                if todo or not (self.out / "profile.yaml").exists():
+                    store.write_text(self.out / "profile.yaml", yaml.safe_dump(
+                        self.resolved_profile.model_dump(), sort_keys=False))
             if progress:
                 progress({"event": "start", "cells_total": len(self.cells),
                           "cells_done": self._cells_done(), "groups_todo": len(todo),
@@ -489,7 +506,8 @@ class GridRun:
                 missing = [g.name for g in self.groups if not self.is_done(g)]
                 if missing:  # a bug, not a user error: every rank offered every group
                     raise RuntimeError(f"groups not finished after all ranks stopped: {missing}")
-                self._merge()
+                if todo or not self._merged():  # nothing trained: the merged tables stand
+                    self._merge()
                 shutil.rmtree(self.out / ".claims", ignore_errors=True)
                 self._log("grid complete")
 
