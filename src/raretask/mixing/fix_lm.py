@@ -206,7 +206,7 @@ def fix_lm_table(arms: list[dict], title: str, plan=None,
     big = next((a for a in arms if a["arm"] == "big"), None)
     table = Table(title=f"{title}: the fix on a language model ({len(base['seeds'])} seed"
                   f"{'s' if len(base['seeds']) > 1 else ''})", box=box.SIMPLE_HEAD,
-                  pad_edge=False, padding=(0, 1), collapse_padding=True)
+                  pad_edge=False, padding=0)  # the box's separator is the one space between columns
     for c in ("arm", "model", "rate/tok", "arrives", "learned", "test acc", "text L", "change",
               "compute"):  # fold, never cut: every digit stays readable at 80 columns
         table.add_column(c, justify="left" if c in ("arm", "arrives") else "right",
