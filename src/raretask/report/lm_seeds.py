@@ -212,7 +212,7 @@ def summary_tables(run_dir: str | Path) -> list:
     t1 = Table(title=f"{run_dir}: final values over seeds (mean +- sd)", box=box.SIMPLE_HEAD)
     for c in ("task", "size", "freq/tok", "schedule", "seeds", "test acc", "task L",
               "held-out task L", "val L", "learned"):
-        t1.add_column(c, justify="right", no_wrap=True)
+        t1.add_column(c, justify="right", overflow="fold")  # never cut a number
     for c in settings:
         flag = f"{c.n_learned}/{len(c.seeds)}" + (" disagree" if c.disagree else "")
         t1.add_row(c.task, c.size, f"{c.frequency:.3g}", c.schedule, str(len(c.seeds)),
@@ -220,7 +220,7 @@ def summary_tables(run_dir: str | Path) -> list:
                    c.text("val_loss"), flag)
     t2 = Table(title="lowest learned frequency per size (boundary bracket)", box=box.SIMPLE_HEAD)
     for c in ("task", "size", "schedule", "lowest learned", "monotone"):
-        t2.add_column(c, justify="right", no_wrap=True)
+        t2.add_column(c, justify="right", overflow="fold")  # never cut a number
     for b in learned_boundaries(settings):
         t2.add_row(b.task, b.size, b.schedule, b.text(), "yes" if b.monotone else "no")
     tables = [t1, t2]
@@ -229,7 +229,7 @@ def summary_tables(run_dir: str | Path) -> list:
         t3 = Table(title="retention around injections (task loss; per seed mean over windows, "
                    "then mean +- sd over seeds)", box=box.SIMPLE_HEAD)
         for c in ("size", "every", "seeds", "windows", "drop", "rebound", "kept"):
-            t3.add_column(c, justify="right", no_wrap=True)
+            t3.add_column(c, justify="right", overflow="fold")  # never cut a number
 
         def ms(pair):
             m, s = pair
