@@ -94,3 +94,20 @@ def test_grokking_panels_show_train_and_test_accuracy_per_add_cell():
     plt.close(fig)
     fig9_rows = json.loads((FIG9 / "summary.json").read_text())
     assert figures.lm_grokking_figure(fig9_rows, load_metrics(FIG9), {}, "cmp") is None
+
+
+def test_fig9_cosines_over_seeds_match_results_md(fig9):
+    """The report's Fig. 9 table over seeds: per size the mean of the 3 seeds' means from step
+    512 (a quarter of 2,047) with a 95% t-interval; the numbers RESULTS.md states."""
+    from raretask.report.analysis import lm_cosine_over_seeds
+
+    rows, cells, m = fig9
+    got = {o.setting["size"]: o for o in lm_cosine_over_seeds(m, rows, cells)}
+    assert list(got) == ["tiny", "4m", "20m"]
+    assert {o.seeds for o in got.values()} == {3} and {o.from_step for o in got.values()} == {512}
+    assert [got[s].text("cos_gnt_gr") for s in got] == [
+        "-0.083 ± 0.036", "-0.068 ± 0.054", "-0.061 ± 0.009"]
+    assert [got[s].text("cos_gt_gr") for s in got] == [
+        "+0.790 ± 0.045", "+0.646 ± 0.279", "+0.543 ± 0.030"]
+    one_seed = [r for r in rows if cells[r["cell"]]["seed"] == 0]
+    assert lm_cosine_over_seeds(m, one_seed, cells) == []  # no interval from one seed

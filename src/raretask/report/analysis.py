@@ -213,3 +213,64 @@ def lm_cosine_stats(m: dict[str, np.ndarray], cells: list[int]) -> list[CosineSt
         if n:
             out.append(CosineStats(cell=c, evaluations=n, **vals))
     return out
+
+
+COSINES = (("cos_g_gr", "cos(g, g_r)"), ("cos_gt_gr", "cos(g_t, g_r)"),
+           ("cos_gnt_gr", "cos(g_nt, g_r)"))
+
+
+@dataclass(frozen=True)
+class CosineOverSeeds:
+    """One setting's gradient cosines over its seeds: per cosine, the mean over seeds of each
+    seed's mean over its evaluations from ``from_step`` on, and the half-width of the 95%
+    t-interval of that mean (n - 1 degrees of freedom)."""
+
+    setting: dict
+    seeds: int
+    from_step: int
+    mean: dict[str, float]
+    half_width: dict[str, float]
+
+    def text(self, metric: str) -> str:
+        return f"{self.mean[metric]:+.3f} ± {self.half_width[metric]:.3f}"
+
+
+def lm_cosine_over_seeds(m: dict[str, np.ndarray], rows: list[dict],
+                         cells: dict[int, dict]) -> list[CosineOverSeeds]:
+    """Fig. 9 over seeds: the runs that recorded ``cos_g_gr``, grouped by every cell field but
+    the seed; settings with two or more seeds. The first quarter of a run (its transient) is
+    left out: a seed's mean is over the evaluations from step ``steps / 4`` on."""
+    from scipy import stats
+
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        fields = {k: v for k, v in cells.get(r["cell"], {}).items()
+                  if k not in ("cell", "group", "seed")}
+        groups[repr(sorted(fields.items()))].append(r)
+    out = []
+    for rs in groups.values():
+        from_step = int(np.ceil(rs[0]["steps"] / 4))
+        per_seed: dict[str, list[float]] = defaultdict(list)
+        for r in rs:
+            for metric, _ in COSINES:
+                steps, v = metric_series(m, r["cell"], metric)
+                v = v[(steps >= from_step) & np.isfinite(v)]
+                if v.size:
+                    per_seed[metric].append(float(v.mean()))
+        if len(per_seed.get("cos_g_gr", [])) < 2:
+            continue
+        mean, half = {}, {}
+        for metric, vals in per_seed.items():
+            a = np.array(vals)
+            mean[metric] = float(a.mean())
+            half[metric] = float(stats.t.ppf(0.975, a.size - 1) * a.std(ddof=1)
+                                 / np.sqrt(a.size))
+        c = cells.get(rs[0]["cell"], {})
+        out.append(CosineOverSeeds({"size": rs[0]["size"], "task": rs[0]["task"],
+                                    "frequency": rs[0]["frequency"],
+                                    "schedule": rs[0]["schedule"], **c},
+                                   len(per_seed["cos_g_gr"]), from_step, mean, half))
+    out.sort(key=lambda x: (x.setting["task"], min(r["params"] for r in rows
+                                                   if r["size"] == x.setting["size"])))
+    return out
+

@@ -449,6 +449,19 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
                   f"{_f(s.gt_mean, '+.3f')} +- {_f(s.gt_sd, '.3f')}",
                   f"{_f(s.gnt_mean, '+.3f')} +- {_f(s.gnt_sd, '.3f')}"] for s in stats],
                 f"cosines-{i}"))
+        over_seeds = analysis.lm_cosine_over_seeds(m, rows, run.cells)
+        if over_seeds:
+            retention.tables.append(Table(
+                f"{run.name}: gradient cosines over seeds, mean and 95% interval (t, n - 1 "
+                "degrees of freedom) of the seeds' means over their evaluations from a quarter "
+                "of the run on (the paper quotes cos(g_nt, g_r) 0.10 +- 0.09 at 20M, ~0 at 1B; "
+                "its sign convention may be the opposite of ours, docs/lm_study.md)",
+                ["size", "task", "freq/tok", "schedule", "seeds", "from step"]
+                + [label for _, label in analysis.COSINES],
+                [[o.setting["size"], o.setting["task"], f"{o.setting['frequency']:.2e}",
+                  o.setting["schedule"], str(o.seeds), str(o.from_step)]
+                 + [o.text(metric) for metric, _ in analysis.COSINES] for o in over_seeds],
+                f"cosines-seeds-{i}"))
     if runs:
         if not order.figures:
             order.empty = ("The language-model runs logged no test accuracy over training.")
