@@ -209,16 +209,23 @@ def summary_tables(run_dir: str | Path) -> list:
     rows = json.loads((run_dir / "summary.json").read_text())
     cells = {c["cell"]: c for c in json.loads((run_dir / "cells.json").read_text())}
     settings = seed_cells(rows, cells)
-    t1 = Table(title=f"{run_dir}: final values over seeds (mean +- sd)", box=box.SIMPLE_HEAD)
-    for c in ("task", "size", "freq/tok", "schedule", "seeds", "test acc", "task L",
-              "held-out task L", "val L", "learned"):
-        t1.add_column(c, justify="right", overflow="fold")  # never cut a number
+    def pm(text: str) -> str:  # 'mean±sd': 80 columns hold the table without folding numbers
+        return text.replace(" +- ", "±")
+
+    t1 = Table(title=f"{run_dir}: final values over seeds (mean ± sd)", box=box.SIMPLE_HEAD,
+               padding=0)
+    # words wrap, a number stays whole; "learned" says how many of how many seeds
+    for c in ("task", "size", "freq/tok", "schedule", "test acc", "task L", "held-out L",
+              "val L", "learned"):
+        t1.add_column(c, justify="right", overflow="fold",
+                      no_wrap=c in ("freq/tok", "test acc", "task L", "held-out L", "val L"))
     for c in settings:
         flag = f"{c.n_learned}/{len(c.seeds)}" + (" disagree" if c.disagree else "")
-        t1.add_row(c.task, c.size, f"{c.frequency:.3g}", c.schedule, str(len(c.seeds)),
-                   c.text("test_accuracy"), c.text("task_loss"), c.text("task_test_loss"),
-                   c.text("val_loss"), flag)
-    t2 = Table(title="lowest learned frequency per size (boundary bracket)", box=box.SIMPLE_HEAD)
+        t1.add_row(c.task, c.size, f"{c.frequency:.2e}", c.schedule,
+                   pm(c.text("test_accuracy")), pm(c.text("task_loss")),
+                   pm(c.text("task_test_loss")), pm(c.text("val_loss")), flag)
+    t2 = Table(title="lowest learned frequency per size (boundary bracket)", box=box.SIMPLE_HEAD,
+               padding=0)
     for c in ("task", "size", "schedule", "lowest learned", "monotone"):
         t2.add_column(c, justify="right", overflow="fold")  # never cut a number
     for b in learned_boundaries(settings):
@@ -227,13 +234,13 @@ def summary_tables(run_dir: str | Path) -> list:
     lines = retention_by_size(run_windows(load_metrics(run_dir), rows, cells), rows, cells)
     if lines:
         t3 = Table(title="retention around injections (task loss; per seed mean over windows, "
-                   "then mean +- sd over seeds)", box=box.SIMPLE_HEAD)
+                   "then mean ± sd over seeds)", box=box.SIMPLE_HEAD, padding=0)
         for c in ("size", "every", "seeds", "windows", "drop", "rebound", "kept"):
             t3.add_column(c, justify="right", overflow="fold")  # never cut a number
 
         def ms(pair):
             m, s = pair
-            return "-" if m is None else (f"{m:.3f}" if s is None else f"{m:.3f} +- {s:.3f}")
+            return "-" if m is None else (f"{m:.3f}" if s is None else f"{m:.3f}±{s:.3f}")
 
         for ln in lines:
             t3.add_row(ln.size, str(ln.every), str(ln.seeds), str(ln.windows), ms(ln.drop),
