@@ -35,11 +35,10 @@ from raretask.theory import DEFAULT_FREQUENT_MASS, TaskSet
 
 PositiveFinite = Field(gt=0, allow_inf_nan=False)
 
-
-
 FixArm = Literal["natural", "plan", "even", "burst", "big"]
 """The fix's arms, shared by the toy and LM cells (raretask.mixing.fix, raretask.mixing.fix_lm)."""
 FIX_ARMS: tuple[str, ...] = get_args(FixArm)
+
 
 class TaskSpec(StrictModel):
     """One task: a frequency (or a count) and a spectrum (alpha + features, or eigenvalues)."""

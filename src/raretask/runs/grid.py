@@ -347,28 +347,21 @@ class GridRun:
         except (OSError, yaml.YAMLError, AttributeError):
             return
         kind = "cuda" if profile.device.startswith("cuda") else "cpu"
-        groups = self.groups
-        if before and before.split(":")[0] != kind and any(
-                (self._group_dir(g) / "summary.json").exists()
-                or self.study.has_checkpoint(self._group_dir(g)) for g in groups) and any(
-                not self.is_done(g) for g in groups):  # a finished grid resumes nothing
+        started = any(self.is_done(g) or self.study.has_checkpoint(self._group_dir(g))
+                      for g in self.groups)
+        unfinished = not all(self.is_done(g) for g in self.groups)  # else it resumes nothing
+        if before and before.split(":")[0] != kind and started and unfinished:
             message = (f"warning: {self.out} was run on {before} and resumes on "
                        f"{profile.device}; its numbers may differ from a run on either alone")
             self._log(message)
             print(message, file=sys.stderr)
 
     def _merged(self) -> bool:
-        """The grid's merged tables are on disk, recorded and unchanged (a revisit of a finished
-        grid leaves them as they are: a new writer's bytes would change their recorded hash)."""
-        recorded = manifest.read(self.out)
-        if recorded is None or not all((self.out / n).exists() and n in recorded["files"]
-                                       for n in manifest.MERGED):
-            return False
-        try:
-            manifest.check_results(self.out)
-        except UserError:
-            return False
-        return True
+        """The grid's merged tables are on disk and recorded. Whether they are unchanged was
+        checked at the start (:meth:`_recheck_results` removes a damaged one and its record),
+        so a revisit of a finished grid leaves them as they are, hashes included."""
+        return all((self.out / n).exists() and n in self.manifest["files"]
+                   for n in manifest.MERGED)
 
     def _merge(self) -> None:
         """One metrics table and one summary for the whole grid, next to the per-group files."""
