@@ -94,6 +94,13 @@ def test_grokking_panels_show_train_and_test_accuracy_per_add_cell():
     plt.close(fig)
     fig9_rows = json.loads((FIG9 / "summary.json").read_text())
     assert figures.lm_grokking_figure(fig9_rows, load_metrics(FIG9), {}, "cmp") is None
+    # the heatmap keeps the weight decays apart: a row each, no seeds that "disagree"
+    heat = figures.lm_heatmap_figure(rows, cells, "grok").axes[0]
+    assert [t.get_text() for t in heat.get_yticklabels()] == [
+        "4m, weight_decay 0.1", "4m, weight_decay 1.0", "20m, weight_decay 0.1",
+        "20m, weight_decay 1.0"]
+    assert [t.get_text() for t in heat.texts] == ["0.276", "0.680", "0.963", "0.128"]
+    plt.close("all")
 
 
 def test_fig9_cosines_over_seeds_match_results_md(fig9):

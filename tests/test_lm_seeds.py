@@ -11,6 +11,7 @@ import pytest
 from raretask.report.lm_seeds import (
     learned_boundaries,
     learned_threshold,
+    other_text,
     schedule_family,
     seed_cells,
     seed_learned,
@@ -43,6 +44,22 @@ def test_fig9_three_seeds_mean_and_sd_pinned():
     assert m4.text("val_loss", ".4f") == "3.9787 +- 0.0038"
     assert [c.learned_seeds for c in settings] == [(False,) * 3, (True,) * 3, (True,) * 3]
     assert not any(c.disagree for c in settings)
+
+
+def test_cells_apart_in_another_field_are_settings_not_seeds():
+    """The T_ADD run varies weight decay at one frequency: each (size, weight decay) is its own
+    setting of one seed, not two seeds that disagree; boundaries and labels say which."""
+    settings = seed_cells(*load("fig5_lm_add_grok_20m_4m"))
+    assert [(c.size, c.other, len(c.seeds)) for c in settings] == [
+        ("4m", (("weight_decay", 0.1),), 1), ("4m", (("weight_decay", 1.0),), 1),
+        ("20m", (("weight_decay", 0.1),), 1), ("20m", (("weight_decay", 1.0),), 1)]
+    assert not any(c.disagree for c in settings)
+    assert [round(c.mean["test_accuracy"], 3) for c in settings] == [0.276, 0.68, 0.963, 0.128]
+    bounds = learned_boundaries(settings)
+    assert [(b.size, other_text(b.other)) for b in bounds] == [
+        ("4m", "weight_decay 0.1"), ("4m", "weight_decay 1.0"),
+        ("20m", "weight_decay 0.1"), ("20m", "weight_decay 1.0")]
+    assert seed_cells(*load("fig9_lm_gradients"))[0].other == ()  # only seeds and sizes vary
 
 
 def test_fig9_boundaries_one_frequency_brackets_open_ends():

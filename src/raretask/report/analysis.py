@@ -237,23 +237,21 @@ class CosineOverSeeds:
 
 def lm_cosine_over_seeds(m: dict[str, np.ndarray], rows: list[dict],
                          cells: dict[int, dict]) -> list[CosineOverSeeds]:
-    """Fig. 9 over seeds: the runs that recorded ``cos_g_gr``, grouped by every cell field but
-    the seed; settings with two or more seeds. The first quarter of a run (its transient) is
-    left out: a seed's mean is over the evaluations from step ``steps / 4`` on."""
+    """Fig. 9 over seeds: the settings of :func:`raretask.report.lm_seeds.seed_cells` with two
+    or more seeds that recorded ``cos_g_gr``. The first quarter of a run (its transient) is left
+    out: a seed's mean is over the evaluations from step ``steps / 4`` on."""
     from scipy import stats
 
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        fields = {k: v for k, v in cells.get(r["cell"], {}).items()
-                  if k not in ("cell", "group", "seed")}
-        groups[repr(sorted(fields.items()))].append(r)
+    from raretask.report.lm_seeds import other_text, seed_cells
+
+    steps_of = {r["cell"]: r["steps"] for r in rows}
     out = []
-    for rs in groups.values():
-        from_step = int(np.ceil(rs[0]["steps"] / 4))
+    for c in seed_cells(rows, cells):
+        from_step = int(np.ceil(steps_of[c.cells[0]] / 4))
         per_seed: dict[str, list[float]] = defaultdict(list)
-        for r in rs:
+        for cell in c.cells:
             for metric, _ in COSINES:
-                steps, v = metric_series(m, r["cell"], metric)
+                steps, v = metric_series(m, cell, metric)
                 v = v[(steps >= from_step) & np.isfinite(v)]
                 if v.size:
                     per_seed[metric].append(float(v.mean()))
@@ -265,12 +263,7 @@ def lm_cosine_over_seeds(m: dict[str, np.ndarray], rows: list[dict],
             mean[metric] = float(a.mean())
             half[metric] = float(stats.t.ppf(0.975, a.size - 1) * a.std(ddof=1)
                                  / np.sqrt(a.size))
-        c = cells.get(rs[0]["cell"], {})
-        out.append(CosineOverSeeds({"size": rs[0]["size"], "task": rs[0]["task"],
-                                    "frequency": rs[0]["frequency"],
-                                    "schedule": rs[0]["schedule"], **c},
+        out.append(CosineOverSeeds({"size": c.size, "task": c.task, "frequency": c.frequency,
+                                    "schedule": c.schedule, "other": other_text(c.other)},
                                    len(per_seed["cos_g_gr"]), from_step, mean, half))
-    out.sort(key=lambda x: (x.setting["task"], min(r["params"] for r in rows
-                                                   if r["size"] == x.setting["size"])))
     return out
-

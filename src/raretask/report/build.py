@@ -459,7 +459,8 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
                 ["size", "task", "freq/tok", "schedule", "seeds", "from step"]
                 + [label for _, label in analysis.COSINES],
                 [[o.setting["size"], o.setting["task"], f"{o.setting['frequency']:.2e}",
-                  o.setting["schedule"], str(o.seeds), str(o.from_step)]
+                  ", ".join(filter(None, (o.setting["schedule"], o.setting["other"]))),
+                  str(o.seeds), str(o.from_step)]
                  + [o.text(metric) for metric, _ in analysis.COSINES] for o in over_seeds],
                 f"cosines-seeds-{i}"))
     if runs:

@@ -12,7 +12,6 @@ functions return a matplotlib Figure (or None when the data cannot make one) and
 from __future__ import annotations
 
 import io
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -378,17 +377,25 @@ def lm_heatmap_figure(rows: list[dict], cells: dict[int, dict], title: str):
     the task, some did not: :func:`raretask.lm.verdict.lm_verdict`) is outlined in red and its
     value starred."""
     from raretask.lm.verdict import seed_learned
+    from raretask.report.lm_seeds import other_text, seed_cells
 
     rows = [r for r in rows if r["task"] != "none"]
     tasks = sorted({r["task"] for r in rows})
     if not tasks:
         return None
+    # a heatmap row is a size and whatever else sets cells apart (weight decay...): cells that
+    # differ there are not seeds of one value
+    other_of = {i: c.other for c in seed_cells(rows, cells) for i in c.cells}
+
+    def row_key(r):
+        return r["size"], other_of.get(r["cell"], ())
+
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 1.4 + 1.1 * len(tasks) * max(
         2, len({r["size"] for r in rows})) / 2 + 1.2), squeeze=False)
     for ti, task in enumerate(tasks):
         rs = [r for r in rows if r["task"] == task]
-        sizes = sorted({r["size"] for r in rs}, key=lambda s: min(r["params"] for r in rs
-                                                                  if r["size"] == s))
+        sizes = sorted({row_key(r) for r in rs}, key=lambda k: (
+            min(r["params"] for r in rs if r["size"] == k[0]), repr(k[1])))
         cols = _lm_columns(rs, cells)
         for pi, (metric, fmt, cmap, vmin, vmax) in enumerate((
                 ("test_accuracy", "{:.3f}", "viridis", 0.0, 1.0),
@@ -399,7 +406,7 @@ def lm_heatmap_figure(rows: list[dict], cells: dict[int, dict], title: str):
             disagree = np.zeros(mat.shape, dtype=bool)
             for si, s in enumerate(sizes):
                 for ci, col in enumerate(cols):
-                    here = [r for r in rs if r["size"] == s and _lm_key(r, cells) == col]
+                    here = [r for r in rs if row_key(r) == s and _lm_key(r, cells) == col]
                     v = [r[metric] for r in here if r[metric] is not None]
                     if v:
                         mat[si, ci] = float(np.mean(v))
@@ -421,7 +428,8 @@ def lm_heatmap_figure(rows: list[dict], cells: dict[int, dict], title: str):
                         ax.add_patch(plt.Rectangle((ci - 0.47, si - 0.47), 0.94, 0.94,
                                                    fill=False, ec="red", lw=1.6))
             ax.set_xticks(range(len(cols)), [f"{f:.2e}\n{s}" for f, s in cols], fontsize=6)
-            ax.set_yticks(range(len(sizes)), sizes, fontsize=8)
+            ax.set_yticks(range(len(sizes)), [", ".join(filter(None, (s, other_text(o))))
+                                              for s, o in sizes], fontsize=8)
             ax.set_xlabel("frequency (instances per token) and schedule", fontsize=8)
             ax.set_ylabel("model size", fontsize=8)
             what = "test accuracy" if pi == 0 else "task loss"
@@ -551,27 +559,19 @@ def lm_retention_figure(rows, m, title: str):
                                            ("task_test_loss", "held-out task loss")], title)
 
 
-def _varying_fields(cells: dict[int, dict], ids: list[int]) -> list[str]:
-    """The cell fields (other than ids, seed and the derived ones) whose values differ among
-    ``ids``: what tells the cells apart in a label."""
-    skip = {"cell", "group", "seed"}
-    fields = {k for i in ids for k in cells.get(i, {})} - skip
-    return sorted(k for k in fields
-                  if len({json.dumps(cells.get(i, {}).get(k), sort_keys=True) for i in ids}) > 1)
-
-
 def lm_grokking_figure(rows, m, cells: dict[int, dict], title: str, max_panels: int = 12):
     """Grokking curves: train and test accuracy over training, one panel per T_ADD cell (first
     ``max_panels``), titled by the fields that differ between the cells (size, weight decay...);
     None unless a T_ADD cell recorded both. Memorisation is the train curve rising alone;
     grokking, the test curve following it later."""
     from raretask.report.analysis import metric_series
+    from raretask.report.lm_seeds import varying_fields  # lm_seeds loads torch: only here
 
     add = [r for r in rows if r["task"] == "add" and _has(m, r["cell"], "train_accuracy")
            and _has(m, r["cell"], "test_accuracy")][:max_panels]
     if not add:
         return None
-    vary = _varying_fields(cells, [r["cell"] for r in add])
+    vary = varying_fields([cells.get(r["cell"], {}) for r in add])
     ncol = min(4, len(add))
     nrow = -(-len(add) // ncol)
     fig, axes = plt.subplots(nrow, ncol, squeeze=False, figsize=(3.4 * ncol, 2.7 * nrow),
@@ -611,16 +611,13 @@ def lm_cosine_figure(rows, m, title: str):
 
 
 def _seed_settings(rows: list[dict], cells: dict[int, dict] | None = None):
-    """{(task, params, size, schedule, frequency): [rows of its seeds]} (report.lm_seeds keys)."""
-    from raretask.report.lm_seeds import nominal_frequency, schedule_family
+    """{(task, params, size, schedule, frequency, other): [rows of its seeds]}: the settings of
+    :func:`raretask.report.lm_seeds.seed_cells`, in its order."""
+    from raretask.report.lm_seeds import seed_cells
 
-    out: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
-        if r.get("task", "none") == "none":
-            continue
-        out[(r["task"], r["params"], r["size"], schedule_family(r, cells),
-             nominal_frequency(r, cells))].append(r)
-    return dict(sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3], -kv[0][4])))
+    by_cell = {r["cell"]: r for r in rows}
+    return {(c.task, c.params, c.size, c.schedule, c.frequency, c.other):
+            [by_cell[i] for i in c.cells] for c in seed_cells(rows, cells)}
 
 
 def _seed_mean_series(m, seed_rows: list[dict], metric: str):
@@ -644,6 +641,8 @@ def lm_seed_band_figure(rows, m, metrics: list[tuple[str, str]], title: str, zer
                         cells: dict[int, dict] | None = None):
     """One panel per (task, metric): per setting (size, frequency, schedule) the seed mean with
     a +- sd band; colour = size, line style = frequency/schedule; legend outside the axes."""
+    from raretask.report.lm_seeds import other_text
+
     settings = _seed_settings(rows, cells)
     tasks = sorted({k[0] for k in settings})
     layout = [[(metric, label, t) for metric, label in metrics
@@ -656,19 +655,21 @@ def lm_seed_band_figure(rows, m, metrics: list[tuple[str, str]], title: str, zer
     sizes = sorted({(k[1], k[2]) for k in settings})
     colours = {s: plt.get_cmap("viridis")(0.9 * i / max(len(sizes) - 1, 1))
                for i, (_, s) in enumerate(sizes)}
-    variants = sorted({(k[3], k[4]) for k in settings}, key=lambda v: (v[0], -v[1]))
+    variants = sorted({(k[3], k[4], k[5]) for k in settings},
+                      key=lambda v: (v[0], -v[1], repr(v[2])))
     styles = ["-", "--", ":", "-."]
     handles: dict[str, object] = {}
     for ax, metric, _label, task in panels:
-        for (t, _, size, sched, freq), seed_rows in settings.items():
+        for (t, _, size, sched, freq, other), seed_rows in settings.items():
             if t != task:
                 continue
             got = _seed_mean_series(m, seed_rows, metric)
             if got is None:
                 continue
             steps, mean, sd = got
-            style = styles[variants.index((sched, freq)) % len(styles)]
-            name = f"{size}, {freq:.2e} {sched}, {len(seed_rows)} seed" + (
+            style = styles[variants.index((sched, freq, other)) % len(styles)]
+            also = f", {other_text(other)}" if other else ""
+            name = f"{size}, {freq:.2e} {sched}{also}, {len(seed_rows)} seed" + (
                 "s" if len(seed_rows) > 1 else "")
             (line,) = ax.plot(steps, mean, style, color=colours[size], lw=1.3)
             ax.fill_between(steps, mean - sd, mean + sd, color=colours[size], alpha=0.2, lw=0)

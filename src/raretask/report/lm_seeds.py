@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -50,6 +51,22 @@ def nominal_frequency(row: dict, cells: dict[int, dict] | None = None) -> float:
     from raretask.lm.config import requested_rate
 
     return float(f"{requested_rate((cells or {}).get(row['cell'], {}), row):.4g}")
+
+
+IDENTITY = frozenset({"cell", "group", "seed"})
+"""Cell fields that tell seeds of one setting apart (or name the cell), not the setting."""
+SHOWN = frozenset({"task", "size", "rate", "every", "delivery",
+                   "frequency", "instances", "mode"})  # the last three: before the rename
+"""Fields a setting's row already shows (as task, size, frequency and schedule), under their
+names today and in run directories made before issue 21's vocabulary."""
+
+
+def varying_fields(fields: Sequence[dict]) -> list[str]:
+    """The keys whose values differ among the field dicts ``fields`` (cells.json entries),
+    identity fields left out: what tells those cells apart in a label."""
+    keys = {k for f in fields for k in f} - IDENTITY
+    return sorted(k for k in keys
+                  if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in fields}) > 1)
 
 
 def schedule_family(row: dict, cells: dict[int, dict] | None = None) -> str:
@@ -85,6 +102,9 @@ class SeedCell:
     """Per metric: sample sd (ddof 1) over those seeds; None with fewer than two."""
     learned_seeds: tuple[bool, ...]
     """:func:`seed_learned` per seed, in ``seeds`` order."""
+    other: tuple[tuple[str, object], ...] = ()
+    """The setting's other fields that differ between the run's settings (weight decay, lr...):
+    two settings that differ only there are not seeds of one another."""
 
     @property
     def n_learned(self) -> int:
@@ -126,14 +146,19 @@ def seed_cells(rows: list[dict], cells: dict[int, dict] | None = None,
     and schedule; without it they come from the rows. Rows of ``task: none`` are skipped.
     Settings come back ordered by task, size (parameters), schedule, frequency (descending).
     """
+    cells = cells or {}
+    rows = [r for r in rows if r.get("task", "none") != "none"]
+    setting = {r["cell"]: {k: v for k, v in cells.get(r["cell"], {}).items()
+                           if k not in IDENTITY} for r in rows}
+    other_keys = [k for k in varying_fields(list(setting.values())) if k not in SHOWN]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        if r.get("task", "none") == "none":
-            continue
-        key = (r["task"], r["size"], schedule_family(r, cells), nominal_frequency(r, cells))
+        other = tuple((k, setting[r["cell"]].get(k)) for k in other_keys)
+        key = (r["task"], r["size"], schedule_family(r, cells), nominal_frequency(r, cells),
+               other)
         groups[key].append(r)
     out = []
-    for (task, size, sched, freq), rs in groups.items():
+    for (task, size, sched, freq, other), rs in groups.items():
         rs = sorted(rs, key=lambda r: (r.get("seed", 0), r["cell"]))
         mean, sd = {}, {}
         for metric in metrics:
@@ -143,8 +168,9 @@ def seed_cells(rows: list[dict], cells: dict[int, dict] | None = None,
         out.append(SeedCell(
             size=size, params=int(rs[0]["params"]), task=task, frequency=freq, schedule=sched,
             seeds=tuple(int(r.get("seed", 0)) for r in rs), cells=tuple(r["cell"] for r in rs),
-            mean=mean, sd=sd, learned_seeds=tuple(seed_learned(r) for r in rs)))
-    return sorted(out, key=lambda c: (c.task, c.params, c.size, c.schedule, -c.frequency))
+            mean=mean, sd=sd, learned_seeds=tuple(seed_learned(r) for r in rs), other=other))
+    return sorted(out, key=lambda c: (c.task, c.params, c.size, c.schedule,
+                                      json.dumps(c.other, default=str), -c.frequency))
 
 
 @dataclass(frozen=True)
@@ -163,6 +189,8 @@ class Boundary:
     """Every tested frequency above ``lowest_learned`` is learned too."""
     frequencies: tuple[float, ...]
     """The tested frequencies, ascending."""
+    other: tuple[tuple[str, object], ...] = ()
+    """:attr:`SeedCell.other` of the settings it is over."""
 
     def text(self) -> str:
         lo, hi = self.bracket
@@ -177,28 +205,34 @@ def learned_boundaries(settings: list[SeedCell]) -> list[Boundary]:
     """Per (task, size, schedule): the lowest learned frequency and its bracket."""
     groups: dict[tuple, list[SeedCell]] = defaultdict(list)
     for c in settings:
-        groups[(c.task, c.params, c.size, c.schedule)].append(c)
+        groups[(c.task, c.params, c.size, c.schedule, c.other)].append(c)
     out = []
-    for (task, params, size, sched), cs in sorted(groups.items()):
+    for (task, params, size, sched, other), cs in sorted(
+            groups.items(), key=lambda kv: (*kv[0][:4], json.dumps(kv[0][4], default=str))):
         cs = sorted(cs, key=lambda c: c.frequency)
         freqs = tuple(c.frequency for c in cs)
         learned = [i for i, c in enumerate(cs) if c.learned]
         if not learned:
-            out.append(Boundary(size, params, task, sched, None, (freqs[-1], None), True, freqs))
+            out.append(Boundary(size, params, task, sched, None, (freqs[-1], None), True, freqs,
+                                other))
             continue
         i = learned[0]
         lo = freqs[i - 1] if i > 0 else None
         monotone = all(c.learned for c in cs[i:])
-        out.append(Boundary(size, params, task, sched, freqs[i], (lo, freqs[i]), monotone, freqs))
+        out.append(Boundary(size, params, task, sched, freqs[i], (lo, freqs[i]), monotone, freqs,
+                            other))
     return out
+
+
+def other_text(other: tuple[tuple[str, object], ...]) -> str:
+    """'weight_decay 0.1, lr 0.003' (empty when nothing else differs)."""
+    return ", ".join(f"{k} {v}" for k, v in other)
 
 
 def summary_tables(run_dir: str | Path) -> list:
     """rich Tables of an LM run directory: settings over seeds (mean +- sd, learned seeds,
     disagreement), the lowest learned frequency per size with its bracket, and, when the run
     traced injections (Fig. 8), drop / rebound / kept per size and gap."""
-    import json
-
     from rich import box
     from rich.table import Table
 
@@ -215,21 +249,24 @@ def summary_tables(run_dir: str | Path) -> list:
     t1 = Table(title=f"{run_dir}: final values over seeds (mean ± sd)", box=box.SIMPLE_HEAD,
                padding=0)
     # words wrap, a number stays whole; "learned" says how many of how many seeds
-    for c in ("task", "size", "freq/tok", "schedule", "test acc", "task L", "held-out L",
-              "val L", "learned"):
+    also = any(c.other for c in settings)  # settings apart in other fields (weight decay...)
+    for c in ("task", "size", "freq/tok", "schedule") + ("also",) * also + (
+            "test acc", "task L", "held-out L", "val L", "learned"):
         t1.add_column(c, justify="right", overflow="fold",
                       no_wrap=c in ("freq/tok", "test acc", "task L", "held-out L", "val L"))
     for c in settings:
         flag = f"{c.n_learned}/{len(c.seeds)}" + (" disagree" if c.disagree else "")
         t1.add_row(c.task, c.size, f"{c.frequency:.2e}", c.schedule,
+                   *([other_text(c.other)] if also else []),
                    pm(c.text("test_accuracy")), pm(c.text("task_loss")),
                    pm(c.text("task_test_loss")), pm(c.text("val_loss")), flag)
     t2 = Table(title="lowest learned frequency per size (boundary bracket)", box=box.SIMPLE_HEAD,
                padding=0)
-    for c in ("task", "size", "schedule", "lowest learned", "monotone"):
+    for c in ("task", "size", "schedule") + ("also",) * also + ("lowest learned", "monotone"):
         t2.add_column(c, justify="right", overflow="fold")  # never cut a number
     for b in learned_boundaries(settings):
-        t2.add_row(b.task, b.size, b.schedule, b.text(), "yes" if b.monotone else "no")
+        t2.add_row(b.task, b.size, b.schedule, *([other_text(b.other)] if also else []),
+                   b.text(), "yes" if b.monotone else "no")
     tables = [t1, t2]
     lines = retention_by_size(run_windows(load_metrics(run_dir), rows, cells), rows, cells)
     if lines:
@@ -270,10 +307,12 @@ __all__ = [
     "learned_boundaries",
     "learned_threshold",
     "nominal_frequency",
+    "other_text",
     "schedule_family",
     "seed_cells",
     "seed_learned",
     "summary_tables",
+    "varying_fields",
 ]
 
 
