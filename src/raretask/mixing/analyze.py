@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from raretask.errors import UserError
-from raretask.mixing.readers import check_task_names, field_names, read_records
+from raretask.mixing.readers import bad_field, check_task_names, field_names, read_records
 from raretask.mixing.rules import RuleSet
 from raretask.mixing.token_counts import BATCH, load_token_counter
 
@@ -131,8 +131,7 @@ def _check_loaded(a: Analysis, source: str) -> None:
     """An analysis read back must be one analyze could have written: every count an integer in
     range, shares in [0, 1], task names unique, token counts for every task or for none."""
     def bad(field: str, expected: str, got) -> UserError:
-        text = repr(got) if len(repr(got)) <= 40 else repr(got)[:37] + "..."
-        return UserError(f"{source}: {field}: expected {expected}, got {text}")
+        return bad_field(source, field, expected, got)
 
     in_range = f"an integer from 0 to {MAX_COUNT:,}"
     for name in ("tagging", "token_unit", "threshold"):

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from raretask.errors import UserError
-from raretask.mixing.readers import check_task_names
+from raretask.mixing.readers import bad_field, check_task_names
 
 MAX_ROUNDS = 100
 
@@ -180,8 +180,7 @@ def _check_loaded(plan: Plan, source: str) -> None:
     written in what its consumers use: the unit, unique task names, weights that are shares
     summing to 1, a budget, availability and caps that are finite numbers in range."""
     def bad(where: str, expected: str, got) -> UserError:
-        text = repr(got) if len(repr(got)) <= 40 else repr(got)[:37] + "..."
-        return UserError(f"{source}: {where}: expected {expected}, got {text}")
+        return bad_field(source, where, expected, got)
 
     if plan.unit not in ("examples", "tokens"):
         raise bad("unit", "'examples' or 'tokens'", plan.unit)

@@ -195,6 +195,13 @@ def _arrow(path: Path, fields: tuple[str, ...]) -> Iterator[Record]:
 _READERS = {"jsonl": _jsonl, "csv": _csv, "parquet": _parquet, "arrow": _arrow}
 
 
+def bad_field(source: str, field: str, expected: str, got) -> UserError:
+    """The one-line error for a value in a file read back: ``source: field: expected ..., got
+    ...`` (the value's repr cut to 40 characters: a hand-edited file may hold anything)."""
+    text = repr(got) if len(repr(got)) <= 40 else repr(got)[:37] + "..."
+    return UserError(f"{source}: {field}: expected {expected}, got {text}")
+
+
 def check_task_names(names, source: str) -> None:
     """Each entry of ``tasks`` in a file read back (analysis.json, plan.json) names a task, once:
     a one-line UserError naming the entry otherwise (a repeated name would be lost in the
@@ -202,8 +209,7 @@ def check_task_names(names, source: str) -> None:
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name:
-            text = repr(name) if len(repr(name)) <= 40 else repr(name)[:37] + "..."
-            raise UserError(f"{source}: tasks.{i}.task: expected a name, got {text}")
+            raise bad_field(source, f"tasks.{i}.task", "a name", name)
         if name in seen:
             raise UserError(f"{source}: tasks.{i}.task: {name!r} repeats tasks.{seen[name]}.task "
                             "(task names must be unique)")
