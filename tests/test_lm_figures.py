@@ -106,7 +106,7 @@ def test_grokking_panels_show_train_and_test_accuracy_per_add_cell():
 def test_fig9_cosines_over_seeds_match_results_md(fig9):
     """The report's Fig. 9 table over seeds: per size the mean of the 3 seeds' means from step
     512 (a quarter of 2,047) with a 95% t-interval; the numbers RESULTS.md states."""
-    from raretask.report.analysis import lm_cosine_over_seeds
+    from raretask.report.lm_seeds import lm_cosine_over_seeds
 
     rows, cells, m = fig9
     got = {o.setting["size"]: o for o in lm_cosine_over_seeds(m, rows, cells)}

@@ -449,7 +449,9 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
                   f"{_f(s.gt_mean, '+.3f')} +- {_f(s.gt_sd, '.3f')}",
                   f"{_f(s.gnt_mean, '+.3f')} +- {_f(s.gnt_sd, '.3f')}"] for s in stats],
                 f"cosines-{i}"))
-        over_seeds = analysis.lm_cosine_over_seeds(m, rows, run.cells)
+        from raretask.report.lm_seeds import COSINES, lm_cosine_over_seeds
+
+        over_seeds = lm_cosine_over_seeds(m, rows, run.cells)
         if over_seeds:
             retention.tables.append(Table(
                 f"{run.name}: gradient cosines over seeds, mean and 95% interval (t, n - 1 "
@@ -457,11 +459,11 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
                 "of the run on (the paper quotes cos(g_nt, g_r) 0.10 +- 0.09 at 20M, ~0 at 1B; "
                 "its sign convention may be the opposite of ours, docs/lm_study.md)",
                 ["size", "task", "freq/tok", "schedule", "seeds", "from step"]
-                + [label for _, label in analysis.COSINES],
+                + [label for _, label in COSINES],
                 [[o.setting["size"], o.setting["task"], f"{o.setting['frequency']:.2e}",
                   ", ".join(filter(None, (o.setting["schedule"], o.setting["other"]))),
                   str(o.seeds), str(o.from_step)]
-                 + [o.text(metric) for metric, _ in analysis.COSINES] for o in over_seeds],
+                 + [o.text(metric) for metric, _ in COSINES] for o in over_seeds],
                 f"cosines-seeds-{i}"))
     if runs:
         if not order.figures:

@@ -40,6 +40,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from raretask.lm.verdict import LEARNED_FRACTION, learned_threshold, seed_learned
 
 METRICS = ("test_accuracy", "train_accuracy", "task_loss", "task_test_loss", "val_loss")
@@ -229,6 +231,60 @@ def other_text(other: tuple[tuple[str, object], ...]) -> str:
     return ", ".join(f"{k} {v}" for k, v in other)
 
 
+COSINES = (("cos_g_gr", "cos(g, g_r)"), ("cos_gt_gr", "cos(g_t, g_r)"),
+           ("cos_gnt_gr", "cos(g_nt, g_r)"))
+
+
+@dataclass(frozen=True)
+class CosineOverSeeds:
+    """One setting's gradient cosines over its seeds: per cosine, the mean over seeds of each
+    seed's mean over its evaluations from ``from_step`` on, and the half-width of the 95%
+    t-interval of that mean (n - 1 degrees of freedom)."""
+
+    setting: dict
+    seeds: int
+    from_step: int
+    mean: dict[str, float]
+    half_width: dict[str, float]
+
+    def text(self, metric: str) -> str:
+        return f"{self.mean[metric]:+.3f} ± {self.half_width[metric]:.3f}"
+
+
+def lm_cosine_over_seeds(m: dict[str, np.ndarray], rows: list[dict],
+                         cells: dict[int, dict]) -> list[CosineOverSeeds]:
+    """Fig. 9 over seeds: the settings of :func:`raretask.report.lm_seeds.seed_cells` with two
+    or more seeds that recorded ``cos_g_gr``. The first quarter of a run (its transient) is left
+    out: a seed's mean is over the evaluations from step ``steps / 4`` on."""
+    from scipy import stats
+
+    from raretask.report.analysis import metric_series
+
+    steps_of = {r["cell"]: r["steps"] for r in rows}
+    out = []
+    for c in seed_cells(rows, cells):
+        from_step = int(np.ceil(steps_of[c.cells[0]] / 4))
+        per_seed: dict[str, list[float]] = defaultdict(list)
+        for cell in c.cells:
+            for metric, _ in COSINES:
+                steps, v = metric_series(m, cell, metric)
+                v = v[(steps >= from_step) & np.isfinite(v)]
+                if v.size:
+                    per_seed[metric].append(float(v.mean()))
+        if len(per_seed.get("cos_g_gr", [])) < 2:
+            continue
+        mean, half = {}, {}
+        for metric, vals in per_seed.items():
+            a = np.array(vals)
+            mean[metric] = float(a.mean())
+            half[metric] = float(stats.t.ppf(0.975, a.size - 1) * a.std(ddof=1)
+                                 / np.sqrt(a.size))
+        out.append(CosineOverSeeds({"size": c.size, "task": c.task, "frequency": c.frequency,
+                                    "schedule": c.schedule, "other": other_text(c.other)},
+                                   len(per_seed["cos_g_gr"]), from_step, mean, half))
+    return out
+
+
 def summary_tables(run_dir: str | Path) -> list:
     """rich Tables of an LM run directory: settings over seeds (mean +- sd, learned seeds,
     disagreement), the lowest learned frequency per size with its bracket, and, when the run
@@ -302,10 +358,13 @@ def main(argv: list[str] | None = None) -> None:
 __all__ = [
     "LEARNED_FRACTION",
     "METRICS",
+    "COSINES",
     "Boundary",
+    "CosineOverSeeds",
     "SeedCell",
     "learned_boundaries",
     "learned_threshold",
+    "lm_cosine_over_seeds",
     "nominal_frequency",
     "other_text",
     "schedule_family",
