@@ -137,3 +137,77 @@ def test_the_fix_is_an_ordinary_grid_and_an_old_fix_config_says_how(capsys, tmp_
     assert exc.value.code == 2 and len(err) == 1
     assert "kind: 'fix_toy' configs are now toy grids: write kind: toy with an 'arm' axis" \
         in err[0]
+
+
+# -- variants: one experiment as a union of products ---------------------------------------------
+VARIANTS = {"kind": "lm", "name": "both", "size": ["tiny"], "seed": [0, 1], "steps": 4,
+            "seq_len": 32, "vocab_size": 512,
+            "variants": [{"task": "cmp", "rate": [0.0078125, 0.00390625]},
+                         {"task": "add", "rate": 0.03125, "seq_len": 8,
+                          "weight_decay": [1.0, 0.1]}]}
+
+
+def test_variants_are_a_union_of_products_in_order():
+    cells = list(load_experiment(None, base=VARIANTS).cells())
+    assert [(c.task, c.rate, c.seq_len, c.weight_decay, c.seed) for c in cells] == [
+        ("cmp", 0.0078125, 32, 0.1, 0), ("cmp", 0.00390625, 32, 0.1, 0),
+        ("cmp", 0.0078125, 32, 0.1, 1), ("cmp", 0.00390625, 32, 0.1, 1),
+        # a variant's field over the top one (seq_len); its own axis last (weight decay fastest)
+        ("add", 0.03125, 8, 1.0, 0), ("add", 0.03125, 8, 0.1, 0),
+        ("add", 0.03125, 8, 1.0, 1), ("add", 0.03125, 8, 0.1, 1)]
+    assert all(c.steps == 4 for c in cells)
+
+
+def test_variants_resolve_to_a_config_that_numbers_the_cells_alike():
+    grid = load_experiment(None, base=VARIANTS)
+    resolved = grid.resolved()
+    # what every variant shares sits at the top; the rest, each axis included, per variant
+    assert resolved["steps"] == 4 and resolved["vocab_size"] == 512 and "task" not in resolved
+    assert [v["task"] for v in resolved["variants"]] == ["cmp", "add"]
+    assert resolved["variants"][1]["weight_decay"] == [1.0, 0.1]
+    again = load_experiment(None, base=resolved)
+    assert [c.model_dump() for c in again.cells()] == [c.model_dump() for c in grid.cells()]
+    assert again.resolved() == resolved
+
+
+def test_set_reaches_into_the_variants_and_wins():
+    grid = load_experiment(None, ["seq_len=16", "steps=2"], base=VARIANTS)
+    assert {(c.seq_len, c.steps) for c in grid.cells()} == {(16, 2)}
+    assert VARIANTS["variants"][1]["seq_len"] == 8  # the caller's mapping is left alone
+
+
+@pytest.mark.parametrize(("variants", "message"), [
+    ([], "config: variants: expected a non-empty list of mappings"),
+    ("cmp", "config: variants: expected a non-empty list of mappings"),
+    ([{"task": "cmp"}, 3], "config: variants[1]: expected a mapping of cell fields"),
+    ([{"task": "cmp", "kind": "toy"}], "config: variants[0]: kind: set it at the top"),
+    ([{"task": "cmp", "profile": {}}], "config: variants[0]: profile: set it at the top"),
+    ([{"task": "cmp", "variants": []}], "config: variants[0]: variants: set it at the top"),
+    ([{"task": "cmp"}, {"taks": "add"}], "config: variants[1]: taks: unknown key"),
+    ([{"task": "cmp"}, {"frequency": 0.1}], "config: variants[1]: frequency: renamed: use rate"),
+    ([{"task": "cmp"}, {"task": "add", "rate": -1}], "config: variants[1]: rate: "),
+    ([{"task": "cmp"}, {"task": "cmp", "seed": [1, 0]}],
+     "config: variants[1]: makes a cell variants[0] makes too"),
+])
+def test_variant_errors_name_the_variant_and_field(variants, message):
+    base = {"kind": "lm", "size": "tiny", "rate": 0.005, "seed": [0, 1], "steps": 4,
+            "variants": variants}
+    with pytest.raises(UserError) as err:
+        load_experiment(None, base=base)
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_an_unknown_top_key_beside_variants_is_named_at_the_top():
+    with pytest.raises(UserError, match=r"^config: lrr: unknown key$"):
+        load_experiment(None, base={**VARIANTS, "lrr": 0.1})
+
+
+def test_a_bad_top_value_is_named_at_the_top_with_the_variant_it_breaks():
+    base = {"kind": "lm", "size": "tiny", "rate": 0.01, "steps": 4,
+            "variants": [{"task": "cmp", "seq_len": 64}, {"task": "add", "seq_len": 128}]}
+    with pytest.raises(UserError) as err:
+        load_experiment(None, base=base)
+    text = str(err.value)
+    assert text.startswith("config: rate: 0.01 per token needs more than one instance per "
+                           "sequence of 128 tokens") and text.endswith("(with variants[1])")

@@ -102,7 +102,11 @@ def test_show_json_rows_carry_the_issue_fields(reference, capsys):
     assert cmp["order_r2"] <= 1.0 and cmp["fourier_modes"] is None
     assert add["order_r2"] is None and add["fourier_modes"] in range(0, 51)
     code, table, _ = in_process(capsys, "show", str(reference))
-    assert code == 0 and "language models with an injected" in table
+    # the title wraps with the table's width; the header row and the rows do not
+    assert code == 0 and "language models with an" in " ".join(table.split())
+    head = next(line for line in table.splitlines() if "freq/tok" in line).split()
+    assert head == ["cell", "size", "params", "task", "freq/tok", "schedule", "acc", "task",
+                    "L", "val", "L"]  # one seed, nothing else differs, n-gram text: no more
 
 
 def test_metrics_hold_every_evaluation_with_probes(reference):
@@ -345,3 +349,38 @@ def test_attention_backend_pins_the_kernel_and_cuda_only_ones_are_refused(cache,
     assert code == 2 and stdout == "" and not out.exists()
     assert err == ("error: profile.attention: 'cudnn' runs on CUDA only, device is 'cpu'; use "
                    "auto, flash or math\n")
+
+
+def test_a_grid_of_variants_runs_resumes_from_its_record_and_shows_what_sets_rows_apart(
+        cache, tmp_path, capsys):
+    """Each task with its own budget in one run directory (``variants:``): the recorded
+    config.yaml is the same experiment (a second run trains nothing), and ``show`` names the
+    seed and the field that tells two rows apart."""
+    config = tmp_path / "both.yaml"
+    config.write_text(
+        "kind: lm\nname: both\nsize: tiny\nvocab_size: 512\nbatch_size: 8\nsource: ngram\n"
+        "eval_points: 2\nprobes: false\nseed: [0, 1]\n"
+        "variants:\n"
+        "  - {task: cmp, rate: 0.03125, seq_len: 32, steps: 3}\n"
+        "  - {task: add, rate: 0.125, seq_len: 8, steps: 5, weight_decay: [1.0, 0.1]}\n")
+    out = tmp_path / "run"
+    res = cli("run", str(config), "--out", str(out), "--quiet")
+    assert res.returncode == 0, res.stderr
+    rows = sorted(show_json(capsys, out), key=lambda r: r["cell"])
+    assert [(r["task"], r["steps"], r["seed"]) for r in rows] == [
+        ("cmp", 3, 0), ("cmp", 3, 1), ("add", 5, 0), ("add", 5, 0), ("add", 5, 1), ("add", 5, 1)]
+    assert [r["tokens"] for r in rows] == [3 * 8 * 32] * 2 + [5 * 8 * 8] * 4
+    res = cli("run", str(out / "config.yaml"), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    last_start = [line for line in (out / "log.txt").read_text().splitlines()
+                  if " start: " in line][-1]
+    assert last_start.endswith("6 cells in 6 groups, 0 groups to run")
+    code, table, _ = in_process(capsys, "show", str(out))
+    assert code == 0
+    head = next(line for line in table.splitlines() if "cell" in line and "acc" in line)
+    assert "seed" in head.split() and "also" in head.split()
+    add_lines = [line for line in table.splitlines() if " add " in line]
+    assert ["wd=1.0" in line for line in add_lines] == [True, False, True, False]
+    assert ["wd=0.1" in line for line in add_lines] == [False, True, False, True]
+    # T_CMP's cells all have one weight decay: no label of T_ADD's field on them
+    assert all("wd=" not in line for line in table.splitlines() if " cmp" in line)

@@ -45,15 +45,27 @@ def test_header_cost_matches_the_cells(name):
 
 def test_fig5_scale_grid_is_what_the_issue_asks():
     cs = cells("fig5_lm_scale")
-    assert len(cs) == 120
-    sizes = {c.size for c in cs}
-    n = {s: ModelConfig.preset(s).num_params(False) for s in sizes}
-    assert len(sizes) >= 4 and max(n.values()) >= 100e6 and max(n.values()) / min(n.values()) >= 25
-    assert len({c.rate for c in cs}) >= 5 and {c.seed for c in cs} == {0, 1, 2}
-    assert {c.task for c in cs} == {"cmp", "add"}
-    # every T_CMP cell comes before any T_ADD cell: a grid cut short keeps T_CMP whole
-    assert [c.task for c in cs] == ["cmp"] * 60 + ["add"] * 60
-    assert all(c.probes and c.steps == 1000 and c.trace_windows == 0 for c in cs)
+    n = {s: ModelConfig.preset(s).num_params(False) for s in {c.size for c in cs}}
+    assert max(n.values()) >= 100e6
+    for task in ("cmp", "add"):  # each task: >= 4 sizes over >= 25x, >= 5 rates, 3 seeds
+        mine = [c for c in cs if c.task == task]
+        sizes = {c.size for c in mine}
+        assert len(sizes) >= 4 and max(n[s] for s in sizes) / min(n[s] for s in sizes) >= 25
+        assert len({c.rate for c in mine}) >= 5 and {c.seed for c in mine} == {0, 1, 2}
+        assert all(c.probes and c.trace_windows == 0 for c in mine)
+    # variant by variant: every T_CMP cell before any T_ADD one
+    assert [c.task for c in cs] == ["cmp"] * 75 + ["add"] * 63
+    # seed slowest: a call cut short leaves whole seeds; in each seed the largest size first
+    assert [c.seed for c in cs[:75]] == [0] * 25 + [1] * 25 + [2] * 25
+    assert [c.size for c in cs[:25:5]] == ["150m", "60m", "20m", "4m", "tiny"]
+    assert cs[75].size == "60m"
+    # each task its own budget: T_CMP fig5_lm_heatmap's, T_ADD fig5_lm_add_grok's recipe
+    assert {(c.steps, c.batch_size, c.seq_len) for c in cs if c.task == "cmp"} == {(1000, 64, 128)}
+    grok = cells("fig5_lm_add_grok")[0]
+    assert {(c.steps, c.batch_size, c.seq_len, c.lr, c.weight_decay) for c in cs
+            if c.task == "add"} == {(grok.steps, grok.batch_size, grok.seq_len, grok.lr, 0.1)}
+    top = [c for c in cs if c.task == "add" and c.size == "150m"]
+    assert len(top) == 3 and {c.rate for c in top} == {max(c.rate for c in cs)}
 
 
 def test_grok_config_contrasts_weight_decay_at_many_passes():

@@ -38,10 +38,14 @@ lm_run() {  # NAME CONFIG: one LM grid (resumed from benchmarks/results/resume/N
     # a grid cut by LM_TIMEOUT (seconds) still returns its finished cells, to resume next call
     # LM_PROCS processes share the GPU, each taking the next unclaimed cell (--parallel cells):
     # a small model alone leaves the GPU waiting on the host (launches, the n-gram sampler)
+    # LM_ONLY="task=add size=[20m,4m]": train only those cells (raretask run --only), in the
+    # grid's own run folder: call after call fills one directory
+    local only=() o
+    for o in ${LM_ONLY:-}; do only+=(--only "$o"); done
     local run=(python3 -m raretask run)
     [ "${LM_PROCS:-6}" -gt 1 ] && run=(python3 -m torch.distributed.run --standalone
         "--nproc_per_node=${LM_PROCS:-6}" -m raretask run)
-    time timeout "${LM_TIMEOUT:-560}" "${run[@]}" "$config" --out "$dir" --parallel cells "${LM_FAST[@]}" ${LM_SET:-}
+    time timeout "${LM_TIMEOUT:-560}" "${run[@]}" "$config" --out "$dir" --parallel cells "${LM_FAST[@]}" ${LM_SET:-} "${only[@]}"
     local rc=$?
     tar czf "$OUT/$name.tgz" --exclude=ckpt --exclude=ckpt.old --exclude='.raretask-tmp.*' --exclude='*.safetensors' -C /tmp/runs "$name"
     python3 -m raretask show "$dir" --json >"$OUT/$name.json"

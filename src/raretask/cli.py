@@ -323,6 +323,12 @@ def run(
                           "with at least as many cells as processes and no 1b+ preset, model "
                           "otherwise.")
     ] = "auto",
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="Train only the cells with KEY=VALUE (a list: any of its "
+                     "values; repeat for several keys); the directory stays the whole grid, "
+                     "finished by a later run without --only.")
+    ] = None,
 ) -> None:
     """Run an experiment grid into a directory; re-running resumes where it stopped.
 
@@ -330,7 +336,7 @@ def run(
     """
     import yaml
 
-    from raretask.config import load_experiment
+    from raretask.config import cell_selector, load_experiment
     from raretask.runs.distributed import PARALLEL_CHOICES, env_ranks
     from raretask.runs.grid import GridRun
 
@@ -338,6 +344,7 @@ def run(
         raise UserError(f"--parallel: expected one of {', '.join(PARALLEL_CHOICES)}, "
                         f"got {parallel!r}")
     grid = load_experiment(config, overrides or [], profile_file=profile)
+    selected = cell_selector(only, grid) if only else None
     if dry_run:
         sys.stdout.write(yaml.safe_dump(grid.resolved(), sort_keys=False))
         sys.stdout.write("# execution profile (unset fields: the device's defaults)\n")
@@ -347,10 +354,12 @@ def run(
     quiet = quiet or env_ranks()[0] != 0  # one display per torchrun job: rank 0's
     runner = GridRun(grid, out, checkpoint_seconds=checkpoint_seconds)
     with _GridProgress(quiet) as progress:
-        runner.run(progress=progress, parallel=parallel)
+        runner.run(progress=progress, parallel=parallel, only=selected)
     if not quiet:
-        console.print(f"[bold]done[/]: {len(runner.cells)} cells in {out}  "
-                      f"(raretask show {out})")
+        done = runner.cells_done()
+        what = (f"{len(runner.cells)} cells" if done == len(runner.cells)
+                else f"{done} of {len(runner.cells)} cells (--only)")
+        console.print(f"[bold]done[/]: {what} in {out}  (raretask show {out})")
 
 
 @app.command()
@@ -362,10 +371,12 @@ def show(
 ) -> None:
     """Final per-cell, per-task metrics of a run, compared with Theorem 3; on an unfinished
     run, how many cells are still missing (the table covers the finished ones only)."""
+    from raretask.runs import store
     from raretask.runs.grid import cell_count, load_summary
     from raretask.studies import study_of_rows
 
     rows = load_summary(out)
+    cells = store.read_cells(out) if (Path(out) / "cells.json").exists() else None
     total, done = cell_count(out), len({r["cell"] for r in rows})
     missing = (f"unfinished: {total - done} of {total} cells have no results yet; the table "
                f"covers the {done} finished" if total is not None and done < total else "")
@@ -378,13 +389,23 @@ def show(
         console.print(f"{out}: no finished cells yet" + (f" (0 of {total})" if total else ""))
         return
     try:  # rows edited outside raretask may lack a field or hold the wrong type
-        table = study_of_rows(rows, str(out)).table(rows, str(out), all_tasks)
+        table = study_of_rows(rows, str(out)).table(rows, str(out), all_tasks, cells)
     except (KeyError, TypeError, ValueError, StopIteration, ZeroDivisionError) as err:
         raise UserError(f"{out}: malformed summary rows ({type(err).__name__}: {err})") from None
     if missing:
         table.title = f"{table.title} ({missing.split(';')[0]})"
         table.caption = f"{table.caption} ({missing})" if table.caption else missing
-    console.print(rich_table(table))
+    drawn = rich_table(table)
+    width = console.width
+    if not console.is_terminal:  # piped to a file or a log: no gain in folding columns to 80
+        console.width = max(width, console.measure(
+            drawn, options=console.options.update_width(1000)).maximum)
+    try:
+        console.print(drawn)
+    finally:
+        console.width = width
+    if table.caption:  # below the table: wrapped to a terminal, one line to a file
+        console.print(table.caption, highlight=False, soft_wrap=not console.is_terminal)
     if missing:
         console.print(f"[yellow]{missing}[/]", highlight=False)
 
@@ -392,11 +413,11 @@ def show(
 def rich_table(table: ShowTable) -> Table:
     """A study's :class:`~raretask.studies.base.ShowTable` as rich draws it."""
     out = Table(title=table.title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1))
-    for c in table.columns:
-        out.add_column(c, justify="right", no_wrap=True, min_width=len(c))
+    for c in table.columns:  # numbers stay whole; a table too wide narrows the word columns
+        out.add_column(c, justify="right", no_wrap=c not in table.wrap, overflow="fold",
+                       min_width=None if c in table.wrap else len(c))
     for row in table.rows:
         out.add_row(*row)
-    out.caption = table.caption or None
     return out
 
 

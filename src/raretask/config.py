@@ -12,7 +12,7 @@ import csv
 import itertools
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import Field, ValidationError, model_validator
 
 from raretask.errors import UserError
-from raretask.limits import MAX_TRACE_POINTS, check_grid_size
+from raretask.limits import MAX_CELLS, MAX_TRACE_POINTS, check_grid_size
 from raretask.runs.profile import PROFILE_FIELDS, Profile
 from raretask.schema import (  # noqa: F401 (re-exported: the long-standing import path)
     StrictModel,
@@ -328,6 +328,11 @@ class Grid(StrictModel):
     ``cells()`` expands the Cartesian product in field order (last field fastest), each cell
     validated as a ``cell_model`` (so errors name the field). Subclasses fix ``kind`` and
     ``cell_model``.
+
+    ``variants:`` (a list of mappings) makes the experiment a union of such products: each
+    variant's fields over the top-level ones give one sub-grid, and the cells are variant 0's,
+    then variant 1's, ... (one recipe per task, say: T_CMP's budget beside T_ADD's, in one run
+    directory). ``--set KEY=V`` sets KEY in the variants that give it too.
     """
 
     cell_model: ClassVar[type[StrictModel]]
@@ -342,6 +347,9 @@ class Grid(StrictModel):
                              "on resume.")
     axes: dict[str, list[GridValue]] = Field(default_factory=dict, exclude=True)
     fixed: dict[str, GridValue] = Field(default_factory=dict, exclude=True)
+    variants: list[Any] = Field(default_factory=list, exclude=True)
+    """The sub-grids of a union (``variants:``), each a Grid of this class; empty for one
+    product."""
 
     @classmethod
     def from_dict(cls, data: Any, source: str) -> Grid:
@@ -349,13 +357,15 @@ class Grid(StrictModel):
         if not isinstance(data, dict):
             raise UserError(f"{source}: expected a mapping of config keys at the top")
         data = dict(data)
+        if "variants" in data:
+            return cls._from_variants(data, data.pop("variants"), source)
         profile = data.pop("profile", None) or {}
         if not isinstance(profile, dict):
             raise UserError(f"{source}: profile: expected a mapping of profile fields")
         profile = dict(profile)
         for key in [k for k in data if isinstance(k, str) and k.startswith("profile.")]:
             profile[key.removeprefix("profile.")] = data.pop(key)  # --set profile.FIELD=VALUE
-        own = [k for k in cls.model_fields if k not in ("axes", "fixed", "profile")]
+        own = [k for k in cls.model_fields if k not in ("axes", "fixed", "profile", "variants")]
         top = {k: data[k] for k in own if k in data}
         grid = validate(cls, top, source)
         try:
@@ -385,14 +395,79 @@ class Grid(StrictModel):
         _check_unique_validated(grid.axes, cells, source)
         return grid
 
+    @classmethod
+    def _from_variants(cls, base: dict, variants: Any, source: str) -> Grid:
+        """A union of sub-grids: ``base`` with each variant's fields over it."""
+        if not isinstance(variants, list) or not variants:
+            raise UserError(f"{source}: variants: expected a non-empty list of mappings of "
+                            "cell fields (each one sub-grid)")
+        fields = cls.cell_model.model_fields
+        for key in base:  # an unknown key is named where it is, not in variant 0's merge
+            if (isinstance(key, str) and key not in fields and key not in cls.model_fields
+                    and not key.startswith("profile")
+                    and key not in MOVED_KEYS and key not in cls.moved_keys):
+                raise UserError(f"{source}: {key}: unknown key")
+        subs = []
+        for i, variant in enumerate(variants):
+            where = f"{source}: variants[{i}]"
+            if not isinstance(variant, dict) or not variant:
+                raise UserError(f"{where}: expected a mapping of cell fields")
+            for key in variant:
+                if key not in fields:  # kind, name, profile and nesting belong at the top
+                    hint = (MOVED_KEYS.get(key) or cls.moved_keys.get(key)
+                            or ("set it at the top, for every variant" if key in cls.model_fields
+                                or key in ("profile", "variants") else "unknown key"))
+                    raise UserError(f"{where}: {key}: {hint}")
+            try:
+                subs.append(cls.from_dict({**base, **variant}, where))
+            except UserError as err:  # a value from the top is named at the top
+                rest = str(err).removeprefix(f"{where}: ")
+                if rest.split(":", 1)[0].split(".", 1)[0] in variant:
+                    raise
+                raise UserError(f"{source}: {rest} (with variants[{i}])") from None
+        grid = subs[0].model_copy()
+        grid.variants, grid.fixed = subs, {}
+        grid.axes = {}  # every field that is an axis somewhere, in first-seen order
+        for sub in subs:
+            for key, values in sub.axes.items():
+                grid.axes.setdefault(key, [])
+                grid.axes[key] += [v for v in values if v not in grid.axes[key]]
+        total = sum(math.prod(len(v) for v in sub.axes.values()) for sub in subs)
+        if total > MAX_CELLS:
+            raise UserError(f"{source}: variants: {len(subs)} sub-grids make {total:,} cells, "
+                            f"more than the limit of {MAX_CELLS:,} cells in one grid")
+        seen: dict[str, int] = {}
+        for i, sub in enumerate(subs):  # one setting twice could not be told apart in a run
+            for cell in sub.cells(source):
+                key = json.dumps(cell.model_dump(), sort_keys=True, default=repr)
+                if seen.setdefault(key, i) != i:
+                    raise UserError(f"{source}: variants[{i}]: makes a cell variants[{seen[key]}] "
+                                    "makes too (each setting once)")
+        return grid
+
     def cells(self, source: str = "config") -> Iterator[Any]:
+        if self.variants:
+            for sub in self.variants:
+                yield from sub.cells(source)
+            return
         names = list(self.axes)
         for combo in itertools.product(*(self.axes[n] for n in names)):
             values = {**self.fixed, **dict(zip(names, combo, strict=True))}
             yield validate(self.cell_model, values, source)
 
     def resolved(self) -> dict[str, Any]:
-        """The full config with defaults filled and values validated: what a run records."""
+        """The full config with defaults filled and values validated: what a run records.
+        A union records the values all its variants share at the top and the rest (every axis
+        among them, in its order) under ``variants``: read again, it numbers the cells alike."""
+        if self.variants:
+            top = self.model_dump(exclude={"axes", "fixed", "profile", "variants"})
+            subs = [{k: v for k, v in sub.resolved().items() if k not in top}
+                    for sub in self.variants]
+            common = {k: v for k, v in subs[0].items()
+                      if all(k in r and r[k] == v and k not in sub.axes
+                             for r, sub in zip(subs, self.variants, strict=True))}
+            return {**top, **common,
+                    "variants": [{k: v for k, v in r.items() if k not in common} for r in subs]}
         cells = [c.model_dump() for c in self.cells()]
         body: dict[str, Any] = dict(cells[0])
         for key in self.axes:  # each axis as its validated values, in config order
@@ -404,7 +479,7 @@ class Grid(StrictModel):
         for i, name in zip(slots, self.axes, strict=True):
             keys[i] = name
         body = {k: body[k] for k in keys}
-        top = self.model_dump(exclude={"axes", "fixed", "profile"})
+        top = self.model_dump(exclude={"axes", "fixed", "profile", "variants"})
         return {**top, **body}
 
 
@@ -477,9 +552,14 @@ def load_mapping(path: str | Path | None, overrides: Sequence[str] = (),
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a mapping of config keys at the top")
     data = dict(data)
+    if isinstance(data.get("variants"), list):  # copied: --set below writes into them too
+        data["variants"] = [dict(v) if isinstance(v, dict) else v for v in data["variants"]]
     for text in overrides:
         key, value = parse_override(text)
         data[key] = value
+        for variant in data.get("variants") or []:
+            if isinstance(variant, dict) and key in variant:  # the command line wins
+                variant[key] = value
     return data, source
 
 
@@ -505,6 +585,27 @@ def load_experiment(path: str | Path | None, overrides: Sequence[str] = (),
         return study(kind, source).grid_class.from_dict(data, source)
     except UserError as err:
         raise _name_override(err, source, [parse_override(t)[0] for t in overrides]) from None
+
+
+def cell_selector(specs: Sequence[str], grid: Grid) -> Callable[[Any], bool]:
+    """``--only KEY=VALUE`` (repeatable; a list value matches any of its values; several keys
+    must all match): a predicate on ``grid``'s cells. A key that is not a cell field, or a
+    selection no cell meets, is one line naming the option."""
+    wanted: dict[str, set[str]] = {}
+    fields = grid.cell_model.model_fields
+    for text in specs:
+        key, value = parse_override(text)
+        if key not in fields:
+            raise UserError(f"--only {key}: not a cell field")
+        values = value if isinstance(value, list) else [value]
+        wanted.setdefault(key, set()).update(_axis_key(v) for v in values)
+
+    def selected(cell: Any) -> bool:
+        return all(_axis_key(getattr(cell, k)) in vs for k, vs in wanted.items())
+
+    if wanted and not any(selected(c) for c in grid.cells()):
+        raise UserError(f"--only {' '.join(specs)}: no cell of the grid matches")
+    return selected
 
 
 def _name_override(err: UserError, source: str, keys: Sequence[str]) -> UserError:

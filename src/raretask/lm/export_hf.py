@@ -27,13 +27,13 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from raretask.errors import UserError
+from raretask.runs import store
 from raretask.runs.outset import output_set
 
 if TYPE_CHECKING:  # torch is imported by the functions that need it: `raretask --help` stays fast
@@ -127,10 +127,9 @@ def cell_weights(run_dir: str | Path, cell: int) -> tuple[dict, dict[str, Tensor
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
-    cells_path = run_dir / "cells.json"
-    if not cells_path.exists():
+    if not (run_dir / "cells.json").exists():
         raise UserError(f"{run_dir}: no cells.json (not a run directory)")
-    cells = {c["cell"]: c for c in json.loads(cells_path.read_text())}
+    cells = store.read_cells(run_dir)
     if cell not in cells:
         raise UserError(f"--cell: {cell} is not a cell of {run_dir} (cells 0..{len(cells) - 1})")
     from raretask.lm.model import PRESETS

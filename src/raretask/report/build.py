@@ -17,7 +17,6 @@ Example
 
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import yaml
 from raretask.errors import UserError
 from raretask.report import analysis, figures
 from raretask.report.fix import FIX_FILE, FixResult, load_fix
-from raretask.runs import manifest
+from raretask.runs import manifest, store
 from raretask.studies import DEFAULT_KIND, STUDIES, all_studies, study
 
 PAPER_LAW = {"L0": 1.69, "A": 406.4, "B": 410.7, "a": 0.46, "b": 0.51}
@@ -158,11 +157,7 @@ def load_run(path: str | Path) -> RunInput:
     if not isinstance(kind, str) or kind not in STUDIES:
         raise UserError(f"{cfg_path}: kind: the report reads {', '.join(STUDIES)} runs, got "
                         f"{kind!r}")
-    cells_path = path / "cells.json"
-    try:
-        cells = {c["cell"]: c for c in json.loads(cells_path.read_text(encoding="utf-8"))}
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{cells_path}: missing or malformed ({type(err).__name__})") from None
+    cells = store.read_cells(path)
     try:
         rows = load_summary(path)
     except UserError:  # already one line naming the file (a damaged result, say)
@@ -283,7 +278,7 @@ def phase_section(runs: list[RunInput]) -> Section:
 
 def show_table(run: RunInput, name: str) -> Table:
     """The run's table exactly as ``raretask show DIR`` prints it (the study draws it once)."""
-    t = study(run.kind).table(run.rows, str(run.path))
+    t = study(run.kind).table(run.rows, str(run.path), cells=run.cells)
     return Table(f"{t.title}, as `raretask show {run.path}` prints it. {t.caption}".rstrip(),
                  t.columns, t.rows, name)
 

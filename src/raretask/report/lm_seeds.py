@@ -71,6 +71,20 @@ def varying_fields(fields: Sequence[dict]) -> list[str]:
                   if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in fields}) > 1)
 
 
+def other_fields(rows: list[dict], cells: dict[int, dict]) -> dict[int, tuple]:
+    """Per row's cell, ``((key, value), ...)`` for the fields beyond those a row shows and the
+    seed that differ among the cells of its task: what else sets it apart (weight decay...).
+    Per task, so a grid whose tasks each have their own budget (``variants:``) does not label
+    every T_CMP cell with its steps because T_ADD's differ."""
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_task[r.get("task", "none")].append(cells.get(r["cell"], {}))
+    keys = {task: [k for k in varying_fields(fs) if k not in SHOWN]
+            for task, fs in by_task.items()}
+    return {r["cell"]: tuple((k, cells.get(r["cell"], {}).get(k))
+                             for k in keys[r.get("task", "none")]) for r in rows}
+
+
 def schedule_family(row: dict, cells: dict[int, dict] | None = None) -> str:
     """'spread', or 'every G MODE': the schedule without its injection size (which grows with
     the frequency), so one size's frequencies line up."""
@@ -150,14 +164,11 @@ def seed_cells(rows: list[dict], cells: dict[int, dict] | None = None,
     """
     cells = cells or {}
     rows = [r for r in rows if r.get("task", "none") != "none"]
-    setting = {r["cell"]: {k: v for k, v in cells.get(r["cell"], {}).items()
-                           if k not in IDENTITY} for r in rows}
-    other_keys = [k for k in varying_fields(list(setting.values())) if k not in SHOWN]
+    others = other_fields(rows, cells)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        other = tuple((k, setting[r["cell"]].get(k)) for k in other_keys)
         key = (r["task"], r["size"], schedule_family(r, cells), nominal_frequency(r, cells),
-               other)
+               others[r["cell"]])
         groups[key].append(r)
     out = []
     for (task, size, sched, freq, other), rs in groups.items():
@@ -226,8 +237,15 @@ def learned_boundaries(settings: list[SeedCell]) -> list[Boundary]:
     return out
 
 
-def other_text(other: tuple[tuple[str, object], ...]) -> str:
-    """'weight_decay 0.1, lr 0.003' (empty when nothing else differs)."""
+SHORT = {"weight_decay": "wd", "batch_size": "B", "seq_len": "T", "task_seed": "task seed"}
+"""Short names for the fields an 80-column table names in its 'also' column."""
+
+
+def other_text(other: tuple[tuple[str, object], ...], short: bool = False) -> str:
+    """'weight_decay 0.1, lr 0.003' (empty when nothing else differs); ``short``:
+    'wd=0.1 lr=0.003', names from :data:`SHORT`, for a narrow column."""
+    if short:
+        return " ".join(f"{SHORT.get(k, k)}={v}" for k, v in other)
     return ", ".join(f"{k} {v}" for k, v in other)
 
 
@@ -294,11 +312,14 @@ def summary_tables(run_dir: str | Path) -> list:
 
     from raretask.lm.retention import retention_by_size, run_windows
     from raretask.report.analysis import load_metrics
+    from raretask.runs import store
+    from raretask.runs.grid import load_summary
 
     run_dir = Path(run_dir)
-    rows = json.loads((run_dir / "summary.json").read_text())
-    cells = {c["cell"]: c for c in json.loads((run_dir / "cells.json").read_text())}
+    rows = load_summary(run_dir)  # the finished cells of a run still going too
+    cells = store.read_cells(run_dir)
     settings = seed_cells(rows, cells)
+
     def pm(text: str) -> str:  # 'mean±sd': 80 columns hold the table without folding numbers
         return text.replace(" +- ", "±")
 
@@ -313,7 +334,7 @@ def summary_tables(run_dir: str | Path) -> list:
     for c in settings:
         flag = f"{c.n_learned}/{len(c.seeds)}" + (" disagree" if c.disagree else "")
         t1.add_row(c.task, c.size, f"{c.frequency:.2e}", c.schedule,
-                   *([other_text(c.other)] if also else []),
+                   *([other_text(c.other, short=True)] if also else []),
                    pm(c.text("test_accuracy")), pm(c.text("task_loss")),
                    pm(c.text("task_test_loss")), pm(c.text("val_loss")), flag)
     t2 = Table(title="lowest learned frequency per size (boundary bracket)", box=box.SIMPLE_HEAD,
@@ -321,7 +342,7 @@ def summary_tables(run_dir: str | Path) -> list:
     for c in ("task", "size", "schedule") + ("also",) * also + ("lowest learned", "monotone"):
         t2.add_column(c, justify="right", overflow="fold")  # never cut a number
     for b in learned_boundaries(settings):
-        t2.add_row(b.task, b.size, b.schedule, *([other_text(b.other)] if also else []),
+        t2.add_row(b.task, b.size, b.schedule, *([other_text(b.other, short=True)] if also else []),
                    b.text(), "yes" if b.monotone else "no")
     tables = [t1, t2]
     lines = retention_by_size(run_windows(load_metrics(run_dir), rows, cells), rows, cells)

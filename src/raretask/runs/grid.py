@@ -439,12 +439,15 @@ class GridRun:
             distributed.barrier()
 
     # -- running --------------------------------------------------------------------------------
-    def run(self, progress: Progress | None = None, parallel: str = "auto") -> None:
+    def run(self, progress: Progress | None = None, parallel: str = "auto",
+            only: Callable[[Any], bool] | None = None) -> None:
         """Train every unfinished group; ``progress`` gets dicts of counters as work advances.
 
         Under ``torchrun``, ``parallel`` (``auto``, ``cells``, ``model``, ``ddp``, ``fsdp``) says
         how the processes share the work (:mod:`raretask.runs.distributed`); one process
-        ignores it.
+        ignores it. ``only`` (a predicate on cells, ``--only``): train just the unfinished
+        groups that hold a selected cell; the directory stays the whole grid, merged once a
+        later run has finished the rest (a GPU call spends itself on the cells it can finish).
         """
         device = resolve_device(self.profile.device)
         rank, world, local = distributed.env_ranks()
@@ -456,7 +459,9 @@ class GridRun:
         rank_dev = distributed.rank_device(device, world, local, mode)
         self.ranks = Ranks(rank, world, mode, rank_dev)
         self.resolved_profile = self.profile.resolve(rank_dev)
-        check_group_memory([(g.name, [self.cells[i] for i in g.cell_ids]) for g in self.groups
+        chosen = [g for g in self.groups
+                  if only is None or any(only(self.cells[i]) for i in g.cell_ids)]
+        check_group_memory([(g.name, [self.cells[i] for i in g.cell_ids]) for g in chosen
                             if not self.is_done(g)], self.resolved_profile.device,
                            shards=world if self.ranks.data_parallel else 1)
         self.study.check(self.cells, self.resolved_profile, self.ranks)
@@ -472,12 +477,14 @@ class GridRun:
                 except UserError as err:
                     error = str(err)
             distributed.raise_together(error)
-            names = set(distributed.broadcast([g.name for g in self.groups if not self.is_done(g)]))
+            names = set(distributed.broadcast([g.name for g in chosen if not self.is_done(g)]))
             todo = [g for g in self.groups if g.name in names]
             if rank == 0:
+                left = sum(not self.is_done(g) for g in self.groups) - len(todo)
                 self._log(f"start: {code_version()}, python {platform.python_version()}, device "
                           f"{device}, {len(self.cells)} cells in {len(self.groups)} groups, "
                           f"{len(todo)} groups to run"
+                          + (f" (--only; {left} other groups unfinished)" if only else "")
                           + (f", {world} processes ({mode})" if world > 1 else ""))
                 # after the start line: what the log says began is what profile.yaml records;
                 # a visit that trains nothing keeps the profile of the run that did
@@ -486,7 +493,7 @@ class GridRun:
                         self.resolved_profile.model_dump(), sort_keys=False))
             if progress:
                 progress({"event": "start", "cells_total": len(self.cells),
-                          "cells_done": self._cells_done(), "groups_todo": len(todo),
+                          "cells_done": self.cells_done(), "groups_todo": len(todo),
                           "steps_todo": sum(self.cells[g.cell_ids[0]].steps for g in todo)})
             if mode == "cells":
                 self._run_claimed(todo, progress)
@@ -496,9 +503,14 @@ class GridRun:
                     self._group_done(group, progress)
             distributed.barrier(poll=lambda: self._group_done(None, progress))
             if rank == 0:
-                missing = [g.name for g in self.groups if not self.is_done(g)]
+                missing = [g.name for g in todo if not self.is_done(g)]
                 if missing:  # a bug, not a user error: every rank offered every group
                     raise RuntimeError(f"groups not finished after all ranks stopped: {missing}")
+                left = [g.name for g in self.groups if not self.is_done(g)]
+                if left:  # --only: the rest waits for another run, unmerged
+                    self._log(f"--only cells done; {len(left)} groups of {len(self.groups)} "
+                              "left for a run without --only")
+                    return
                 if todo or not self._merged():  # nothing trained: the merged tables stand
                     self._merge()
                 shutil.rmtree(self.out / ".claims", ignore_errors=True)
@@ -516,10 +528,10 @@ class GridRun:
                 self._run_group(group, progress)
             self._group_done(group, progress)
 
-    def _cells_done(self) -> int:
+    def cells_done(self) -> int:
         return sum(len(g.cell_ids) for g in self.groups if self.is_done(g))
 
     def _group_done(self, group: Group | None, progress: Progress | None) -> None:
         if progress:  # counted on disk: in cells mode other ranks finish groups too
             progress({"event": "group_done", "group": group.name if group else None,
-                      "cells_done": self._cells_done(), "cells_total": len(self.cells)})
+                      "cells_done": self.cells_done(), "cells_total": len(self.cells)})

@@ -346,6 +346,16 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def read_cells(out: Path | str) -> dict[int, dict]:
+    """Run directory ``out``'s ``cells.json``: each cell's fields (and group) by cell id; one
+    line naming the file when it is missing or malformed."""
+    path = Path(out) / "cells.json"
+    try:
+        return {int(c["cell"]): c for c in read_json(path)}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: missing or malformed ({type(err).__name__})") from None
+
+
 def read_parquet(path: Path | str, columns: list[str] | None = None) -> pa.Table:
     """A Parquet table, its page checksums verified.
 

@@ -41,6 +41,8 @@ class ShowTable:
     columns: list[str]
     rows: list[list[str]]
     caption: str = ""
+    wrap: tuple[str, ...] = ()
+    """Columns of words that may wrap when the table is wider than the console."""
 
 
 @dataclass
@@ -175,7 +177,10 @@ class Study:
     def sort_key(self, row: dict) -> tuple:
         return (row["cell"],)
 
-    def table(self, rows: list[dict], title: str, all_rows: bool = False) -> ShowTable:
+    def table(self, rows: list[dict], title: str, all_rows: bool = False,
+              cells: dict[int, dict] | None = None) -> ShowTable:
+        """``raretask show``'s table; ``cells`` (``cells.json`` by cell id), where there is
+        one, lets it name the fields that set rows apart."""
         raise NotImplementedError
 
     def report_sections(self, runs: list) -> list:

@@ -249,10 +249,21 @@ class LMStudy(Study):
         row = summary_row(cell_id, group.name, cell, trainer) | {"arm": arm_cell.arm}
         return GroupResult({"metrics": metrics}, [row], log)
 
-    def table(self, rows, title, all_rows=False) -> ShowTable:
+    def table(self, rows, title, all_rows=False, cells=None) -> ShowTable:
         from raretask.lm.verdict import FORMAT_NOT_LEARNED, lm_verdict
         from raretask.report.analysis import format_cell
+        from raretask.report.lm_seeds import other_fields, other_text
 
+        # rows that differ only in the seed, or in a field the table has no column for
+        # (weight decay, a variant's steps), would look alike: name it
+        seeds = len({r.get("seed") for r in rows}) > 1
+        others = other_fields(rows, cells or {})
+        also = any(others.values())
+        # epochs matter where real text was recycled; an n-gram source repeats nothing
+        epochs = any(r.get("repeats") for r in rows)
+        cols = ["cell", "size", "params", "task", "freq/tok", "schedule", "seed", "also", "acc",
+                "task L", "val L", "epochs"]
+        shown = [c for c in cols if {"seed": seeds, "also": also, "epochs": epochs}.get(c, True)]
         body = []
         for r in rows:
             acc = r.get("test_accuracy")
@@ -261,20 +272,23 @@ class LMStudy(Study):
                 acc_text = f"div@{r['diverged_step']}"
             # the mark on the task keeps the acc column a plain number and 80 columns enough
             task = r["task"] + "*" * (lm_verdict(r) == FORMAT_NOT_LEARNED)
-            body.append([str(r["cell"]), r["size"], f"{r['params'] / 1e6:.2f}M", task,
-                         f"{r['frequency']:.2e}", r["schedule"], acc_text,
-                         format_cell(r.get("task_loss")), format_cell(r.get("val_loss")),
-                         f"{r.get('epochs', 0):.2f}"])
+            values = dict(zip(cols, [
+                str(r["cell"]), r["size"], f"{r['params'] / 1e6:.2f}M", task,
+                f"{r['frequency']:.2e}", r["schedule"], str(r.get("seed", "")),
+                other_text(others[r["cell"]], short=True), acc_text,
+                format_cell(r.get("task_loss")), format_cell(r.get("val_loss")),
+                f"{r.get('epochs', 0):.2f}"], strict=True))
+            body.append([values[c] for c in shown])
         return ShowTable(
-            f"{title}: language models with an injected task",
-            ["cell", "size", "params", "task", "freq/tok", "schedule", "acc", "task L", "val L",
-             "epochs"], body,
+            f"{title}: language models with an injected task", shown, body,
             "acc: test accuracy, argmax over the vocabulary at LABEL, held-out 5K instances"
             + ("; task*: format not learned (accuracy below the format-only chance)"
                if any(b[3].endswith("*") for b in body) else "")
+            + ("; also: what else sets the row apart (wd: weight decay, B: batch size, T: "
+               "sequence length)" if also else "")
             + "; task L: loss at LABEL on the training instances; val L: background validation "
-            "loss; epochs: background tokens / the corpus' training tokens (an n-gram source "
-            "samples new text: it repeats nothing)")
+            "loss" + ("; epochs: background tokens / the corpus' training tokens (real text "
+                      "recycled)" if epochs else ""), wrap=("also",))
 
     def report_sections(self, runs):
         from raretask.report.build import lm_sections

@@ -263,7 +263,7 @@ class ToyStudy(Study):
     def sort_key(self, row):
         return (row["cell"], row["task"] if type(row.get("task")) is int else 0)
 
-    def table(self, rows, title, all_rows=False) -> ShowTable:
+    def table(self, rows, title, all_rows=False, cells=None) -> ShowTable:
         from raretask.report.analysis import cell_digest, format_cell, overall_agreement
 
         if all_rows:
