@@ -285,3 +285,36 @@ def test_rate_sets_the_rare_share_and_keeps_the_others_in_proportion(tmp_path):
             if k == "seen" and s == 300}
     share = seen[(1, 3)] / sum(seen[(1, t)] for t in range(4))
     assert share == pytest.approx(0.2, abs=0.01)
+
+
+def test_only_trains_the_selected_groups_and_a_full_run_finishes_the_same_grid(
+        tiny_config, reference, tmp_path):
+    """``--only width=8``: the groups holding width-8 cells, nothing merged; the run without it
+    trains the rest and merges a grid equal to the one-shot run's."""
+    out = tmp_path / "run"
+    res = cli("run", str(tiny_config), "--out", str(out), "--only", "width=8")
+    assert res.returncode == 0, res.stderr
+    assert "done: 2 of 6 cells (--only)" in " ".join(res.stdout.split())
+    cells = json.loads((out / "cells.json").read_text())
+    done = {r["cell"] for r in load_summary(out)}
+    assert done == {c["cell"] for c in cells if c["width"] == 8}
+    assert not (out / "summary.json").exists() and not (out / "metrics.parquet").exists()
+    log = (out / "log.txt").read_text()
+    assert "1 groups to run (--only; 2 other groups unfinished)" in log
+    assert "2 groups of 3 left for a run without --only" in log
+    shown = cli("show", str(out))
+    assert shown.returncode == 0 and "unfinished: 4 of 6 cells" in " ".join(shown.stdout.split())
+    res = cli("run", str(tiny_config), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert (json.loads((out / "summary.json").read_text())
+            == json.loads((reference / "summary.json").read_text()))
+
+
+@pytest.mark.parametrize(("only", "message"), [
+    ("widht=8", "error: --only widht: not a cell field"),
+    ("width=[3,5]", "error: --only width=[3,5]: no cell of the grid matches"),
+])
+def test_only_refuses_what_selects_nothing(tiny_config, tmp_path, only, message):
+    res = cli("run", str(tiny_config), "--out", str(tmp_path / "run"), "--only", only)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == message
+    assert not (tmp_path / "run").exists()
