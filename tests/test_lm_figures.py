@@ -74,23 +74,27 @@ def test_heatmap_marks_cells_whose_seeds_disagree(fig9):
 GROK = FIG9.parent / "fig5_lm_add_grok_20m_4m"
 
 
-def test_grokking_panels_show_train_and_test_accuracy_per_add_cell():
-    """The committed T_ADD run (20m and 4m x weight decay 1.0 / 0.1, one H200 call): a panel per
-    cell titled by what differs, the train and test curves are the run's own numbers; T_CMP
-    runs have no grokking panel."""
+def test_grokking_panels_show_train_and_test_accuracy_per_add_setting():
+    """The committed T_ADD run (20m and 4m x weight decay 1.0 / 0.1, one H200 call): a panel
+    per setting titled by what differs, a colour per size, the train and test curves are the
+    run's own numbers; T_CMP runs have no grokking panel."""
     rows = json.loads((GROK / "summary.json").read_text())
     cells = {c["cell"]: c for c in json.loads((GROK / "cells.json").read_text())}
     m = load_metrics(GROK)
     fig = figures.lm_grokking_figure(rows, m, cells, "grok")
     axes = [a for a in fig.axes if a.get_visible()]
-    assert [a.get_title() for a in axes] == [
-        "cell 0: size 20m, weight_decay 1.0", "cell 1: size 20m, weight_decay 0.1",
-        "cell 2: size 4m, weight_decay 1.0", "cell 3: size 4m, weight_decay 0.1"]
-    train, test = (ln.get_ydata() for ln in axes[1].get_lines()[:2])
-    assert test[-1] == pytest.approx(rows[1]["test_accuracy"]) and test[-1] > 0.9
-    assert train[-1] == pytest.approx(rows[1]["train_accuracy"])
-    last_test_4m = axes[3].get_lines()[1].get_ydata()[-1]
-    assert last_test_4m == pytest.approx(rows[3]["test_accuracy"]) and last_test_4m < 0.5
+    assert [a.get_title() for a in axes] == ["3.12e-02 spread, weight_decay 0.1",
+                                             "3.12e-02 spread, weight_decay 1.0"]
+    by = {(r["size"], cells[r["cell"]]["weight_decay"]): r for r in rows}
+    # per panel, sizes in order of parameters (4m, 20m), train then test
+    train_4m, test_4m, train_20m, test_20m = (ln.get_ydata() for ln in axes[0].get_lines()[:4])
+    assert test_20m[-1] == pytest.approx(by["20m", 0.1]["test_accuracy"]) and test_20m[-1] > 0.9
+    assert train_20m[-1] == pytest.approx(by["20m", 0.1]["train_accuracy"])
+    assert test_4m[-1] == pytest.approx(by["4m", 0.1]["test_accuracy"]) and test_4m[-1] < 0.5
+    assert axes[0].get_lines()[1].get_color() != axes[0].get_lines()[3].get_color()
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["4m, 1 seed", "20m, 1 seed", "train (dashed)",
+                      "test, held-out pairs (solid)"]
     plt.close(fig)
     fig9_rows = json.loads((FIG9 / "summary.json").read_text())
     assert figures.lm_grokking_figure(fig9_rows, load_metrics(FIG9), {}, "cmp") is None

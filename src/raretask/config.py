@@ -332,7 +332,8 @@ class Grid(StrictModel):
     ``variants:`` (a list of mappings) makes the experiment a union of such products: each
     variant's fields over the top-level ones give one sub-grid, and the cells are variant 0's,
     then variant 1's, ... (one recipe per task, say: T_CMP's budget beside T_ADD's, in one run
-    directory). ``--set KEY=V`` sets KEY in the variants that give it too.
+    directory); a setting two variants make is one cell, where it first appears. ``--set KEY=V``
+    sets KEY in the variants that give it too.
     """
 
     cell_model: ClassVar[type[StrictModel]]
@@ -436,19 +437,17 @@ class Grid(StrictModel):
         if total > MAX_CELLS:
             raise UserError(f"{source}: variants: {len(subs)} sub-grids make {total:,} cells, "
                             f"more than the limit of {MAX_CELLS:,} cells in one grid")
-        seen: dict[str, int] = {}
-        for i, sub in enumerate(subs):  # one setting twice could not be told apart in a run
-            for cell in sub.cells(source):
-                key = json.dumps(cell.model_dump(), sort_keys=True, default=repr)
-                if seen.setdefault(key, i) != i:
-                    raise UserError(f"{source}: variants[{i}]: makes a cell variants[{seen[key]}] "
-                                    "makes too (each setting once)")
         return grid
 
     def cells(self, source: str = "config") -> Iterator[Any]:
-        if self.variants:
+        if self.variants:  # a union: a setting two variants make is one cell, the first
+            seen: set[str] = set()
             for sub in self.variants:
-                yield from sub.cells(source)
+                for cell in sub.cells(source):
+                    key = json.dumps(cell.model_dump(), sort_keys=True, default=repr)
+                    if key not in seen:
+                        seen.add(key)
+                        yield cell
             return
         names = list(self.axes)
         for combo in itertools.product(*(self.axes[n] for n in names)):

@@ -560,43 +560,62 @@ def lm_retention_figure(rows, m, title: str):
 
 
 def lm_grokking_figure(rows, m, cells: dict[int, dict], title: str, max_panels: int = 12):
-    """Grokking curves: train and test accuracy over training, one panel per T_ADD cell (first
-    ``max_panels``), titled by the fields that differ between the cells (size, weight decay...);
-    None unless a T_ADD cell recorded both. Memorisation is the train curve rising alone;
-    grokking, the test curve following it later."""
-    from raretask.report.analysis import metric_series
-    from raretask.report.lm_seeds import varying_fields  # lm_seeds loads torch: only here
+    """Grokking curves: train (dashed) and test (solid) accuracy over training, one panel per
+    T_ADD setting (frequency, schedule and whatever else differs, such as weight decay; the
+    first ``max_panels`` by frequency, highest first), one colour per size, each curve the mean
+    over its seeds with a +- sd band on the test curve; None unless a T_ADD cell recorded both.
+    Memorisation is the train curve rising alone; grokking, the test curve following it later."""
+    from matplotlib.lines import Line2D
 
-    add = [r for r in rows if r["task"] == "add" and _has(m, r["cell"], "train_accuracy")
-           and _has(m, r["cell"], "test_accuracy")][:max_panels]
-    if not add:
+    from raretask.report.lm_seeds import other_text
+
+    settings = {k: rs for k, rs in _seed_settings(rows, cells).items() if k[0] == "add"
+                and any(_has(m, r["cell"], "train_accuracy") and _has(m, r["cell"],
+                                                                      "test_accuracy")
+                        for r in rs)}
+    if not settings:
         return None
-    vary = varying_fields([cells.get(r["cell"], {}) for r in add])
-    ncol = min(4, len(add))
-    nrow = -(-len(add) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, squeeze=False, figsize=(3.4 * ncol, 2.7 * nrow),
+    keys = sorted({(k[3], k[4], k[5]) for k in settings},
+                  key=lambda v: (-v[1], v[0], repr(v[2])))[:max_panels]
+    sizes = sorted({(k[1], k[2]) for k in settings})
+    colours = {s: plt.get_cmap("viridis")(0.9 * i / max(len(sizes) - 1, 1))
+               for i, (_, s) in enumerate(sizes)}
+    ncol = min(4, len(keys))
+    nrow = -(-len(keys) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, squeeze=False, figsize=(3.4 * ncol + 1.6, 2.7 * nrow),
                              sharey=True)
-    for ax in axes.flat[len(add):]:
+    for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
-    for ax, r in zip(axes.flat, add, strict=False):
-        for metric, style, label in (("train_accuracy", "--", "train"),
-                                     ("test_accuracy", "-", "test (held-out pairs)")):
-            steps, v = metric_series(m, r["cell"], metric)
-            keep = (steps > 0) & np.isfinite(v)
-            ax.plot(steps[keep], v[keep], style, color="C0" if label == "train" else "C3",
-                    lw=1.3, label=label)
-        c = cells.get(r["cell"], {})
-        ax.set_title(f"cell {r['cell']}: " + ", ".join(f"{k} {c.get(k)}" for k in vary)
-                     if vary else lm_label(r), fontsize=8)
+    handles: dict[str, object] = {}
+    for ax, (sched, freq, other) in zip(axes.flat, keys, strict=False):
+        for (_, _, size, s2, f2, o2), seed_rows in settings.items():
+            if (s2, f2, o2) != (sched, freq, other):
+                continue
+            n = len(seed_rows)
+            for metric, style in (("train_accuracy", "--"), ("test_accuracy", "-")):
+                got = _seed_mean_series(m, seed_rows, metric)
+                if got is None:
+                    continue
+                steps, mean, sd = got
+                (line,) = ax.plot(steps, mean, style, color=colours[size], lw=1.3)
+                if metric == "test_accuracy":
+                    ax.fill_between(steps, mean - sd, mean + sd, color=colours[size],
+                                    alpha=0.2, lw=0)
+                    handles.setdefault(f"{size}, {n} seed" + "s" * (n > 1), line)
+        ax.set_title(", ".join(filter(None, (f"{freq:.2e} {sched}", other_text(other)))),
+                     fontsize=8)
         ax.set_xscale("log")
         ax.set_ylim(-0.02, 1.02)
         ax.axhline(0.9, color="0.6", lw=0.7, ls=":")
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0, 0].set_ylabel("T_ADD accuracy", fontsize=8)
-    axes[0, 0].legend(fontsize=7, loc="upper left")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    handles["train (dashed)"] = Line2D([], [], ls="--", color="0.3")
+    handles["test, held-out pairs (solid)"] = Line2D([], [], ls="-", color="0.3")
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7,
+               frameon=False)
+    fig.suptitle(f"{title} (seed mean; band: +- sd of the test curve)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
     return fig
 
 
