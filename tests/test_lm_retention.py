@@ -145,3 +145,18 @@ def test_fig8_cpu_run_draws_the_retention_figure(cpu_run):
     plt.close(fig)
     assert lm_burst_retention_figure(rows, {"cell": [], "step": [], "metric": [], "value": []},
                                      cells, "untraced") is None
+
+
+def test_fig8_cpu_run_reaches_the_report(cpu_run, tmp_path):
+    """The report shows Fig. 8 (the traced cycle and the drop/rebound bars) and its table, with
+    the run's own drop and rebound."""
+    from raretask.report.html import write_report
+
+    rows = json.loads((cpu_run / "summary.json").read_text())
+    cells = {c["cell"]: c for c in json.loads((cpu_run / "cells.json").read_text())}
+    m = pq.read_table(cpu_run / "metrics.parquet").to_pydict()
+    (line,) = retention_by_size(run_windows(m, rows, cells), rows, cells)
+    html = write_report([cpu_run], tmp_path / "r.html").read_text()
+    assert "Retention around bursts: fig8_lm_retention" in html
+    assert "retention around injections" in html
+    assert f"<td>{line.drop[0]:.3f}</td>" in html and f"<td>{line.rebound[0]:.3f}</td>" in html

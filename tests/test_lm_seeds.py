@@ -118,12 +118,12 @@ def test_schedule_family_from_labels_without_cells():
 def test_summary_tables_of_the_committed_fig9_run(capsys, monkeypatch):
     from raretask.report.lm_seeds import main, summary_tables
 
-    seeds, bounds, retention = summary_tables(RESULTS / "fig9_lm_gradients")
+    # no retention table: its log-spaced evaluations cover whole burst cycles early on (steps
+    # 3-7, ...) by chance, which is not a trace (trace_windows: 0)
+    seeds, bounds = summary_tables(RESULTS / "fig9_lm_gradients")
     assert (seeds.row_count, bounds.row_count) == (3, 3)
-    # its log-spaced evaluations happen to cover 3 whole burst cycles early on (steps 3-7, ...)
-    assert retention.row_count == 3
     monkeypatch.setenv("COLUMNS", "80")  # a number is never folded or cut at 80 columns
     main([str(RESULTS / "fig9_lm_gradients")])
     out = capsys.readouterr().out
-    assert "0.919±0.016" in out and "3.974±0.009" in out and "0.008±0.003" in out
+    assert "0.919±0.016" in out and "3.974±0.009" in out and "retention" not in out
     assert "boundary above 0.000977" in out

@@ -229,6 +229,15 @@ def test_lm_report_tables_equal_show(lm_run, capsys, tmp_path):
     assert [r[4] for r in page.tables["lm-0"]] == [f"{r['frequency']:.2e}" for r in rows]
     cos = page.tables["cosines-0"]
     assert [r[0] for r in cos] == [str(r["cell"]) for r in rows]
+    # the settings over seeds and the lowest learned frequency per size (issue 19, item 2),
+    # the numbers of `python -m raretask.report.lm_seeds`
+    from raretask.report.lm_seeds import seed_cells
+
+    cells = {c["cell"]: c for c in json.loads((lm_run / "cells.json").read_text())}
+    settings = seed_cells(rows, cells)
+    assert [r[4] for r in page.tables["lm-seeds-0-0"]] == [
+        c.text("test_accuracy").replace(" +- ", "\u00b1") for c in settings]
+    assert {r[0] for r in page.tables["lm-seeds-0-1"]} == {c.task for c in settings}
 
 
 def test_mixed_report_fills_toy_and_lm_sections(toy_runs, lm_run, capsys, tmp_path):

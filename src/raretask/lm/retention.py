@@ -142,15 +142,24 @@ def _seed_means(per_seed: list[list[Window]], attr: str) -> list[float]:
 
 def run_windows(m: dict, rows: list[dict], cells: dict[int, dict],
                 metric: str = "task_loss") -> dict[int, list[Window]]:
-    """:func:`windows` of ``metric`` for every cell of a run (``m``: the long-format metrics as
-    column arrays, ``raretask.report.analysis.load_metrics``)."""
+    """:func:`windows` of ``metric`` for every cell of a run that traced its injections
+    (``trace_windows`` > 0 in ``cells``: log-spaced evaluations that happen to fall one gap
+    apart are not a trace); ``m``: the long-format metrics as column arrays
+    (``raretask.report.analysis.load_metrics``)."""
+    import numpy as np
+
+    cell_col, metric_col = np.asarray(m["cell"]), np.asarray(m["metric"])
+    step_col, value_col = np.asarray(m["step"]), np.asarray(m["value"], dtype=float)
+    of_metric = metric_col == metric
     out = {}
     for r in rows:
         cid = r["cell"]
-        sel = [i for i in range(len(m["cell"])) if m["cell"][i] == cid and m["metric"][i] == metric]
-        steps = [int(m["step"][i]) for i in sel]
-        vals = [float(m["value"][i]) for i in sel]
-        out[cid] = windows(steps, vals, int(cells.get(cid, {}).get("every", 1)))
+        fields = cells.get(cid, {})
+        if not int(fields.get("trace_windows") or 0):
+            continue
+        sel = of_metric & (cell_col == cid)
+        out[cid] = windows(step_col[sel].astype(int).tolist(), value_col[sel].tolist(),
+                           int(fields.get("every", 1)))
     return out
 
 

@@ -395,10 +395,11 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
              "Rows: model sizes (by parameters); columns: the task's frequency per training "
              "token and its schedule ('k/n burst': k instances every n steps; 'spread': "
              "evenly); cells: mean over seeds of the final value, as in the table below."),
-            (order, figures.lm_order_figure(rows, m, f"{run.name}: test accuracy over training"),
+            (order, figures.lm_order_figure(rows, m, f"{run.name}: test accuracy over training",
+                                            run.cells),
              "Learning order",
-             "Test accuracy at each evaluation, one line per cell; colour: frequency "
-             "(brighter = more frequent), line style: size."),
+             "Test accuracy at each evaluation, a panel per task and size, a line per "
+             "frequency (brighter = more frequent): the mean over seeds, the band +- sd."),
             (order, figures.lm_gap_figure(rows, run.cells,
                                           f"{run.name}: matched-frequency gaps"),
              "Gap sweep",
@@ -408,17 +409,31 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
                                                   f"{run.name}: T_ADD train vs test accuracy"),
              "Grokking",
              "Accuracy on the training pairs (dashed) and the held-out pairs (solid) at each "
-             "evaluation, a panel per T_ADD cell: memorisation is the train curve rising "
-             "alone, grokking the test curve following it later; dotted: 0.9."),
-            (presence, figures.lm_presence_figure(rows, m, f"{run.name}: feature presence"),
+             "evaluation, a panel per T_ADD setting, a colour per size, the mean over seeds "
+             "(band: +- sd of the test curve): memorisation is the train curve rising alone, "
+             "grokking the test curve following it later; dotted: 0.9."),
+            (presence, figures.lm_presence_figure(rows, m, f"{run.name}: feature presence",
+                                                  run.cells),
              "Feature presence",
              "order_r2 (T_CMP) and fourier_modes (T_ADD) at each evaluation next to test "
-             "accuracy; one line per cell."),
+             "accuracy; the mean over seeds (band +- sd), a colour per size, a line style per "
+             "frequency."),
             (retention, figures.lm_retention_figure(rows, m,
-                                                    f"{run.name}: task loss over training"),
-             "Retention",
+                                                    f"{run.name}: task loss over training",
+                                                    run.cells),
+             "Task loss over training",
              "Loss at LABEL on the training instances (left) and held-out instances (right) "
-             "at each evaluation."),
+             "at each evaluation; the mean over seeds (band +- sd), a colour per size. The "
+             "losses around each injection (Fig. 8) are the 'Retention around bursts' panel "
+             "of a run with traced windows."),
+            (retention, figures.lm_burst_retention_figure(
+                rows, m, run.cells, f"{run.name}: task loss around injections"),
+             "Retention around bursts",
+             "Fig. 8: the task loss at every step of the last traced injection cycle (offset 0: "
+             "just before the burst; the burst is trained between 0 and 1), the mean over seeds "
+             "with a +- sd band, a colour per size and a line style per gap; right: per size "
+             "the drop at an injection (before - after) and the rebound over the gap (end - "
+             "after), as in the table below."),
             (retention, figures.lm_cosine_figure(rows, m,
                                                  f"{run.name}: gradient cosines with g_r"),
              "Gradient cosines",
@@ -429,6 +444,12 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
             if fig is not None:
                 section.figures.append(Figure(f"{title}: {run.name}", figures.png_bytes(fig),
                                               caption, src))
+        from raretask.report.lm_seeds import seed_tables
+
+        for j, t in enumerate(seed_tables(rows, run.cells, m)):
+            where = retention if t.key == "retention" else heat
+            where.tables.append(Table(f"{run.name}: {t.title}", t.columns, t.rows,
+                                      f"lm-seeds-{i}-{j}"))
         by_cell = {r["cell"]: r for r in rows}
         stats = analysis.lm_cosine_stats(m, sorted(by_cell))
         if stats:

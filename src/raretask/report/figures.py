@@ -441,44 +441,6 @@ def lm_heatmap_figure(rows: list[dict], cells: dict[int, dict], title: str):
     return fig
 
 
-def _lm_trajectory_figure(rows, m, metrics: list[tuple[str, str]], title: str, logy=False):
-    """A row of panels per task, one panel per metric the task recorded; a line per cell,
-    coloured by frequency, styled by size."""
-    from raretask.report.analysis import metric_series
-
-    rows = [r for r in rows if r["task"] != "none"]
-    tasks = sorted({r["task"] for r in rows})
-    layout = [[(metric, label, t) for metric, label in metrics
-               if any(_has(m, r["cell"], metric) for r in rows if r["task"] == t)]
-              for t in tasks]
-    layout = [row for row in layout if row]
-    if not layout:
-        return None
-    fig, panels = _metric_panels(layout, 4.6, 3.3)
-    freqs = sorted({r["frequency"] for r in rows})
-    sizes = sorted({r["size"] for r in rows}, key=lambda s: min(r["params"] for r in rows
-                                                                if r["size"] == s))
-    cmap = plt.get_cmap("plasma")
-    styles = ["-", "--", ":", "-."]
-    for ax, metric, _label, task in panels:
-        for r in rows:
-            if r["task"] != task:
-                continue
-            steps, v = metric_series(m, r["cell"], metric)
-            keep = (steps > 0) & np.isfinite(v)
-            if not keep.any():
-                continue
-            fi = freqs.index(r["frequency"])
-            ax.plot(steps[keep], v[keep], styles[sizes.index(r["size"]) % 4], lw=1.1,
-                    color=cmap(0.85 * fi / max(len(freqs) - 1, 1)), label=lm_label(r))
-        if logy:
-            ax.set_yscale("log")
-        ax.legend(fontsize=5.5)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
 def _metric_panels(layout: list[list[tuple[str, str, str]]], panel_w: float, panel_h: float,
                    extra_w: float = 0.0):
     """(figure, [(ax, metric, label, task)]): a row of panels per task, one per (metric, label,
@@ -508,10 +470,53 @@ def _has(m, cell, metric) -> bool:
     return bool(sel.any() and np.isfinite(m["value"][sel].astype(float)).any())
 
 
-def lm_order_figure(rows, m, title: str):
-    """Fig. 6 analogue (order): test accuracy over training, a line per cell (colour: frequency,
-    line style: size): frequent tasks are learned first."""
-    return _lm_trajectory_figure(rows, m, [("test_accuracy", "test accuracy")], title)
+def lm_order_figure(rows, m, title: str, cells: dict[int, dict] | None = None):
+    """Fig. 6 analogue (order): test accuracy over training, a row of panels per task and a
+    panel per size, a line per frequency (brighter = more frequent; line style per schedule or
+    other field when several), each the mean over its seeds with a +- sd band: within a size,
+    frequent tasks are learned first. None without test accuracy over training."""
+    settings = {k: rs for k, rs in _seed_settings(rows, cells).items()
+                if any(_has(m, r["cell"], "test_accuracy") for r in rs)}
+    if not settings:
+        return None
+    tasks = sorted({k[0] for k in settings})
+    layout = [[("test_accuracy", size, t) for _, size in
+               sorted({(k[1], k[2]) for k in settings if k[0] == t})] for t in tasks]
+    fig, panels = _metric_panels(layout, 3.3, 2.8, extra_w=2.4)
+    cmap = plt.get_cmap("plasma")
+    styles = ["-", "--", ":", "-."]
+    handles: dict[str, object] = {}
+    for ax, _, size, task in panels:
+        ax.set_title(f"T_{task.upper()}, {size}", fontsize=9)
+        ax.set_ylabel("test accuracy", fontsize=8)
+        ax.set_ylim(-0.02, 1.02)
+        mine = {k: rs for k, rs in settings.items() if k[0] == task}
+        freqs = sorted({k[4] for k in mine})
+        variants = sorted({(k[3], k[5]) for k in mine}, key=repr)
+        for (_, _, s, sched, freq, other), seed_rows in mine.items():
+            got = _seed_mean_series(m, seed_rows, "test_accuracy") if s == size else None
+            if got is None:
+                continue
+            steps, mean, sd = got
+            colour = cmap(0.85 * freqs.index(freq) / max(len(freqs) - 1, 1))
+            style = styles[variants.index((sched, other)) % len(styles)]
+            (line,) = ax.plot(steps, mean, style, color=colour, lw=1.3)
+            ax.fill_between(steps, mean - sd, mean + sd, color=colour, alpha=0.2, lw=0)
+            label = ", ".join(filter(None, (f"T_{task.upper()} {freq:.2e}",
+                                            sched if len(variants) > 1 else "",
+                                            _other_label(other) if len(variants) > 1 else "")))
+            handles.setdefault(label, line)
+    fig.suptitle(f"{title} (seed mean, band: +- sd)", fontsize=10)
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
+    return fig
+
+
+def _other_label(other) -> str:
+    from raretask.report.lm_seeds import other_text
+
+    return other_text(other)
 
 
 def lm_gap_figure(rows: list[dict], cells: dict[int, dict], title: str):
@@ -544,19 +549,23 @@ def lm_gap_figure(rows: list[dict], cells: dict[int, dict], title: str):
     return fig
 
 
-def lm_presence_figure(rows, m, title: str):
+def lm_presence_figure(rows, m, title: str, cells: dict[int, dict] | None = None):
     """Fig. 7 analogue: feature presence (T_CMP: R^2 of the hidden order from the first layer;
-    T_ADD: Fourier modes across layers) and test accuracy over training."""
-    return _lm_trajectory_figure(rows, m, [("order_r2", "order R^2 (T_CMP feature)"),
-                                           ("fourier_modes", "Fourier modes (T_ADD feature)"),
-                                           ("test_accuracy", "test accuracy")], title)
+    T_ADD: Fourier modes across layers) and test accuracy over training, seed means with
+    bands, one colour per size."""
+    return lm_seed_band_figure(rows, m, [("order_r2", "order R^2 (T_CMP feature)"),
+                                         ("fourier_modes", "Fourier modes (T_ADD feature)"),
+                                         ("test_accuracy", "test accuracy")], title,
+                               cells=cells)
 
 
-def lm_retention_figure(rows, m, title: str):
-    """Fig. 8 analogue: task loss on the training instances over training (does the model keep
-    what each injection taught it?)."""
-    return _lm_trajectory_figure(rows, m, [("task_loss", "task loss"),
-                                           ("task_test_loss", "held-out task loss")], title)
+def lm_retention_figure(rows, m, title: str, cells: dict[int, dict] | None = None):
+    """Task loss on the training and the held-out instances over training, seed means with
+    bands, one colour per size (the densely traced Fig. 8 is
+    :func:`lm_burst_retention_figure`)."""
+    return lm_seed_band_figure(rows, m, [("task_loss", "task loss"),
+                                         ("task_test_loss", "held-out task loss")], title,
+                               cells=cells)
 
 
 def lm_grokking_figure(rows, m, cells: dict[int, dict], title: str, max_panels: int = 12):

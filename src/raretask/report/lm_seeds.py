@@ -303,63 +303,89 @@ def lm_cosine_over_seeds(m: dict[str, np.ndarray], rows: list[dict],
     return out
 
 
+@dataclass(frozen=True)
+class SeedTable:
+    """One table of :func:`seed_tables`: the terminal (``summary_tables``) and the HTML report
+    draw the same cells."""
+
+    key: str
+    """'settings', 'boundaries' or 'retention' (Fig. 8's, drawn beside Fig. 8)."""
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    numbers: tuple[str, ...] = ()
+    """Columns of numbers, never folded."""
+
+
+def _pm(mean: float | None, sd: float | None) -> str:
+    return "-" if mean is None else (f"{mean:.3f}" if sd is None else f"{mean:.3f}±{sd:.3f}")
+
+
+def seed_tables(rows: list[dict], cells: dict[int, dict], m: dict | None = None
+                ) -> list[SeedTable]:
+    """An LM run's tables over seeds: settings (mean ± sd, learned seeds, disagreement), the
+    lowest learned frequency per size with its bracket, and, when ``m`` (the long metrics)
+    holds traced injections (Fig. 8), drop / rebound / kept per size and gap."""
+    from raretask.lm.retention import retention_by_size, run_windows
+
+    settings = seed_cells(rows, cells)
+    also = any(c.other for c in settings)  # settings apart in other fields (weight decay...)
+    extra = ["also"] * also
+
+    def more(other) -> list[str]:
+        return [other_text(other, short=True)] * also
+
+    def pm(text: str) -> str:  # 'mean±sd': 80 columns hold the table without folding numbers
+        return text.replace(" +- ", "±")
+
+    out = [SeedTable(
+        "settings", "final values over seeds (mean ± sd)",
+        ["task", "size", "freq/tok", "schedule", *extra, "test acc", "task L", "held-out L",
+         "val L", "learned"],
+        [[c.task, c.size, f"{c.frequency:.2e}", c.schedule, *more(c.other),
+          pm(c.text("test_accuracy")), pm(c.text("task_loss")), pm(c.text("task_test_loss")),
+          pm(c.text("val_loss")),
+          f"{c.n_learned}/{len(c.seeds)}" + (" disagree" if c.disagree else "")]
+         for c in settings],
+        ("freq/tok", "test acc", "task L", "held-out L", "val L"))]
+    out.append(SeedTable(
+        "boundaries", "lowest learned frequency per size (boundary bracket)",
+        ["task", "size", "schedule", *extra, "lowest learned", "monotone"],
+        [[b.task, b.size, b.schedule, *more(b.other), b.text(), "yes" if b.monotone else "no"]
+         for b in learned_boundaries(settings)]))
+    lines = retention_by_size(run_windows(m, rows, cells), rows, cells) if m is not None else []
+    if lines:
+        out.append(SeedTable(
+            "retention", "retention around injections (task loss; per seed the mean over its traced "
+            "windows, then mean ± sd over seeds; drop: before - after the burst, rebound: end "
+            "of the gap - after, kept: 1 - rebound / drop)",
+            ["size", "every", "seeds", "windows", "drop", "rebound", "kept"],
+            [[ln.size, str(ln.every), str(ln.seeds), str(ln.windows), _pm(*ln.drop),
+              _pm(*ln.rebound), _pm(*ln.kept)] for ln in lines]))
+    return out
+
+
 def summary_tables(run_dir: str | Path) -> list:
-    """rich Tables of an LM run directory: settings over seeds (mean +- sd, learned seeds,
-    disagreement), the lowest learned frequency per size with its bracket, and, when the run
-    traced injections (Fig. 8), drop / rebound / kept per size and gap."""
+    """rich Tables of an LM run directory (finished cells; :func:`seed_tables`)."""
     from rich import box
     from rich.table import Table
 
-    from raretask.lm.retention import retention_by_size, run_windows
     from raretask.report.analysis import load_metrics
     from raretask.runs import store
     from raretask.runs.grid import load_summary
 
     run_dir = Path(run_dir)
     rows = load_summary(run_dir)  # the finished cells of a run still going too
-    cells = store.read_cells(run_dir)
-    settings = seed_cells(rows, cells)
-
-    def pm(text: str) -> str:  # 'mean±sd': 80 columns hold the table without folding numbers
-        return text.replace(" +- ", "±")
-
-    t1 = Table(title=f"{run_dir}: final values over seeds (mean ± sd)", box=box.SIMPLE_HEAD,
-               padding=0)
-    # words wrap, a number stays whole; "learned" says how many of how many seeds
-    also = any(c.other for c in settings)  # settings apart in other fields (weight decay...)
-    for c in ("task", "size", "freq/tok", "schedule") + ("also",) * also + (
-            "test acc", "task L", "held-out L", "val L", "learned"):
-        t1.add_column(c, justify="right", overflow="fold",
-                      no_wrap=c in ("freq/tok", "test acc", "task L", "held-out L", "val L"))
-    for c in settings:
-        flag = f"{c.n_learned}/{len(c.seeds)}" + (" disagree" if c.disagree else "")
-        t1.add_row(c.task, c.size, f"{c.frequency:.2e}", c.schedule,
-                   *([other_text(c.other, short=True)] if also else []),
-                   pm(c.text("test_accuracy")), pm(c.text("task_loss")),
-                   pm(c.text("task_test_loss")), pm(c.text("val_loss")), flag)
-    t2 = Table(title="lowest learned frequency per size (boundary bracket)", box=box.SIMPLE_HEAD,
-               padding=0)
-    for c in ("task", "size", "schedule") + ("also",) * also + ("lowest learned", "monotone"):
-        t2.add_column(c, justify="right", overflow="fold")  # never cut a number
-    for b in learned_boundaries(settings):
-        t2.add_row(b.task, b.size, b.schedule, *([other_text(b.other, short=True)] if also else []),
-                   b.text(), "yes" if b.monotone else "no")
-    tables = [t1, t2]
-    lines = retention_by_size(run_windows(load_metrics(run_dir), rows, cells), rows, cells)
-    if lines:
-        t3 = Table(title="retention around injections (task loss; per seed mean over windows, "
-                   "then mean ± sd over seeds)", box=box.SIMPLE_HEAD, padding=0)
-        for c in ("size", "every", "seeds", "windows", "drop", "rebound", "kept"):
-            t3.add_column(c, justify="right", overflow="fold")  # never cut a number
-
-        def ms(pair):
-            m, s = pair
-            return "-" if m is None else (f"{m:.3f}" if s is None else f"{m:.3f}±{s:.3f}")
-
-        for ln in lines:
-            t3.add_row(ln.size, str(ln.every), str(ln.seeds), str(ln.windows), ms(ln.drop),
-                       ms(ln.rebound), ms(ln.kept))
-        tables.append(t3)
+    m = load_metrics(run_dir) if (run_dir / "metrics.parquet").exists() else None
+    tables = []
+    for i, t in enumerate(seed_tables(rows, store.read_cells(run_dir), m)):
+        drawn = Table(title=f"{run_dir}: {t.title}" if i == 0 else t.title,
+                      box=box.SIMPLE_HEAD, padding=0)
+        for c in t.columns:  # words wrap, a number stays whole
+            drawn.add_column(c, justify="right", overflow="fold", no_wrap=c in t.numbers)
+        for row in t.rows:
+            drawn.add_row(*row)
+        tables.append(drawn)
     return tables
 
 
@@ -383,6 +409,7 @@ __all__ = [
     "Boundary",
     "CosineOverSeeds",
     "SeedCell",
+    "SeedTable",
     "learned_boundaries",
     "learned_threshold",
     "lm_cosine_over_seeds",
@@ -391,6 +418,7 @@ __all__ = [
     "schedule_family",
     "seed_cells",
     "seed_learned",
+    "seed_tables",
     "summary_tables",
     "varying_fields",
 ]
