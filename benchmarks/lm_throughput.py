@@ -295,6 +295,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     "default 300m)")
     ap.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 8)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048)")
+    ap.add_argument("--vocab-size", type=int, default=None,
+                    help="vocabulary (default: the preset's, 50,304; the study's grids use 4,096)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (CUDA 10, CPU 2)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (CUDA 50, CPU 5)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " +
@@ -347,6 +349,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for name in ("batch_size", "seq_len", "steps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}: {getattr(args, name)} is not >= 1")
+    if args.vocab_size is not None and args.vocab_size < 2:
+        ap.error(f"--vocab-size: {args.vocab_size} is not >= 2")
     if args.warmup < 0:
         ap.error(f"--warmup: {args.warmup} is not >= 0")
     if not (args.peak_tflops > 0 and math.isfinite(args.peak_tflops)):
@@ -394,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     device = args.device
     cuda = device.type == "cuda"
-    cfg = ModelConfig.preset(args.preset)
+    cfg = ModelConfig.preset(args.preset, **({"vocab_size": args.vocab_size}
+                                              if args.vocab_size is not None else {}))
     out = Path(args.out or ROOT / "benchmarks" / "results" /
                f"lm_throughput_{device.type}_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -128,8 +128,8 @@ def run_script(*args, timeout=300):
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lm_throughput") / "small.json"
     res = run_script("--device", "cpu", "--preset", "tiny", "--batch-size", "2", "--seq-len",
-                     "32", "--warmup", "1", "--steps", "2", "--variants", "raretask,hf-eager",
-                     "--out", str(out))
+                     "32", "--vocab-size", "300", "--warmup", "1", "--steps", "2",
+                     "--variants", "raretask,hf-eager", "--out", str(out))
     assert res.returncode == 0, res.stderr
     return out, json.loads(out.read_text())
 
@@ -139,8 +139,10 @@ def test_small_run_figures_are_consistent(small_run):
     assert out.with_suffix(".log").read_text().count("tokens/s") >= 3  # lines and table
     assert r["device_type"] == "cpu" and r["dtype"] == "float32"
     assert r["tokens_per_step"] == 2 * 32
-    # 6 (N + V C) + 12 L C T = 6 (131,648 + 256 * 64) + 12 * 2 * 64 * 32
-    assert r["flops_per_token"] == 937_344 == ModelConfig.preset("tiny").flops_per_token(32)
+    # 6 (N + V C) + 12 L C T = 6 (131,648 + 300 * 64) + 12 * 2 * 64 * 32, at --vocab-size 300
+    assert r["model"]["vocab_size"] == 300
+    assert r["flops_per_token"] == 954_240 == ModelConfig.preset(
+        "tiny", vocab_size=300).flops_per_token(32)
     assert "full T x T" in r["flops_note"]
     assert [v["name"] for v in r["variants"]] == ["raretask", "hf-eager"]
     for v in r["variants"]:
@@ -150,7 +152,7 @@ def test_small_run_figures_are_consistent(small_run):
         assert v["mfu"] == pytest.approx(
             r["flops_per_token"] * v["tokens_per_s"] / (r["peak_tflops"] * 1e12), rel=1e-12)
         assert v["peak_memory_bytes"] is None  # CPU
-        assert math.isfinite(v["final_loss"]) and abs(v["final_loss"] - math.log(256)) < 0.5
+        assert math.isfinite(v["final_loss"]) and abs(v["final_loss"] - math.log(300)) < 0.5
         assert v["compiled"] is False  # CPU default: no compile
     ours, hf = r["variants"]
     assert r["ratio"]["best_hf"] == "hf-eager"
@@ -178,6 +180,7 @@ def test_bad_argument_exits_2_with_one_error_line():
     (["--batch-size", "0"], "--batch-size: 0 is not >= 1"),
     (["--warmup", "-1"], "--warmup: -1 is not >= 0"),
     (["--peak-tflops", "0"], "--peak-tflops: 0.0 is not a positive number"),
+    (["--vocab-size", "1"], "--vocab-size: 1 is not >= 2"),
     (["--device", "meta"], "--device: 'meta' is neither cpu nor cuda"),
     (["--device", "tpu"], "--device: Expected one of"),
     (["--batch-size", "two"], "argument --batch-size: invalid int value: 'two'"),

@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu/session.sh fig6 fig9
 #   bash benchmarks/gpu/session.sh toy_check toy_grid fig2     (CUDA-only toy tests; ~4.5 min)
 #   bash benchmarks/gpu/session.sh multi_ddp multi_fsdp         (kind nvidia-h200-x2: issue 10)
-#   bash benchmarks/gpu/session.sh fig5_scale                  (issue 19: ~3 calls, resumed; docs/lm_study.md)
+#   bash benchmarks/gpu/session.sh fig5_scale                  (issue 19: many calls, resumed; LM_ONLY picks cells; docs/lm_study.md)
+#   bash benchmarks/gpu/session.sh lm_speed                    (issue 19: tokens/s, MFU of 150m/60m/20m at the grids' step shapes, ~5 min)
 #   LM_TIMEOUT=300 bash benchmarks/gpu/session.sh add_grok; LM_TIMEOUT=250 bash benchmarks/gpu/session.sh fig8_retention
 #                                                               (issue 19: T_ADD grokking and Fig. 8 in one call)
 #   bash benchmarks/gpu/session.sh fix_lm                      (issue 22: the LM fix, 5 arms x 3 seeds)
@@ -57,6 +58,23 @@ lm_run() {  # NAME CONFIG: one LM grid (resumed from benchmarks/results/resume/N
 job() {
     case $1 in
         lm_throughput) python3 benchmarks/lm_throughput.py --device cuda --out "$OUT/lm_throughput.json" ;;
+        lm_speed)  # issue 19: tokens/s and MFU of the study's sizes at its grids' step shapes
+            local d=/tmp/runs/lm_speed p bt
+            mkdir -p "$d"
+            for p in ${SPEED_PRESETS:-150m 60m 20m}; do
+                for bt in ${SPEED_SHAPES:-64x128 64x32 256x32}; do
+                    python3 benchmarks/lm_throughput.py --device cuda --variants raretask \
+                        --preset "$p" --batch-size "${bt%x*}" --seq-len "${bt#*x}" --vocab-size 4096 \
+                        --compile-mode reduce-overhead --out "$d/${p}_${bt}.json" >/dev/null 2>&1 ||
+                        echo "$p $bt failed"
+                done
+            done
+            python3 -c 'import json, pathlib, sys
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    v = json.loads(f.read_text())["variants"][0]
+    tps, mfu, ms = v["tokens_per_s"], v["mfu"], v["step_ms"]
+    print(f"{f.stem:14s} {tps:>12,.0f} tokens/s  MFU {mfu:.3f}  step {ms:.2f} ms")' "$d"
+            tar czf "$OUT/lm_speed.tgz" -C /tmp/runs lm_speed ;;
         lm_throughput_cudnn) python3 benchmarks/lm_throughput.py --device cuda --variants raretask \
                              --attention cudnn --out "$OUT/lm_throughput_cudnn.json" ;;
         lm_profile) python3 benchmarks/profile_lm_step.py &&  # kernels by category, fused projections
