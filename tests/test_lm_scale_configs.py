@@ -78,7 +78,7 @@ def test_grok_config_contrasts_weight_decay_at_many_passes():
 
 def test_fig8_bursts_fit_a_batch_and_are_traced():
     cs = cells("fig8_lm_retention")
-    assert len(cs) == 24 and {c.every for c in cs} == {8, 32}
+    assert len(cs) == 30 and {c.every for c in cs} == {8, 32}
     for c in cs:
         assert c.injection_size <= c.batch_size and c.trace_windows == 6 and not c.probes
         assert (c.steps + 1) % c.every == 0  # the last evaluation falls just before a burst
