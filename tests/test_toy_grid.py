@@ -304,6 +304,10 @@ def test_only_trains_the_selected_groups_and_a_full_run_finishes_the_same_grid(
     assert "2 groups of 3 left for a run without --only" in log
     shown = cli("show", str(out))
     assert shown.returncode == 0 and "unfinished: 4 of 6 cells" in " ".join(shown.stdout.split())
+    from raretask.report.analysis import load_metrics
+
+    assert len(load_metrics(out)["cell"]) == 0  # nothing merged yet ...
+    assert set(load_metrics(out, partial=True)["cell"].tolist()) == done  # ... but these done
     res = cli("run", str(tiny_config), "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert (json.loads((out / "summary.json").read_text())

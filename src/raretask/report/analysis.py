@@ -116,16 +116,24 @@ def injection_contrast(run_dir: Path, rows: list[dict]) -> list[InjectionContras
 
 
 # -- tables shared by `raretask show` and the report ----------------------------------------------
-def load_metrics(run_dir: Path) -> dict[str, np.ndarray]:
+def load_metrics(run_dir: Path, partial: bool = False) -> dict[str, np.ndarray]:
     """The run's long-format metrics as columns (cell, step, task, metric, value).
 
-    Reads the merged ``metrics.parquet`` of a finished grid; empty columns when it is missing.
+    Reads the merged ``metrics.parquet`` of a finished grid; empty columns when it is missing,
+    or, with ``partial``, the tables of the groups finished so far (a grid run call by call
+    with ``--only``: its seed tables before the last call).
     """
+    names = ("cell", "step", "task", "metric", "value")
     path = Path(run_dir) / "metrics.parquet"
-    if not path.exists():
-        return {k: np.array([]) for k in ("cell", "step", "task", "metric", "value")}
-    t = store.read_parquet(path).to_pydict()  # page checksums verified
-    return {k: np.asarray(v) for k, v in t.items()}
+    if path.exists():
+        paths = [path]
+    elif partial:
+        paths = [g / "metrics.parquet" for g in sorted((Path(run_dir) / "groups").glob("g*"))
+                 if (g / "summary.json").exists() and (g / "metrics.parquet").exists()]
+    else:
+        paths = []
+    tables = [store.read_parquet(p).to_pydict() for p in paths]  # page checksums verified
+    return {k: np.asarray([v for t in tables for v in t[k]]) for k in names}
 
 
 def metric_series(m: dict[str, np.ndarray], cell: int, metric: str,

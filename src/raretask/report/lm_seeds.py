@@ -356,7 +356,8 @@ def seed_tables(rows: list[dict], cells: dict[int, dict], m: dict | None = None
     lines = retention_by_size(run_windows(m, rows, cells), rows, cells) if m is not None else []
     if lines:
         out.append(SeedTable(
-            "retention", "retention around injections (task loss; per seed the mean over its traced "
+            "retention",
+            "retention around injections (task loss; per seed the mean over its traced "
             "windows, then mean ± sd over seeds; drop: before - after the burst, rebound: end "
             "of the gap - after, kept: 1 - rebound / drop)",
             ["size", "every", "seeds", "windows", "drop", "rebound", "kept"],
@@ -376,7 +377,7 @@ def summary_tables(run_dir: str | Path) -> list:
 
     run_dir = Path(run_dir)
     rows = load_summary(run_dir)  # the finished cells of a run still going too
-    m = load_metrics(run_dir) if (run_dir / "metrics.parquet").exists() else None
+    m = load_metrics(run_dir, partial=True)  # the finished groups of a grid still going
     tables = []
     for i, t in enumerate(seed_tables(rows, store.read_cells(run_dir), m)):
         drawn = Table(title=f"{run_dir}: {t.title}" if i == 0 else t.title,
