@@ -139,6 +139,25 @@ def test_batch_without_instances_gives_nan_task_cosine():
     assert -1.0 <= cos.cos_g <= 1.0
 
 
+def test_between_injections_is_the_background_batch_without_its_instances():
+    """``cos_g_gr_between``: the cosine of a batch that carries no instance (a step between
+    injections, every token an 'other' one) with the same g_r as the injection batch's."""
+    from raretask.lm.probes import probe_metrics
+
+    model, t = tiny(), task()
+    background, _ = batch(n_instances=0)
+    tokens, task_mask = batch(n_instances=3)
+    row = probe_metrics(model, t, tokens, task_mask, k=8, between=background)
+    probe = GradientProbe(t, k=8)
+    alone = probe.measure(model, background, torch.zeros_like(background, dtype=torch.bool))
+    assert row["cos_g_gr_between"] == pytest.approx(alone.cos_g, abs=1e-12)
+    assert row["cos_g_gr"] == pytest.approx(probe.measure(model, tokens, task_mask).cos_g,
+                                            abs=1e-12)
+    # the injection batch's instances are what set its g apart from the background's
+    assert row["cos_g_gr_between"] != pytest.approx(row["cos_g_gr"], abs=1e-3)
+    assert "cos_g_gr_between" not in probe_metrics(model, t, tokens, task_mask, k=8)
+
+
 # -- neuron selection ---------------------------------------------------------------------------
 def test_top_neurons_brute_force():
     g = torch.Generator().manual_seed(0)

@@ -497,12 +497,15 @@ def probe_metrics(
     task_mask: Tensor | None = None,
     k: int = DEFAULT_K,
     autocast_dtype: torch.dtype | None = None,
+    between: Tensor | None = None,
 ) -> dict[str, float]:
     """What a trainer records at one evaluation, as metric name -> value.
 
     ``cos_g_gr``, ``cos_gt_gr``, ``cos_gnt_gr``: :meth:`GradientProbe.measure` of the batch
     ``tokens`` [B, T+1] with its ``task_mask`` (left out when ``tokens`` is None, and a cosine
-    that is NaN, i.e. a zero gradient, is left out too); ``order_r2`` (T_CMP) or
+    that is NaN, i.e. a zero gradient, is left out too); ``cos_g_gr_between``: cos(g, g_r) of
+    the batch ``between`` [B, T+1], which carries no instance (a step between injections,
+    where g is all other tokens'), against the same g_r; ``order_r2`` (T_CMP) or
     ``fourier_modes`` (T_ADD): :func:`feature_presence`.
 
     Example::
@@ -511,14 +514,19 @@ def probe_metrics(
         {'cos_g_gr': 0.02, 'cos_gt_gr': 0.61, 'cos_gnt_gr': -0.01, 'order_r2': 0.12}
     """
     row: dict[str, float] = {}
+    probe = GradientProbe(task, k=k, autocast_dtype=autocast_dtype)
+    reference = probe.reference(model) if tokens is not None or between is not None else None
     if tokens is not None:
-        cos = GradientProbe(task, k=k, autocast_dtype=autocast_dtype).measure(
-            model, tokens, task_mask
-        )
+        cos = probe.measure(model, tokens, task_mask, reference=reference)
         for name, value in (("cos_g_gr", cos.cos_g), ("cos_gt_gr", cos.cos_t),
                             ("cos_gnt_gr", cos.cos_nt)):
             if value == value:  # not NaN
                 row[name] = value
+    if between is not None:
+        cos = probe.measure(model, between, torch.zeros_like(between, dtype=torch.bool),
+                            reference=reference)
+        if cos.cos_g == cos.cos_g:
+            row["cos_g_gr_between"] = cos.cos_g
     presence = feature_presence(model, task, autocast_dtype=autocast_dtype)
     if isinstance(presence, OrderR2):
         row["order_r2"] = presence.r2

@@ -308,7 +308,7 @@ class LMTrainer:
         """Probe metrics (module docstring); reads the stream and instances without moving them."""
         from raretask.lm.probes import probe_metrics
 
-        tokens = mask = None
+        tokens = mask = batch = None
         if not (self.world > 1 and self.settings.fsdp):
             saved = self.data.state_dict()
             batch = self.data.next_batch()
@@ -323,8 +323,9 @@ class LMTrainer:
             idx = (torch.arange(min(count, batch.shape[0])) + self.injected) % n
             tokens, mask = inject(batch, self.train_instances[idx])
         dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        # the same background without its instances: what a step between injections does
         return probe_metrics(self.model, self.task, tokens, mask, k=self.settings.probe_k,
-                             autocast_dtype=dtype)
+                             autocast_dtype=dtype, between=batch)
 
     def metrics(self) -> list[dict]:
         """Long-format rows: step, metric, value."""

@@ -630,12 +630,13 @@ def lm_grokking_figure(rows, m, cells: dict[int, dict], title: str, max_panels: 
 
 def lm_cosine_figure(rows, m, title: str):
     """Fig. 9 analogue: cosines of the batch gradient g, its task-token part g_t and its
-    other-token part g_nt with the task's reference gradient g_r, over training: per setting
+    other-token part g_nt with the task's reference gradient g_r at an injection step, and of g
+    between injections (a batch without instances), over training: per setting
     the mean over its seeds with a +- sd band, one colour per size (line style per frequency and
     schedule when there are several); the legend sits beside the panels, off the data."""
-    return lm_seed_band_figure(rows, m, [("cos_g_gr", "cos(g, g_r)"),
-                                         ("cos_gt_gr", "cos(g_t, g_r)"),
-                                         ("cos_gnt_gr", "cos(g_nt, g_r)")], title, zero_line=True)
+    from raretask.report.lm_seeds import COSINES
+
+    return lm_seed_band_figure(rows, m, list(COSINES), title, zero_line=True)
 
 
 def _seed_settings(rows: list[dict], cells: dict[int, dict] | None = None):

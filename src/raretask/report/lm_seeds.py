@@ -250,7 +250,10 @@ def other_text(other: tuple[tuple[str, object], ...], short: bool = False) -> st
 
 
 COSINES = (("cos_g_gr", "cos(g, g_r)"), ("cos_gt_gr", "cos(g_t, g_r)"),
-           ("cos_gnt_gr", "cos(g_nt, g_r)"))
+           ("cos_gnt_gr", "cos(g_nt, g_r)"),
+           ("cos_g_gr_between", "cos(g, g_r) between injections"))
+"""The probe's cosines: at the injection step (g = g_t + g_nt), and between injections (a
+batch without instances: g is all other tokens'; runs made before it was probed lack it)."""
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,8 @@ class CosineOverSeeds:
     half_width: dict[str, float]
 
     def text(self, metric: str) -> str:
+        if metric not in self.mean:  # not probed (a run from before the metric existed)
+            return "-"
         return f"{self.mean[metric]:+.3f} ± {self.half_width[metric]:.3f}"
 
 
