@@ -83,11 +83,21 @@ def test_retention_by_size_means_per_seed_then_over_seeds():
     cells = {i: {"every": 10} for i in range(3)}
     small, big = retention_by_size(cell_windows, rows, cells)
     assert (small.size, small.seeds, small.windows, small.every) == ("4m", 2, 3, 10)
-    # seed 0: drops 1, 1 -> 1; rebounds 0.5, 0.9 -> 0.7; kept 0.5, 0.1 -> 0.3. seed 1: 2, 1, 0.5
+    # seed 0: drops 1, 1 -> 1; rebounds 0.5, 0.9 -> 0.7; kept 1 - 0.7 / 1 = 0.3.
+    # seed 1: drop 2, rebound 1, kept 0.5
     assert small.drop == pytest.approx((1.5, 0.5**0.5))
     assert small.rebound == pytest.approx((0.85, (2 * 0.15**2) ** 0.5))
     assert small.kept[0] == pytest.approx(0.4)
     assert big.drop == (0.5, None) and big.kept == (1.0, None)
+
+
+def test_kept_is_a_ratio_of_means_so_a_flat_window_cannot_swamp_it():
+    """One window whose burst barely moved the loss (drop 0.001, rebound 0.05: kept -49 on its
+    own) beside one that dropped 1 and rebounded 0.2: the seed kept 1 - 0.125 / 0.5005."""
+    w = lambda before, after, end: Window(1, before, after, end, (0, 1), (before, after))  # noqa
+    (line,) = retention_by_size({0: [w(3, 2, 2.2), w(2.001, 2, 2.05)]},
+                                [dict(cell=0, size="tiny", params=1, seed=0)], {0: {"every": 8}})
+    assert line.kept == (pytest.approx(1 - 0.125 / 0.5005), None)
 
 
 # -- the shipped config, shortened to CPU --------------------------------------------------------

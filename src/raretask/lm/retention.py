@@ -13,7 +13,8 @@ before the m-th injection), ``m g`` (just after) and through the gap to ``(m + 1
   (1: all kept, 0: all lost, < 0: worse than before the burst); None when drop <= 0.
 
 :func:`retention_by_size` folds the windows of every cell into one line per (size, gap):
-per seed the mean over its windows, then mean +- sd (ddof 1) over the seeds.
+per seed the mean over its windows (kept: 1 - mean rebound / mean drop of the seed), then
+mean +- sd (ddof 1) over the seeds.
 
 Example::
 
@@ -126,7 +127,19 @@ def retention_by_size(cell_windows: dict[int, list[Window]], rows: list[dict],
             windows=sum(len(ws) for ws in per_seed),
             drop=_mean_sd(_seed_means(per_seed, "drop")),
             rebound=_mean_sd(_seed_means(per_seed, "rebound")),
-            kept=_mean_sd(_seed_means(per_seed, "kept"))))
+            kept=_mean_sd(_seed_kept(per_seed))))
+    return out
+
+
+def _seed_kept(per_seed: list[list[Window]]) -> list[float]:
+    """Per seed, 1 - mean rebound / mean drop over its windows (None-free; a seed whose mean
+    drop is not positive is left out). A ratio of means, not a mean of ratios: one window whose
+    burst barely moved the loss would make its own ratio, and a mean of them, anything."""
+    out = []
+    for ws in per_seed:
+        drop = sum(w.drop for w in ws) / len(ws)
+        if drop > 0:
+            out.append(1.0 - sum(w.rebound for w in ws) / len(ws) / drop)
     return out
 
 
