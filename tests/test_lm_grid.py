@@ -352,7 +352,7 @@ def test_attention_backend_pins_the_kernel_and_cuda_only_ones_are_refused(cache,
 
 
 def test_a_grid_of_variants_runs_resumes_from_its_record_and_shows_what_sets_rows_apart(
-        cache, tmp_path, capsys):
+        cache, one_thread, tmp_path, capsys):
     """Each task with its own budget in one run directory (``variants:``): the recorded
     config.yaml is the same experiment (a second run trains nothing), and ``show`` names the
     seed and the field that tells two rows apart."""
@@ -364,14 +364,15 @@ def test_a_grid_of_variants_runs_resumes_from_its_record_and_shows_what_sets_row
         "  - {task: cmp, rate: 0.03125, seq_len: 32, steps: 3}\n"
         "  - {task: add, rate: 0.125, seq_len: 8, steps: 5, weight_decay: [1.0, 0.1]}\n")
     out = tmp_path / "run"
-    res = cli("run", str(config), "--out", str(out), "--quiet")
-    assert res.returncode == 0, res.stderr
+    code, _, err = in_process(capsys, "run", str(config), "--out", str(out), "--quiet")
+    assert code == 0, err
     rows = sorted(show_json(capsys, out), key=lambda r: r["cell"])
     assert [(r["task"], r["steps"], r["seed"]) for r in rows] == [
         ("cmp", 3, 0), ("cmp", 3, 1), ("add", 5, 0), ("add", 5, 0), ("add", 5, 1), ("add", 5, 1)]
     assert [r["tokens"] for r in rows] == [3 * 8 * 32] * 2 + [5 * 8 * 8] * 4
-    res = cli("run", str(out / "config.yaml"), "--out", str(out))
-    assert res.returncode == 0, res.stderr
+    code, _, err = in_process(capsys, "run", str(out / "config.yaml"), "--out", str(out),
+                              "--quiet")
+    assert code == 0, err
     last_start = [line for line in (out / "log.txt").read_text().splitlines()
                   if " start: " in line][-1]
     assert last_start.endswith("6 cells in 6 groups, 0 groups to run")
