@@ -210,14 +210,25 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
 
 
 
+def _lasting_names(root: Path) -> set[str]:
+    """Names under ``root`` other than those a running process's atomic writes make and remove
+    (temp files, the checkpoint set aside during a save); a directory that vanishes mid-walk is
+    skipped, not an error."""
+    names = set()
+    for parent, dirs, files in os.walk(root, onerror=lambda err: None):
+        if store.TEMP_PREFIX in parent or "ckpt.old" in Path(parent).parts:
+            continue
+        names |= {n for n in dirs + files if store.TEMP_PREFIX not in n and n != "ckpt.old"}
+    return names
+
+
 def test_second_process_refuses_while_the_first_runs(reference, tmp_path, capsys):
     cfg = _config(tmp_path / "tiny.yaml", {"steps": 3000})  # long enough to overlap
     out = tmp_path / "run"
     first = _start(cfg, out)
     try:
         _wait_for(out / "groups" / "g0000" / "ckpt", first)
-        # temp files come and go with the running process's atomic writes: compare the rest
-        before = sorted(p.name for p in out.rglob("*") if store.TEMP_PREFIX not in str(p))
+        before = _lasting_names(out)
         err = fails(["run", str(cfg), "--out", str(out), "--quiet"], capsys)
         assert err == f"error: {out}: another raretask process is running in this directory"
         second = subprocess.run([sys.executable, "-m", "raretask", "run", str(cfg), "--out",
@@ -226,7 +237,7 @@ def test_second_process_refuses_while_the_first_runs(reference, tmp_path, capsys
         assert second.returncode == 2 and second.stdout == ""
         assert second.stderr == err + "\n"
         assert first.poll() is None  # the refusals did not disturb the running one
-        assert set(before) <= {p.name for p in out.rglob("*")}
+        assert before <= _lasting_names(out)
     finally:
         first.kill()
         first.wait()
