@@ -413,12 +413,10 @@ class Grid(StrictModel):
             where = f"{source}: variants[{i}]"
             if not isinstance(variant, dict) or not variant:
                 raise UserError(f"{where}: expected a mapping of cell fields")
-            for key in variant:
-                if key not in fields:  # kind, name, profile and nesting belong at the top
-                    hint = (MOVED_KEYS.get(key) or cls.moved_keys.get(key)
-                            or ("set it at the top, for every variant" if key in cls.model_fields
-                                or key in ("profile", "variants") else "unknown key"))
-                    raise UserError(f"{where}: {key}: {hint}")
+            for key in variant:  # kind, name, profile and nesting belong at the top (the
+                # merge below names any other unknown or renamed key under variants[i])
+                if key in cls.model_fields or key == "profile":
+                    raise UserError(f"{where}: {key}: set it at the top, for every variant")
             try:
                 subs.append(cls.from_dict({**base, **variant}, where))
             except UserError as err:  # a value from the top is named at the top

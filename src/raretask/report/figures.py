@@ -475,6 +475,8 @@ def lm_order_figure(rows, m, title: str, cells: dict[int, dict] | None = None):
     panel per size, a line per frequency (brighter = more frequent; line style per schedule or
     other field when several), each the mean over its seeds with a +- sd band: within a size,
     frequent tasks are learned first. None without test accuracy over training."""
+    from raretask.report.lm_seeds import other_text
+
     settings = {k: rs for k, rs in _seed_settings(rows, cells).items()
                 if any(_has(m, r["cell"], "test_accuracy") for r in rs)}
     if not settings:
@@ -504,19 +506,13 @@ def lm_order_figure(rows, m, title: str, cells: dict[int, dict] | None = None):
             ax.fill_between(steps, mean - sd, mean + sd, color=colour, alpha=0.2, lw=0)
             label = ", ".join(filter(None, (f"T_{task.upper()} {freq:.2e}",
                                             sched if len(variants) > 1 else "",
-                                            _other_label(other) if len(variants) > 1 else "")))
+                                            other_text(other) if len(variants) > 1 else "")))
             handles.setdefault(label, line)
     fig.suptitle(f"{title} (seed mean, band: +- sd)", fontsize=10)
     fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7,
                frameon=False)
     fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
     return fig
-
-
-def _other_label(other) -> str:
-    from raretask.report.lm_seeds import other_text
-
-    return other_text(other)
 
 
 def lm_gap_figure(rows: list[dict], cells: dict[int, dict], title: str):
