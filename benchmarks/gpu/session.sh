@@ -59,22 +59,25 @@ job() {
     case $1 in
         lm_throughput) python3 benchmarks/lm_throughput.py --device cuda --out "$OUT/lm_throughput.json" ;;
         lm_speed)  # issue 19: tokens/s and MFU of the study's sizes at its grids' step shapes
+            # one line per run as it ends (a call cut short keeps the runs it finished: session
+            # 2026-12-05's first try printed only at the end and lost all of them); the
+            # largest model and the T_CMP shape first, since item 8 asks for 60m-150m MFU
             local d=/tmp/runs/lm_speed p bt
             mkdir -p "$d"
-            for p in ${SPEED_PRESETS:-150m 60m 20m}; do
-                for bt in ${SPEED_SHAPES:-64x128 64x32 256x32}; do
-                    python3 benchmarks/lm_throughput.py --device cuda --variants raretask \
-                        --preset "$p" --batch-size "${bt%x*}" --seq-len "${bt#*x}" --vocab-size 4096 \
-                        --compile-mode reduce-overhead --out "$d/${p}_${bt}.json" >/dev/null 2>&1 ||
-                        echo "$p $bt failed"
+            for bt in ${SPEED_SHAPES:-64x128 64x32 256x32}; do
+                for p in ${SPEED_PRESETS:-150m 60m 20m}; do
+                    timeout "${SPEED_RUN_TIMEOUT:-150}" python3 benchmarks/lm_throughput.py \
+                        --device cuda --variants raretask --preset "$p" --batch-size "${bt%x*}" \
+                        --seq-len "${bt#*x}" --vocab-size 4096 --compile-mode reduce-overhead \
+                        --out "$d/${p}_${bt}.json" >"$d/${p}_${bt}.log" 2>&1 || {
+                        echo "$p $bt failed ($?)"; continue; }
+                    python3 -c 'import json, sys
+v = json.load(open(sys.argv[1]))["variants"][0]
+tps, mfu, ms = v["tokens_per_s"], v["mfu"], v["step_ms"]
+print(f"{sys.argv[2]:14s} {tps:>12,.0f} tokens/s  MFU {mfu:.3f}  step {ms:.2f} ms")' "$d/${p}_${bt}.json" "${p}_${bt}"
+                    tar czf "$OUT/lm_speed.tgz" -C /tmp/runs lm_speed  # kept current: a cut call returns it
                 done
-            done
-            python3 -c 'import json, pathlib, sys
-for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
-    v = json.loads(f.read_text())["variants"][0]
-    tps, mfu, ms = v["tokens_per_s"], v["mfu"], v["step_ms"]
-    print(f"{f.stem:14s} {tps:>12,.0f} tokens/s  MFU {mfu:.3f}  step {ms:.2f} ms")' "$d"
-            tar czf "$OUT/lm_speed.tgz" -C /tmp/runs lm_speed ;;
+            done ;;
         lm_throughput_cudnn) python3 benchmarks/lm_throughput.py --device cuda --variants raretask \
                              --attention cudnn --out "$OUT/lm_throughput_cudnn.json" ;;
         lm_profile) python3 benchmarks/profile_lm_step.py &&  # kernels by category, fused projections
