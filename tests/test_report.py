@@ -240,6 +240,31 @@ def test_lm_report_tables_equal_show(lm_run, capsys, tmp_path):
     assert {r[0] for r in page.tables["lm-seeds-0-1"]} == {c.task for c in settings}
 
 
+def test_partial_lm_grid_is_refused_unless_asked_and_then_labelled(lm_run, capsys, tmp_path):
+    """A grid filled call by call (issue 19) is drawn from its finished cells with --partial,
+    and every figure and table it feeds says how many of its cells are missing."""
+    run = tmp_path / "partial"
+    shutil.copytree(lm_run, run)
+    for merged in ("summary.json", "metrics.parquet"):
+        (run / merged).unlink()
+    (run / "manifest.json").unlink()  # a run still going has no manifest of its results yet
+    shutil.rmtree(run / "groups" / "g0001")  # cell 1 (T_ADD) not trained yet
+    out = tmp_path / "r.html"
+    code, stdout, stderr = cli(capsys, "report", run, "--out", out)
+    assert code == 2 and stdout == "" and stderr.count("\n") == 1
+    assert "run not finished (1 of 2 cells)" in stderr and "--partial" in stderr
+    assert not out.exists()
+
+    written, page = report(capsys, tmp_path, run, extra=("--partial",))
+    rows = show_json(capsys, run)
+    assert [r["cell"] for r in rows] == [0]
+    assert [r[6] for r in page.tables["lm-0"]] == [f"{rows[0]['test_accuracy']:.3f}"]
+    text = written.read_text()
+    label = "rep_lm (PARTIAL: 1 of 2 cells)"
+    assert text.count("PARTIAL: 1 of 2 cells finished") == len(page.images) - 1  # not Fig. 1
+    assert label in text and "rep_lm:" not in text  # no table or figure title without it
+
+
 def test_mixed_report_fills_toy_and_lm_sections(toy_runs, lm_run, capsys, tmp_path):
     _, page = report(capsys, tmp_path, toy_runs[0], lm_run)
     assert page.sections["phase"] and page.sections["lm-heatmap"]

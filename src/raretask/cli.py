@@ -439,6 +439,9 @@ def report(
     calibration: Annotated[list[Path] | None, typer.Option(
         "--calibration", help="A `raretask calibrate` file: its law, cross-validated and "
         "held-out accuracy (repeatable).")] = None,
+    partial: Annotated[bool, typer.Option(
+        "--partial", help="Also draw unfinished grids from their finished cells (a grid "
+        "filled call by call); every figure and table they feed says so.")] = False,
 ) -> None:
     """One self-contained HTML page with the study's figures for the given runs."""
     import shlex
@@ -447,8 +450,9 @@ def report(
 
     command = shlex.join(["raretask", "report", *map(str, dirs), "--out", str(out)]
                          + (["--scaling", str(scaling_csv)] if scaling_csv else [])
-                         + [x for c in calibration or [] for x in ("--calibration", str(c))])
-    path = write_report(dirs, out, scaling_csv, title, command, calibration or [])
+                         + [x for c in calibration or [] for x in ("--calibration", str(c))]
+                         + (["--partial"] if partial else []))
+    path = write_report(dirs, out, scaling_csv, title, command, calibration or [], partial)
     console.print(f"wrote {path}")
 
 

@@ -89,6 +89,19 @@ class RunInput:
     cells: dict[int, dict]
     metrics: dict
     fix: FixResult | None = None
+    cell_total: int | None = None  # set when the grid is unfinished (``--partial``): its size
+
+    @property
+    def partial(self) -> bool:
+        return self.cell_total is not None
+
+    @property
+    def label(self) -> str:
+        """The name figures and tables carry: an unfinished grid says so on each of them."""
+        if not self.partial:
+            return self.name
+        return f"{self.name} (PARTIAL: {len({r['cell'] for r in self.rows})} of " \
+               f"{self.cell_total} cells)"
 
     @property
     def made_by(self) -> str:
@@ -113,8 +126,13 @@ class RunInput:
         return ", ".join(parts) if parts else "a single cell"
 
     def source(self) -> list[str]:
-        return [f"config: {self.name} ({self.path / 'config.yaml'}; axes: {self.axes})",
-                f"made by: {self.made_by}" + (f"  [{self.version}]" if self.version else "")]
+        lines = [f"config: {self.name} ({self.path / 'config.yaml'}; axes: {self.axes})",
+                 f"made by: {self.made_by}" + (f"  [{self.version}]" if self.version else "")]
+        if self.partial:  # said on every figure and table the run feeds, not once on the page
+            done = len({r["cell"] for r in self.rows})
+            lines.append(f"PARTIAL: {done} of {self.cell_total} cells finished; missing cells "
+                         "are absent from every figure and table (raretask report --partial)")
+        return lines
 
 
 @dataclass
@@ -126,8 +144,12 @@ class Report:
 
 
 # -- inputs -------------------------------------------------------------------------------------
-def load_run(path: str | Path) -> RunInput:
-    """Check and read one directory; every problem is a one-line UserError naming the path."""
+def load_run(path: str | Path, partial: bool = False) -> RunInput:
+    """Check and read one directory; every problem is a one-line UserError naming the path.
+
+    ``partial`` reads a grid still being filled (call by call on a GPU) from the cells it has
+    finished, and marks the run so that every source line says so; without it such a run is
+    refused."""
     from raretask.runs.grid import load_summary
 
     path = Path(path)
@@ -165,11 +187,13 @@ def load_run(path: str | Path) -> RunInput:
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"{path}/groups: malformed summary.json ({type(err).__name__})") from None
     done = len({r["cell"] for r in rows})
-    if done < len(cells) or not (path / "summary.json").exists():
+    unfinished = done < len(cells) or not (path / "summary.json").exists()
+    if unfinished and not (partial and rows):
+        hint = "" if partial else " (or pass --partial to draw the cells finished so far)"
         raise UserError(f"{path}: run not finished ({done} of {len(cells)} cells); finish it with"
-                        f" raretask run {path / 'config.yaml'} --out {path}")
+                        f" raretask run {path / 'config.yaml'} --out {path}{hint}")
     try:
-        metrics = analysis.load_metrics(path)
+        metrics = analysis.load_metrics(path, partial=unfinished)
     except Exception as err:  # pyarrow raises several types for a damaged file
         raise UserError(f"{path / 'metrics.parquet'}: unreadable ({type(err).__name__})") from None
     version = ""
@@ -179,7 +203,7 @@ def load_run(path: str | Path) -> RunInput:
             if " start: " in line:
                 version = line.split(" start: ", 1)[1].split(",", 1)[0]
     return RunInput(path, kind, str(config.get("name", path.name)), config, text, version, rows,
-                    cells, metrics, fix)
+                    cells, metrics, fix, len(cells) if unfinished else None)
 
 
 # -- sections -----------------------------------------------------------------------------------
@@ -259,16 +283,16 @@ def phase_section(runs: list[RunInput]) -> Section:
         iid = [r for r in run.rows if r["schedule"] == "iid"]
         if not iid:
             continue
-        fig = figures.phase_diagram_figure(iid, f"{run.name}: learned signal vs Theorem 3")
+        fig = figures.phase_diagram_figure(iid, f"{run.label}: learned signal vs Theorem 3")
         if fig is not None:
             sec.figures.append(Figure(
-                f"Phase diagram: {run.name}", figures.png_bytes(fig),
+                f"Phase diagram: {run.label}", figures.png_bytes(fig),
                 "Colour: final s~ of task k (rows, 1 = most frequent) at width N (columns), "
                 f"mean over seeds; learned means s~ >= {run.config.get('learned_threshold')}. "
                 "Red: Theorem 3's prediction (learned to the right of the line).", run.source()))
         per_width = analysis.agreement_by_width(iid)
         sec.tables.append(Table(
-            f"{run.name}: tasks learned vs Theorem 3 per width (seeds pooled)",
+            f"{run.label}: tasks learned vs Theorem 3 per width (seeds pooled)",
             ["width", "beta", "alpha", "seeds", "learned (mean)", "predicted", "agreement"],
             [[str(w.width), f"{w.beta:g}", f"{w.alpha:g}", str(w.seeds), f"{w.learned:.1f}",
               str(w.predicted), f"{100 * w.agreement:.0f}%"] for w in per_width],
@@ -297,12 +321,12 @@ def residual_section(runs: list[RunInput]) -> Section:
         for r in iid:
             settings.setdefault(_setting_key(r), []).append(r)
         for rs in settings.values():
-            fig = figures.residual_figure(rs, run.metrics, f"{run.name}: {_setting_title(rs[0])}",
+            fig = figures.residual_figure(rs, run.metrics, f"{run.label}: {_setting_title(rs[0])}",
                                           _scalar(run.config.get("learned_threshold")))
             if fig is None:
                 continue
             sec.figures.append(Figure(
-                f"Residual and rare signal: {run.name}, {_setting_title(rs[0])}",
+                f"Residual and rare signal: {run.label}, {_setting_title(rs[0])}",
                 figures.png_bytes(fig),
                 "(a) final frequent residual delta_F = Tr((I - P_U) M_F) per width (dots: seeds) "
                 "against Theorem 3's optimum; (b) the rarest task's final s~ with its Prop. 6 "
@@ -327,30 +351,30 @@ def injection_section(runs: list[RunInput]) -> Section:
         fig = figures.injection_traces_figure(run.path, inj)
         if fig is not None:
             sec.figures.append(Figure(
-                f"Injection traces: {run.name}", figures.png_bytes(fig),
+                f"Injection traces: {run.label}", figures.png_bytes(fig),
                 "The rarest task's normalised signal s~ at every traced step, one panel per "
                 "(gap G, width N), seeds overlaid; grey lines mark injections, the dotted line "
                 "is the floor of an encoder holding none of the rare block (panels scaled one "
                 "by one).", run.source()))
-        fig = figures.injection_sweep_figure(inj, run.metrics, f"{run.name}: gap x width")
+        fig = figures.injection_sweep_figure(inj, run.metrics, f"{run.label}: gap x width")
         if fig is not None:
             sec.figures.append(Figure(
-                f"Gap x width sweep: {run.name}", figures.png_bytes(fig),
+                f"Gap x width sweep: {run.label}", figures.png_bytes(fig),
                 "Left: the rare task's final s~ against the gap G (dots: seeds; line: mean). "
                 "Right: cosine between a rare-only and a frequent-only batch gradient on the "
                 "encoder, mean over the logged steps.", run.source()))
         fig = figures.gradient_cosine_figure(inj, run.metrics,
-                                             f"{run.name}: rare vs frequent gradient cosine")
+                                             f"{run.label}: rare vs frequent gradient cosine")
         if fig is not None:
             sec.figures.append(Figure(
-                f"Gradient cosines: {run.name}", figures.png_bytes(fig),
+                f"Gradient cosines: {run.label}", figures.png_bytes(fig),
                 "Cosine between the gradient on U of a rare-only batch and of a frequent-only "
                 "batch at each logged step, one line per cell, coloured by width.",
                 run.source()))
         contrast = analysis.injection_contrast(run.path, inj)
         if contrast:
             sec.tables.append(Table(
-                f"{run.name}: rare task around injections (normalised signal). rise: mean jump "
+                f"{run.label}: rare task around injections (normalised signal). rise: mean jump "
                 "from just before an injection to the peak after it; left before next: mean "
                 "signal just before each injection; early -> late: the same over the first and "
                 "last quarter of injections.",
@@ -390,36 +414,36 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
         # (section, figure, title, caption): a figure whose data the run lacks is left out
         panels = [
             (heat, figures.lm_heatmap_figure(
-                rows, run.cells, f"{run.name}: final test accuracy and task loss"),
+                rows, run.cells, f"{run.label}: final test accuracy and task loss"),
              "Size x frequency",
              "Rows: model sizes (by parameters); columns: the task's frequency per training "
              "token and its schedule ('k/n burst': k instances every n steps; 'spread': "
              "evenly); cells: mean over seeds of the final value, as in the table below."),
-            (order, figures.lm_order_figure(rows, m, f"{run.name}: test accuracy over training",
+            (order, figures.lm_order_figure(rows, m, f"{run.label}: test accuracy over training",
                                             run.cells),
              "Learning order",
              "Test accuracy at each evaluation, a panel per task and size, a line per "
              "frequency (brighter = more frequent): the mean over seeds, the band +- sd."),
             (order, figures.lm_gap_figure(rows, run.cells,
-                                          f"{run.name}: matched-frequency gaps"),
+                                          f"{run.label}: matched-frequency gaps"),
              "Gap sweep",
              "Final task loss against the gap N (N instances every N steps, same long-run "
              "frequency), a line per size and task."),
             (presence, figures.lm_grokking_figure(rows, m, run.cells,
-                                                  f"{run.name}: T_ADD train vs test accuracy"),
+                                                  f"{run.label}: T_ADD train vs test accuracy"),
              "Grokking",
              "Accuracy on the training pairs (dashed) and the held-out pairs (solid) at each "
              "evaluation, a panel per T_ADD setting, a colour per size, the mean over seeds "
              "(band: +- sd of the test curve): memorisation is the train curve rising alone, "
              "grokking the test curve following it later; dotted: 0.9."),
-            (presence, figures.lm_presence_figure(rows, m, f"{run.name}: feature presence",
+            (presence, figures.lm_presence_figure(rows, m, f"{run.label}: feature presence",
                                                   run.cells),
              "Feature presence",
              "order_r2 (T_CMP) and fourier_modes (T_ADD) at each evaluation next to test "
              "accuracy; the mean over seeds (band +- sd), a colour per size, a line style per "
              "frequency."),
             (retention, figures.lm_retention_figure(rows, m,
-                                                    f"{run.name}: task loss over training",
+                                                    f"{run.label}: task loss over training",
                                                     run.cells),
              "Task loss over training",
              "Loss at LABEL on the training instances (left) and held-out instances (right) "
@@ -427,7 +451,7 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
              "losses around each injection (Fig. 8) are the 'Retention around bursts' panel "
              "of a run with traced windows."),
             (retention, figures.lm_burst_retention_figure(
-                rows, m, run.cells, f"{run.name}: task loss around injections"),
+                rows, m, run.cells, f"{run.label}: task loss around injections"),
              "Retention around bursts",
              "Fig. 8: the task loss at every step of the last traced injection cycle (offset 0: "
              "just before the burst; the burst is trained between 0 and 1), the mean over seeds "
@@ -435,26 +459,27 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
              "the drop at an injection (before - after) and the rebound over the gap (end - "
              "after), as in the table below."),
             (retention, figures.lm_cosine_figure(rows, m,
-                                                 f"{run.name}: gradient cosines with g_r"),
+                                                 f"{run.label}: gradient cosines with g_r"),
              "Gradient cosines",
-             "cos(g, g_r), cos(g_t, g_r) and cos(g_nt, g_r) at each evaluation, one line per "
-             "cell (the probe's batch at that step)."),
+             "cos(g, g_r), cos(g_t, g_r) and cos(g_nt, g_r) at each evaluation (the probe's "
+             "batch at that step), and cos(g, g_r) on the next batch with no task instance "
+             "(between injections): the mean over seeds with a +- sd band, a line per setting."),
         ]
         for section, fig, title, caption in panels:
             if fig is not None:
-                section.figures.append(Figure(f"{title}: {run.name}", figures.png_bytes(fig),
+                section.figures.append(Figure(f"{title}: {run.label}", figures.png_bytes(fig),
                                               caption, src))
         from raretask.report.lm_seeds import seed_tables
 
         for j, t in enumerate(seed_tables(rows, run.cells, m)):
             where = retention if t.key == "retention" else heat
-            where.tables.append(Table(f"{run.name}: {t.title}", t.columns, t.rows,
+            where.tables.append(Table(f"{run.label}: {t.title}", t.columns, t.rows,
                                       f"lm-seeds-{i}-{j}"))
         by_cell = {r["cell"]: r for r in rows}
         stats = analysis.lm_cosine_stats(m, sorted(by_cell))
         if stats:
             retention.tables.append(Table(
-                f"{run.name}: gradient cosines, mean +- sd over evaluations after step 0 (the "
+                f"{run.label}: gradient cosines, mean +- sd over evaluations after step 0 (the "
                 "paper quotes cos(g, g_r) 0.08 +- 0.02 at 1B and cos(g_nt, g_r) 0.10 +- 0.09 at "
                 "20M)",
                 ["cell", "size", "task", "freq/tok", "schedule", "evals", "cos(g, g_r)",
@@ -470,7 +495,7 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
         over_seeds = lm_cosine_over_seeds(m, rows, run.cells)
         if over_seeds:
             retention.tables.append(Table(
-                f"{run.name}: gradient cosines over seeds, mean and 95% interval (t, n - 1 "
+                f"{run.label}: gradient cosines over seeds, mean and 95% interval (t, n - 1 "
                 "degrees of freedom) of the seeds' means over their evaluations from a quarter "
                 "of the run on (the paper quotes cos(g_nt, g_r) 0.10 +- 0.09 at 20M, ~0 at 1B; "
                 "its sign convention may be the opposite of ours, docs/lm_study.md)",
@@ -557,11 +582,12 @@ def _fix_task_cells(row) -> list[str]:
 
 def build_report(dirs: list[str | Path], scaling_csv: str | Path | None = None,
                  title: str = "raretask report", command: str = "",
-                 calibrations: list[str | Path] | tuple = ()) -> Report:
-    """Read every directory (all checked before anything is drawn) and make the sections."""
+                 calibrations: list[str | Path] | tuple = (), partial: bool = False) -> Report:
+    """Read every directory (all checked before anything is drawn) and make the sections;
+    ``partial`` admits unfinished grids (:func:`load_run`)."""
     if not dirs:
         raise UserError("DIR: give at least one run directory")
-    runs = [load_run(d) for d in dirs]
+    runs = [load_run(d, partial) for d in dirs]
     cal_section = calibration_section(calibrations)  # every file checked before drawing
     if scaling_csv is not None:
         from raretask.scaling import load_scaling_csv

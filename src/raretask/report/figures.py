@@ -587,8 +587,9 @@ def lm_grokking_figure(rows, m, cells: dict[int, dict], title: str, max_panels: 
                for i, (_, s) in enumerate(sizes)}
     ncol = min(4, len(keys))
     nrow = -(-len(keys) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, squeeze=False, figsize=(3.4 * ncol + 1.6, 2.7 * nrow),
-                             sharey=True)
+    legend_in = 2.4  # the legend's column, off the data; one panel still leaves the title room
+    fig, axes = plt.subplots(nrow, ncol, squeeze=False, sharey=True,
+                             figsize=(max(3.4 * ncol, 5.0) + legend_in, 2.7 * nrow + 0.4))
     for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
     handles: dict[str, object] = {}
@@ -619,8 +620,8 @@ def lm_grokking_figure(rows, m, cells: dict[int, dict], title: str, max_panels: 
     handles["test, held-out pairs (solid)"] = Line2D([], [], ls="-", color="0.3")
     fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7,
                frameon=False)
-    fig.suptitle(f"{title} (seed mean; band: +- sd of the test curve)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
+    fig.suptitle(f"{title}\n(seed mean; band: +- sd of the test curve)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - legend_in / fig.get_figwidth(), 1))
     return fig
 
 

@@ -109,7 +109,7 @@ below. Every number comes from the same rows <code>raretask show DIR</code> prin
 
 
 def write_report(dirs, out, scaling_csv=None, title: str = "raretask report",
-                 command: str = "", calibrations=()):
+                 command: str = "", calibrations=(), partial: bool = False):
     """Build the report of ``dirs`` and write it to ``out`` atomically; returns the path.
 
     Every input is checked before anything is written: a bad directory leaves no file behind.
@@ -123,6 +123,6 @@ def write_report(dirs, out, scaling_csv=None, title: str = "raretask report",
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out: {out} is a directory, expected a file name (e.g. report.html)")
-    page = render(build_report(dirs, scaling_csv, title, command, calibrations))
+    page = render(build_report(dirs, scaling_csv, title, command, calibrations, partial))
     store.write_text(out, page)
     return out
