@@ -265,6 +265,36 @@ def test_partial_lm_grid_is_refused_unless_asked_and_then_labelled(lm_run, capsy
     assert label in text and "rep_lm:" not in text  # no table or figure title without it
 
 
+def test_lm_cost_counts_each_visit_from_the_log(lm_run, capsys, tmp_path):
+    """Item 8's cost record: tokens are steps x rows x tokens a row of the finished cells (exact),
+    FLOPs the model's per token, a visit's time ends before the next visit's lines."""
+    from raretask.lm.model import ModelConfig
+    from raretask.report import lm_cost
+
+    run = tmp_path / "cost"
+    shutil.copytree(lm_run, run)
+    visits, speeds = lm_cost.grid_cost(run)
+    assert [(v.device, v.processes, v.cells) for v in visits] == [("cpu", 1, 2)]
+    tokens = 2 * 12 * 16 * 32  # LM: 2 cells of 12 steps x 16 rows x 32 tokens
+    assert visits[0].tokens == tokens
+    fpt = ModelConfig.preset("tiny", vocab_size=512).flops_per_token(32)
+    assert visits[0].flops == tokens * fpt and visits[0].mfu(989.0) is None  # a CPU: no peak
+    assert sorted((s.task, len(s.seconds), s.shape) for s in speeds) == [
+        ("add", 1, "12 x 16 x 32"), ("cmp", 1, "12 x 16 x 32")]
+    wall = visits[0].wall_s
+    with open(run / "log.txt", "a", encoding="utf-8") as fh:  # a later visit, e.g. on a GPU
+        fh.write("2099-01-01 00:00:00 warning: resumes on cuda:0\n"
+                 "2099-01-01 00:00:00 [rank 0] start: raretask x, python 3.12, device cuda, 2 "
+                 "cells in 2 groups, 0 groups to run, 6 processes (cells)\n"
+                 "2099-01-01 00:00:30 [rank 0] done\n")
+    visits, _ = lm_cost.grid_cost(run)
+    assert [(v.device, v.processes, v.cells, v.wall_s) for v in visits] == [
+        ("cpu", 1, 2, wall), ("cuda", 6, 0, 30.0)]
+    lm_cost.main([str(run), "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert [v["tokens"] for v in printed["visits"]] == [tokens, 0]
+
+
 def test_mixed_report_fills_toy_and_lm_sections(toy_runs, lm_run, capsys, tmp_path):
     _, page = report(capsys, tmp_path, toy_runs[0], lm_run)
     assert page.sections["phase"] and page.sections["lm-heatmap"]

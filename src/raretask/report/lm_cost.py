@@ -1,0 +1,171 @@
+"""What a language-model grid cost, read off its ``log.txt`` (issue 19, item 8).
+
+A grid filled over several device calls logs a ``start:`` line per visit and, per cell it
+finishes, ``gNNNN: SIZE TASK steps A->B in Xs (Y tokens/s)``. From those and ``cells.json``:
+
+* **per visit**: the device, processes, wall time (the start line to the visit's last line),
+  cells finished, their tokens (steps x rows x tokens a row, exact), tokens/s over all
+  processes, and MFU (their training FLOPs, ``ModelConfig.flops_per_token``, over the wall time
+  and a peak). Work on cells a visit cut short is not counted: it restarts, so it was lost.
+* **per size and task**: the cells, seconds a cell and each process's tokens/s, as logged.
+
+``python -m raretask.report.lm_cost RUN_DIR [--peak-tflops 989] [--json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from raretask.errors import UserError
+
+H100_BF16_TFLOPS = 989.0
+"""Dense bf16 peak of an H100 SXM (the H200's is the same): the yardstick of benchmarks/."""
+
+_STAMP = r"(?P<stamp>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?: \[rank \d+\])? "
+_START = re.compile(_STAMP + r"start: .*?device (?P<device>[^,]+),.*?"
+                    r"(?:, (?P<procs>\d+) processes)?(?: \(\w+\))?$")
+_DONE = re.compile(_STAMP + r"(?P<group>g\d+): (?P<size>\S+) (?P<task>\S+) steps "
+                   r"(?P<a>\d+)->(?P<b>\d+) in (?P<sec>[\d.]+)s \((?P<tps>[\d,]+) tokens/s\)")
+
+
+@dataclass
+class Visit:
+    """One ``raretask run`` over the folder (a device call, say)."""
+
+    started: str
+    device: str
+    processes: int
+    wall_s: float = 0.0
+    cells: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.wall_s if self.wall_s > 0 else None
+
+    def mfu(self, peak_tflops: float) -> float | None:
+        """None on a CPU (the peak is an accelerator's) or for a visit of no measurable time."""
+        if self.wall_s <= 0 or self.device == "cpu":
+            return None
+        return self.flops / self.wall_s / (peak_tflops * 1e12)
+
+
+@dataclass
+class CellSpeed:
+    """The finished cells of one size and task (and step shape)."""
+
+    size: str
+    task: str
+    shape: str  # steps x rows x tokens a row
+    seconds: list[float] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)
+
+
+def _time(stamp: str) -> dt.datetime:
+    return dt.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S")
+
+
+def grid_cost(run_dir: str | Path) -> tuple[list[Visit], list[CellSpeed]]:
+    """The visits and per-size speeds of ``run_dir`` (module docstring)."""
+    from raretask.lm.model import ModelConfig
+    from raretask.runs import store
+
+    run_dir = Path(run_dir)
+    log = run_dir / "log.txt"
+    if not log.exists():
+        raise UserError(f"{run_dir}: no log.txt (not a run directory, or never started)")
+    by_group = {c["group"]: c for c in store.read_cells(run_dir).values()}
+    visits: list[Visit] = []
+    speeds: dict[tuple, CellSpeed] = {}
+    flops_per_token: dict[tuple, int] = {}
+    start = last = None
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        if m := _START.match(line):
+            start = last = _time(m["stamp"])
+            visits.append(Visit(m["stamp"], m["device"].strip(), int(m["procs"] or 1)))
+            continue
+        if not visits or " warning: " in line:  # the next visit's warnings come before its
+            continue                                  # start line: not this visit's time
+        try:
+            last = _time(line[:19])
+        except ValueError:  # a line without a stamp (a traceback a process printed)
+            continue
+        visit = visits[-1]
+        visit.wall_s = (last - start).total_seconds()
+        m = _DONE.match(line)
+        if m is None or m["group"] not in by_group:
+            continue
+        cell = by_group[m["group"]]
+        steps = int(m["b"]) - int(m["a"])
+        tokens = steps * int(cell["batch_size"]) * int(cell["seq_len"])
+        key = (cell["size"], int(cell["vocab_size"]), int(cell["seq_len"]))
+        if key not in flops_per_token:
+            flops_per_token[key] = ModelConfig.preset(
+                key[0], vocab_size=key[1]).flops_per_token(key[2])
+        visit.cells += 1
+        visit.tokens += tokens
+        visit.flops += tokens * flops_per_token[key]
+        shape = f"{cell['steps']} x {cell['batch_size']} x {cell['seq_len']}"
+        speed = speeds.setdefault((cell["size"], cell["task"], shape),
+                                  CellSpeed(cell["size"], cell["task"], shape))
+        if int(m["a"]) == 0:  # a whole cell in one visit: its seconds mean something
+            speed.seconds.append(float(m["sec"]))
+        speed.tokens_per_s.append(float(m["tps"].replace(",", "")))
+    return visits, list(speeds.values())
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    ap = argparse.ArgumentParser(prog="python -m raretask.report.lm_cost",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS,
+                    help="the device's dense peak for MFU (default: H100/H200 bf16, 989)")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    args = ap.parse_args(argv)
+    try:
+        visits, speeds = grid_cost(args.run_dir)
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.json:
+        print(json.dumps({"visits": [asdict(v) | {"tokens_per_s": v.tokens_per_s(),
+                                                  "mfu": v.mfu(args.peak_tflops)}
+                                     for v in visits],
+                          "cells": [asdict(s) for s in speeds]}, indent=1))
+        return
+    console = Console()
+    t = Table(title=f"{args.run_dir}: visits (MFU against {args.peak_tflops:g} TFLOP/s)",
+              box=box.SIMPLE_HEAD)
+    for c in ("started", "device", "procs", "wall s", "cells done", "tokens", "tokens/s", "MFU"):
+        t.add_column(c, justify="right")
+    for v in visits:
+        tps, mfu = v.tokens_per_s(), v.mfu(args.peak_tflops)
+        t.add_row(v.started, v.device, str(v.processes), f"{v.wall_s:.0f}", str(v.cells),
+                  f"{v.tokens / 1e6:.1f}M", "-" if tps is None else f"{tps:,.0f}",
+                  "-" if mfu is None else f"{mfu:.1%}")
+    console.print(t)
+    t = Table(title="finished cells by size and task (each process's own speed)",
+              box=box.SIMPLE_HEAD)
+    for c in ("size", "task", "steps x rows x tokens", "cells", "s a cell", "tokens/s"):
+        t.add_column(c, justify="right")
+    for s in speeds:
+        sec, tps = _mean(s.seconds), _mean(s.tokens_per_s)
+        t.add_row(s.size, s.task, s.shape, str(len(s.tokens_per_s)),
+                  "-" if sec is None else f"{sec:.0f}", f"{tps:,.0f}")
+    console.print(t)
+
+
+if __name__ == "__main__":
+    main()
