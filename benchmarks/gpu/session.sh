@@ -51,6 +51,7 @@ lm_run() {  # NAME CONFIG: one LM grid (resumed from benchmarks/results/resume/N
     tar czf "$OUT/$name.tgz" --exclude=ckpt --exclude=ckpt.old --exclude='.raretask-tmp.*' --exclude='*.safetensors' -C /tmp/runs "$name"
     python3 -m raretask show "$dir" --json >"$OUT/$name.json"
     python3 -m raretask show "$dir"
+    COLUMNS=120 python3 -m raretask.report.lm_cost "$dir"  # this call's wall, tokens/s, MFU
     tail -n 40 "$dir/log.txt"  # each group's checkpoints: how far it came, how fast
     return $rc
 }
