@@ -18,10 +18,12 @@ Usage (CPU is fine for the small presets)::
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
 
+from raretask.errors import UserError
 from raretask.lm.background import BackgroundConfig
 from raretask.lm.export_hf import cell_weights
 from raretask.lm.model import ModelConfig, Transformer
@@ -41,7 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=1024, help="rows of each kind (default 1024)")
     args = ap.parse_args(argv)
 
-    fields, state, source = cell_weights(args.run_dir, args.cell)
+    try:
+        fields, state, source = cell_weights(args.run_dir, args.cell)
+    except UserError as err:  # one line, exit 2, as the CLI's user errors
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     corpus = [] if fields["corpus"] == "kjv" else [fields["corpus"]]
     bg = BackgroundConfig(corpus=corpus, vocab_size=fields["vocab_size"],
                           text_field=fields["text_field"], source=fields["source"],

@@ -206,6 +206,31 @@ def test_probes_are_read_only_and_measure_the_next_injection_batch(cache, one_th
     assert probed[(step, "order_r2")] == pytest.approx(feature_presence(tr.model, tr.task).r2)
 
 
+def test_framed_val_loss_scores_text_in_the_training_rows_format(cache, one_thread):
+    """val_loss_framed: the schedule's share of validation rows opens with held-out instances
+    (as training rows do) and only text targets count; recomputed here by hand."""
+    base = dict(size="tiny", vocab_size=512, seq_len=16, batch_size=8, steps=3, lr=1e-2,
+                task="cmp", rate=1 / 32, source="ngram", eval_points=2, probes=False)
+    tr = build_trainer(LMCell(**base), Profile().resolve("cpu"))  # 4 instances a step: half
+    tr.run()                                                       # the rows carry one
+    last = {r["metric"]: r["value"] for r in tr.metrics() if r["step"] == tr.step}
+    held_out, used, want = tr.task.instances("test"), 0, []
+    with torch.no_grad():
+        for b in tr.val_batches():
+            rows = round(0.5 * b.shape[0])
+            tokens, _ = inject(b, held_out[(torch.arange(rows) + used) % held_out.shape[0]])
+            used += rows
+            text = torch.ones(b.shape[0], b.shape[1] - 1, dtype=torch.bool)
+            text[:rows, :3] = False  # the targets TOK2, LABEL, EOD
+            want.append(tr.model(tokens[:, :-1], targets=tokens[:, 1:], loss_mask=text)[1])
+    assert used > 0
+    assert last["val_loss_framed"] == pytest.approx(float(torch.stack(want).mean()), abs=1e-6)
+    assert last["val_loss_framed"] != pytest.approx(last["val_loss"], abs=1e-4)
+    plain = build_trainer(LMCell(**{**base, "task": "none"}), Profile().resolve("cpu"))
+    plain.run()  # no task: nothing is framed, and no such metric
+    assert "val_loss_framed" not in {r["metric"] for r in plain.metrics()}
+
+
 def test_prefetching_stream_changes_no_number_of_a_run(cache, one_thread):
     """The background thread samples 3-step chunks ahead while the trainer trains and probes
     (which peek at the next batch); every metric and weight equals a run without it."""

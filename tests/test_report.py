@@ -293,6 +293,11 @@ def test_lm_cost_counts_each_visit_from_the_log(lm_run, capsys, tmp_path):
     lm_cost.main([str(run), "--json"])
     printed = json.loads(capsys.readouterr().out)
     assert [v["tokens"] for v in printed["visits"]] == [tokens, 0]
+    with pytest.raises(SystemExit) as stop:  # not a run: one line, exit 2
+        lm_cost.main([str(tmp_path / "nope")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope'}: no log.txt (not a run " \
+                                      "directory, or never started)\n"
 
 
 def test_mixed_report_fills_toy_and_lm_sections(toy_runs, lm_run, capsys, tmp_path):

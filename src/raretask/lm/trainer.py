@@ -8,6 +8,11 @@ schedule; :meth:`LMTrainer.run` trains to a step and evaluates on a log-spaced s
   paper's "task loss"), and ``task_test_loss`` on the 5K held-out instances;
 * ``test_accuracy``: argmax over the whole vocabulary at LABEL given TOK1 TOK2, held-out split;
 * ``val_loss``: background validation loss on held-out text;
+* ``val_loss_framed`` (with a task): the same text in the training rows' format: the schedule's
+  long-run share of rows (instances per step / rows, at most 1) opens with a held-out instance,
+  as training rows do, and only text targets are scored (not TOK2, LABEL, EOD). When every
+  training row opens with an instance, plain text rows are a format the model never saw
+  (``benchmarks/lm_val_format.py``); this is what the background pays in the format trained;
 * ``tokens``: training tokens seen; ``instances``: task instances injected so far;
   ``epochs``: passes over the background corpus.
 * with ``settings.probes``: ``cos_g_gr``, ``cos_gt_gr``, ``cos_gnt_gr`` and ``order_r2`` (T_CMP)
@@ -56,7 +61,14 @@ from torch import Tensor
 
 from raretask.lm import parallel
 from raretask.lm.model import ModelConfig, Transformer
-from raretask.lm.tasks import LABEL_POSITION, N_SYMBOLS, InjectionSchedule, RareTask, inject
+from raretask.lm.tasks import (
+    INSTANCE_LEN,
+    LABEL_POSITION,
+    N_SYMBOLS,
+    InjectionSchedule,
+    RareTask,
+    inject,
+)
 
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 """``auto``: PyTorch's own choice; the others pin ``scaled_dot_product_attention`` to one kernel."""
@@ -290,6 +302,9 @@ class LMTrainer:
             losses = torch.stack(losses).tolist() if losses else []  # one host sync, not one each
             if losses:
                 row["val_loss"] = sum(losses) / len(losses)
+                framed = self._framed_val_loss()
+                if framed is not None:
+                    row["val_loss_framed"] = framed
             if self.task is not None:
                 logits = lambda x: self.model.logits(x)  # noqa: E731
                 dev = self.device
@@ -303,6 +318,29 @@ class LMTrainer:
         self.records.extend({"step": self.step, "metric": k, "value": float(v)}
                             for k, v in row.items())
         return row
+
+    def _framed_val_loss(self) -> float | None:
+        """``val_loss_framed`` (module docstring): each validation batch's first
+        round(share x rows) rows open with held-out instances (cycled in order), and the loss
+        is the mean over its text targets; the mean over batches, as ``val_loss``."""
+        if self.task is None or self.schedule is None:
+            return None
+        share = min(1.0, float(self.schedule.rate) / self.settings.batch_size)
+        if share <= 0:
+            return None
+        held_out = self.task.instances("test")
+        used, losses = 0, []
+        for b in self.val_batches():
+            rows = round(share * b.shape[0])
+            idx = (torch.arange(rows) + used) % held_out.shape[0]
+            used += rows
+            tokens, _ = inject(b, held_out[idx])
+            text = torch.ones(b.shape[0], b.shape[1] - 1, dtype=torch.bool)
+            text[:rows, : INSTANCE_LEN - 1] = False  # targets TOK2, LABEL, EOD: the instance
+            losses.append(self.model(tokens[:, :-1].to(self.device),
+                                     targets=tokens[:, 1:].to(self.device),
+                                     loss_mask=text.to(self.device))[1].float())
+        return float(torch.stack(losses).mean()) if losses else None
 
     def _probe(self) -> dict[str, float]:
         """Probe metrics (module docstring); reads the stream and instances without moving them."""

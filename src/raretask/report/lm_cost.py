@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import json
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -137,8 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         visits, speeds = grid_cost(args.run_dir)
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
+    except UserError as err:  # one line, exit 2, as the CLI's user errors
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     if args.json:
         print(json.dumps({"visits": [asdict(v) | {"tokens_per_s": v.tokens_per_s(),
                                                   "mfu": v.mfu(args.peak_tflops)}

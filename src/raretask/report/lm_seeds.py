@@ -44,9 +44,10 @@ import numpy as np
 
 from raretask.lm.verdict import LEARNED_FRACTION, learned_threshold, seed_learned
 
-METRICS = ("test_accuracy", "train_accuracy", "task_loss", "task_test_loss", "val_loss")
+METRICS = ("test_accuracy", "train_accuracy", "task_loss", "task_test_loss", "val_loss",
+           "val_loss_framed")
 """Final values aggregated over seeds: accuracy, task loss (training instances), held-out task
-loss (test instances), background validation loss."""
+loss (test instances), background validation loss, plain and in the training rows' format."""
 def nominal_frequency(row: dict, cells: dict[int, dict] | None = None) -> float:
     """The rate the cell asked for (:func:`raretask.lm.config.requested_rate`), to 4
     significant digits, so the seeds of one setting share it exactly."""
@@ -335,6 +336,8 @@ def seed_tables(rows: list[dict], cells: dict[int, dict], m: dict | None = None
 
     settings = seed_cells(rows, cells)
     also = any(c.other for c in settings)  # settings apart in other fields (weight decay...)
+    # the format-matched text loss, where the runs recorded it (older runs did not)
+    framed = any(r.get("val_loss_framed") is not None for r in rows)
     extra = ["also"] * also
 
     def more(other) -> list[str]:
@@ -346,13 +349,13 @@ def seed_tables(rows: list[dict], cells: dict[int, dict], m: dict | None = None
     out = [SeedTable(
         "settings", "final values over seeds (mean ± sd)",
         ["task", "size", "freq/tok", "schedule", *extra, "test acc", "task L", "held-out L",
-         "val L", "learned"],
+         "val L", *["framed val L"] * framed, "learned"],
         [[c.task, c.size, f"{c.frequency:.2e}", c.schedule, *more(c.other),
           pm(c.text("test_accuracy")), pm(c.text("task_loss")), pm(c.text("task_test_loss")),
-          pm(c.text("val_loss")),
+          pm(c.text("val_loss")), *[pm(c.text("val_loss_framed"))] * framed,
           f"{c.n_learned}/{len(c.seeds)}" + (" disagree" if c.disagree else "")]
          for c in settings],
-        ("freq/tok", "test acc", "task L", "held-out L", "val L"))]
+        ("freq/tok", "test acc", "task L", "held-out L", "val L", "framed val L"))]
     out.append(SeedTable(
         "boundaries", "lowest learned frequency per size (boundary bracket)",
         ["task", "size", "schedule", *extra, "lowest learned", "monotone"],
