@@ -14,9 +14,11 @@ from raretask.lm.model import ModelConfig
 from raretask.lm.probes import (
     GradientProbe,
     MLPGradient,
+    embedding_fourier_modes,
     feature_presence,
     fourier_modes,
     order_r2,
+    probe_metrics,
     symbol_states,
     top_neurons,
 )
@@ -379,6 +381,21 @@ def test_add_presence_on_a_model_with_planted_modes():
     assert feature_presence(tiny(seed=7), t).count == 0  # random weights
 
 
+def test_embedding_modes_are_counted_where_the_block_outputs_hide_them():
+    """fourier_modes_embedding reads the symbols' token embeddings: modes planted there count
+    even when the block outputs the other count reads carry none (tiny's case, RESULTS.md)."""
+    t = task("add")
+    model = tiny(seed=7)
+    with torch.no_grad():
+        model.embed.weight[t.symbols] = waves([3, 7, 20], t.values, c=64).float()
+    assert embedding_fourier_modes(model, t).union == (3, 7, 20)
+    row = probe_metrics(model, t)
+    assert row["fourier_modes_embedding"] == 3.0
+    assert row["fourier_modes"] == float(feature_presence(model, t).count)
+    assert probe_metrics(tiny(seed=7), t)["fourier_modes_embedding"] == 0.0  # random weights
+    assert "fourier_modes_embedding" not in probe_metrics(tiny(seed=7), task("cmp"))
+
+
 # -- invalid values -----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs, message",
@@ -514,12 +531,10 @@ def test_a_model_trained_on_the_task_alone():
 def test_probe_metrics_report_fourier_modes_for_a_model_with_add_features():
     """Fig. 7: a model whose states carry T_ADD's Fourier modes gets them counted in the row a
     trainer records (and the grid's summary keeps as ``fourier_modes``)."""
-    from raretask.lm.probes import probe_metrics
-
     t = task("add")
     model = tiny()
     set_block_outputs_to_embedding(model)
     with torch.no_grad():
         model.embed.weight[t.symbols] = waves([5, 12, 31], t.values, c=64).float()
     row = probe_metrics(model, t)
-    assert row == {"fourier_modes": 3.0}
+    assert row == {"fourier_modes": 3.0, "fourier_modes_embedding": 3.0}

@@ -50,12 +50,16 @@ is also the state at TOK1 of every instance that starts with that symbol.
   its share exceeds ``factor`` (default 5) times its share under a flat spectrum (2/99, or 1/99
   for k = 50), i.e. > 10/99 for k < 50: at most 9 frequencies per layer. The probe reports the
   present frequencies per layer and their union across layers; the paper's "number of Fourier
-  modes" is the size of the union.
+  modes" is the size of the union. The same rule on the token embeddings of the 100 symbols
+  (:func:`embedding_fourier_modes`) is recorded beside it: a 64-wide model that learned T_ADD
+  had three modes there (shares 0.20, 0.11, 0.053 at k = 50) and none above the threshold in
+  its block outputs (peak 0.058; benchmarks/RESULTS.md).
 
 **In training** (:func:`probe_metrics`, called by :class:`~raretask.lm.trainer.LMTrainer` at
 every evaluation when ``probes`` is on): the metrics ``cos_g_gr``, ``cos_gt_gr``, ``cos_gnt_gr``
 (the three cosines, measured on the batch the next injection step would train on) and
-``order_r2`` (T_CMP, the leave-one-out R^2) or ``fourier_modes`` (T_ADD, the size of the union).
+``order_r2`` (T_CMP, the leave-one-out R^2) or ``fourier_modes`` (T_ADD, the size of the union)
+and ``fourier_modes_embedding`` (T_ADD, the count on the symbols' token embeddings).
 
 Example::
 
@@ -475,6 +479,13 @@ def fourier_modes(states: Tensor, values: Tensor, factor: float = DEFAULT_FACTOR
     return FourierModes(per_layer=per_layer, union=union, share=share)
 
 
+def embedding_fourier_modes(model: nn.Module, task: RareTask,
+                            factor: float = DEFAULT_FACTOR) -> FourierModes:
+    """:func:`fourier_modes` of the token embeddings of ``task``'s 100 symbols (one layer)."""
+    weight = _unwrap(model).embed.weight.detach()
+    return fourier_modes(weight[task.symbols.to(weight.device)][None], task.values, factor)
+
+
 def feature_presence(
     model: nn.Module,
     task: RareTask,
@@ -506,7 +517,8 @@ def probe_metrics(
     that is NaN, i.e. a zero gradient, is left out too); ``cos_g_gr_between``: cos(g, g_r) of
     the batch ``between`` [B, T+1], which carries no instance (a step between injections,
     where g is all other tokens'), against the same g_r; ``order_r2`` (T_CMP) or
-    ``fourier_modes`` (T_ADD): :func:`feature_presence`.
+    ``fourier_modes`` (T_ADD): :func:`feature_presence`; ``fourier_modes_embedding`` (T_ADD):
+    :func:`embedding_fourier_modes`.
 
     Example::
 
@@ -532,6 +544,7 @@ def probe_metrics(
         row["order_r2"] = presence.r2
     else:
         row["fourier_modes"] = float(presence.count)
+        row["fourier_modes_embedding"] = float(embedding_fourier_modes(model, task).count)
     return row
 
 
@@ -544,6 +557,7 @@ __all__ = [
     "GradientProbe",
     "MLPGradient",
     "OrderR2",
+    "embedding_fourier_modes",
     "feature_presence",
     "fourier_modes",
     "order_r2",

@@ -439,9 +439,10 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
             (presence, figures.lm_presence_figure(rows, m, f"{run.label}: feature presence",
                                                   run.cells),
              "Feature presence",
-             "order_r2 (T_CMP) and fourier_modes (T_ADD) at each evaluation next to test "
-             "accuracy; the mean over seeds (band +- sd), a colour per size, a line style per "
-             "frequency."),
+             "order_r2 (T_CMP) and fourier_modes (T_ADD; and fourier_modes_embedding, the "
+             "same count on the symbols' token embeddings, where recorded) at each evaluation "
+             "next to test accuracy; the mean over seeds (band +- sd), a colour per size, a "
+             "line style per frequency."),
             (retention, figures.lm_retention_figure(rows, m,
                                                     f"{run.label}: task loss over training",
                                                     run.cells),

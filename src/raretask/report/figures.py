@@ -547,10 +547,12 @@ def lm_gap_figure(rows: list[dict], cells: dict[int, dict], title: str):
 
 def lm_presence_figure(rows, m, title: str, cells: dict[int, dict] | None = None):
     """Fig. 7 analogue: feature presence (T_CMP: R^2 of the hidden order from the first layer;
-    T_ADD: Fourier modes across layers) and test accuracy over training, seed means with
-    bands, one colour per size."""
+    T_ADD: Fourier modes across layers, and in the symbols' token embeddings where recorded)
+    and test accuracy over training, seed means with bands, one colour per size."""
     return lm_seed_band_figure(rows, m, [("order_r2", "order R^2 (T_CMP feature)"),
                                          ("fourier_modes", "Fourier modes (T_ADD feature)"),
+                                         ("fourier_modes_embedding",
+                                          "Fourier modes in the embeddings (T_ADD)"),
                                          ("test_accuracy", "test accuracy")], title,
                                cells=cells)
 

@@ -30,7 +30,7 @@ from raretask.studies.base import NUM, OPT_NUM, GroupResult, ShowTable, Study
 TASK_ROW_METRICS = ("test_accuracy", "train_accuracy", "task_loss", "task_test_loss",
                     "val_loss", "val_loss_framed", "train_loss", "tokens", "instances", "epochs")
 PROBE_METRICS = ("cos_g_gr", "cos_gt_gr", "cos_gnt_gr", "cos_g_gr_between", "order_r2",
-                 "fourier_modes")
+                 "fourier_modes", "fourier_modes_embedding")
 """Final probe values in the summary row (None when not measured; trajectories in metrics)."""
 
 
