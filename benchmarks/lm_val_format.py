@@ -21,19 +21,19 @@ import argparse
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from raretask.errors import UserError
-from raretask.lm.background import BackgroundConfig
+from raretask.lm.config import LMCell
 from raretask.lm.export_hf import cell_weights
-from raretask.lm.model import ModelConfig, Transformer
-from raretask.lm.tasks import INSTANCE_LEN, N_TRAIN, RareTask, inject
+from raretask.lm.model import Transformer
+from raretask.lm.tasks import INSTANCE_LEN, N_TRAIN, inject
+from raretask.runs.profile import Profile
+from raretask.studies.lm import build_trainer
 
 
 def token_losses(model: Transformer, rows: torch.Tensor) -> torch.Tensor:
     """Loss of every next-token target of ``rows`` [B, T + 1]: [B, T]."""
-    logits = model.logits(rows[:, :-1]).float()
-    return F.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none")
+    return model.token_losses(rows[:, :-1], rows[:, 1:])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,22 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:  # one line, exit 2, as the CLI's user errors
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    corpus = [] if fields["corpus"] == "kjv" else [fields["corpus"]]
-    bg = BackgroundConfig(corpus=corpus, vocab_size=fields["vocab_size"],
-                          text_field=fields["text_field"], source=fields["source"],
-                          eod_id=fields["eod_id"]).build()
-    seq_len = fields["seq_len"]
-    model = Transformer(ModelConfig.preset(fields["size"], vocab_size=bg.vocab_size,
-                                           max_seq_len=max(seq_len, 8)))
+    # the cell's own background, task and model, built as its run built them
+    cell = LMCell(**{k: v for k, v in fields.items() if k in LMCell.model_fields})
+    trainer = build_trainer(cell, Profile().resolve("cpu"))
+    bg, task, model, seq_len = trainer.background, trainer.task, trainer.model, cell.seq_len
     model.load_state_dict(state)
     model.eval()
-    task = RareTask(fields["task"], vocab_size=bg.vocab_size, eod_id=bg.eod_id,
-                    seed=fields["task_seed"])
     batch = 64
     with torch.no_grad():
         val = torch.cat([token_losses(model, b) for b in bg.validation_batches(
             seq_len, batch, max_tokens=args.rows * seq_len)])
-        stream = bg.stream(batch, seq_len, seed=10_000 + fields["seed"])
+        stream = bg.stream(batch, seq_len, seed=10_000 + cell.seed)
         steps = max(args.rows // batch, 1)
         plain = torch.cat([token_losses(model, stream.batch(s)) for s in range(steps)])
         pick = torch.Generator().manual_seed(0)
@@ -79,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         return " ".join(f"{v:.2f}" for v in p[:6]) + " ... " + f"{p[-1]:.2f}"
 
     k = INSTANCE_LEN
-    print(f"{args.run_dir} cell {args.cell} ({fields['size']}, {fields['task']}, weights "
+    print(f"{args.run_dir} cell {args.cell} ({cell.size}, {cell.task}, weights "
           f"{source}); rows of {seq_len} tokens")
     print(f"validation text, as trained:  loss {val.mean():.3f}   by position {per_position(val)}")
     print(f"fresh background rows, plain: loss {plain.mean():.3f}   by position "

@@ -297,14 +297,7 @@ class LMTrainer:
         if train_loss is not None:
             row["train_loss"] = float(train_loss)
         with self._autocast:
-            losses = [self.model(b[:, :-1].to(self.device), targets=b[:, 1:]
-                                 .to(self.device))[1].float() for b in self.val_batches()]
-            losses = torch.stack(losses).tolist() if losses else []  # one host sync, not one each
-            if losses:
-                row["val_loss"] = sum(losses) / len(losses)
-                framed = self._framed_val_loss()
-                if framed is not None:
-                    row["val_loss_framed"] = framed
+            row.update(self._val_losses())
             if self.task is not None:
                 logits = lambda x: self.model.logits(x)  # noqa: E731
                 dev = self.device
@@ -319,28 +312,35 @@ class LMTrainer:
                             for k, v in row.items())
         return row
 
-    def _framed_val_loss(self) -> float | None:
-        """``val_loss_framed`` (module docstring): each validation batch's first
-        round(share x rows) rows open with held-out instances (cycled in order), and the loss
-        is the mean over its text targets; the mean over batches, as ``val_loss``."""
-        if self.task is None or self.schedule is None:
-            return None
-        share = min(1.0, float(self.schedule.rate) / self.settings.batch_size)
-        if share <= 0:
-            return None
-        held_out = self.task.instances("test")
-        used, losses = 0, []
+    def _val_losses(self) -> dict[str, float]:
+        """``val_loss`` and, with a task, ``val_loss_framed`` (module docstring), in one pass
+        over the validation batches: a framed batch's first round(share x rows) rows open with
+        held-out instances (cycled in order) and only its text targets count. Each is the mean
+        over batches of the batch's mean loss."""
+        dev = self.device
+        share = 0.0
+        if self.task is not None and self.schedule is not None:
+            share = min(1.0, float(self.schedule.rate) / self.settings.batch_size)
+            held_out = self.task.instances("test")
+        plain, framed, used = [], [], 0
         for b in self.val_batches():
+            plain.append(self.model(b[:, :-1].to(dev), targets=b[:, 1:].to(dev))[1].float())
             rows = round(share * b.shape[0])
-            idx = (torch.arange(rows) + used) % held_out.shape[0]
-            used += rows
-            tokens, _ = inject(b, held_out[idx])
-            text = torch.ones(b.shape[0], b.shape[1] - 1, dtype=torch.bool)
-            text[:rows, : INSTANCE_LEN - 1] = False  # targets TOK2, LABEL, EOD: the instance
-            losses.append(self.model(tokens[:, :-1].to(self.device),
-                                     targets=tokens[:, 1:].to(self.device),
-                                     loss_mask=text.to(self.device))[1].float())
-        return float(torch.stack(losses).mean()) if losses else None
+            if share > 0 and rows == 0:  # no row of this batch framed: the plain loss
+                framed.append(plain[-1])
+            elif rows:
+                tokens, _ = inject(b, held_out[(torch.arange(rows) + used) % len(held_out)])
+                used += rows
+                text = torch.ones(b.shape[0], b.shape[1] - 1, dtype=torch.bool)
+                text[:rows, : INSTANCE_LEN - 1] = False  # targets TOK2, LABEL, EOD
+                framed.append(self.model(tokens[:, :-1].to(dev), targets=tokens[:, 1:].to(dev),
+                                         loss_mask=text.to(dev))[1].float())
+        out = {}
+        for name, losses in (("val_loss", plain), ("val_loss_framed", framed)):
+            if losses:  # one host sync per metric, not one per batch
+                values = torch.stack(losses).tolist()
+                out[name] = sum(values) / len(values)
+        return out
 
     def _probe(self) -> dict[str, float]:
         """Probe metrics (module docstring); reads the stream and instances without moving them."""

@@ -96,12 +96,15 @@ class RunInput:
         return self.cell_total is not None
 
     @property
+    def cells_done(self) -> int:
+        return len({r["cell"] for r in self.rows})
+
+    @property
     def label(self) -> str:
         """The name figures and tables carry: an unfinished grid says so on each of them."""
         if not self.partial:
             return self.name
-        return f"{self.name} (PARTIAL: {len({r['cell'] for r in self.rows})} of " \
-               f"{self.cell_total} cells)"
+        return f"{self.name} (PARTIAL: {self.cells_done} of {self.cell_total} cells)"
 
     @property
     def made_by(self) -> str:
@@ -129,9 +132,9 @@ class RunInput:
         lines = [f"config: {self.name} ({self.path / 'config.yaml'}; axes: {self.axes})",
                  f"made by: {self.made_by}" + (f"  [{self.version}]" if self.version else "")]
         if self.partial:  # said on every figure and table the run feeds, not once on the page
-            done = len({r["cell"] for r in self.rows})
-            lines.append(f"PARTIAL: {done} of {self.cell_total} cells finished; missing cells "
-                         "are absent from every figure and table (raretask report --partial)")
+            lines.append(f"PARTIAL: {self.cells_done} of {self.cell_total} cells finished; "
+                         "missing cells are absent from every figure and table (raretask "
+                         "report --partial)")
         return lines
 
 

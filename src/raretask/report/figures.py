@@ -502,16 +502,13 @@ def lm_order_figure(rows, m, title: str, cells: dict[int, dict] | None = None):
             steps, mean, sd = got
             colour = cmap(0.85 * freqs.index(freq) / max(len(freqs) - 1, 1))
             style = styles[variants.index((sched, other)) % len(styles)]
-            (line,) = ax.plot(steps, mean, style, color=colour, lw=1.3)
-            ax.fill_between(steps, mean - sd, mean + sd, color=colour, alpha=0.2, lw=0)
+            line = _mean_band(ax, steps, mean, sd, style, colour)
             label = ", ".join(filter(None, (f"T_{task.upper()} {freq:.2e}",
                                             sched if len(variants) > 1 else "",
                                             other_text(other) if len(variants) > 1 else "")))
             handles.setdefault(label, line)
     fig.suptitle(f"{title} (seed mean, band: +- sd)", fontsize=10)
-    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7,
-               frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
+    _legend_beside(fig, handles, 2.3)
     return fig
 
 
@@ -605,10 +602,9 @@ def lm_grokking_figure(rows, m, cells: dict[int, dict], title: str, max_panels: 
                 if got is None:
                     continue
                 steps, mean, sd = got
-                (line,) = ax.plot(steps, mean, style, color=colours[size], lw=1.3)
-                if metric == "test_accuracy":
-                    ax.fill_between(steps, mean - sd, mean + sd, color=colours[size],
-                                    alpha=0.2, lw=0)
+                test = metric == "test_accuracy"  # the band on the test curve only
+                line = _mean_band(ax, steps, mean, sd, style, colours[size], band=test)
+                if test:
                     handles.setdefault(f"{size}, {n} seed" + "s" * (n > 1), line)
         ax.set_title(", ".join(filter(None, (f"{freq:.2e} {sched}", other_text(other)))),
                      fontsize=8)
@@ -620,10 +616,8 @@ def lm_grokking_figure(rows, m, cells: dict[int, dict], title: str, max_panels: 
     axes[0, 0].set_ylabel("T_ADD accuracy", fontsize=8)
     handles["train (dashed)"] = Line2D([], [], ls="--", color="0.3")
     handles["test, held-out pairs (solid)"] = Line2D([], [], ls="-", color="0.3")
-    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7,
-               frameon=False)
     fig.suptitle(f"{title}\n(seed mean; band: +- sd of the test curve)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1 - legend_in / fig.get_figwidth(), 1))
+    _legend_beside(fig, handles, legend_in)
     return fig
 
 
@@ -646,6 +640,22 @@ def _seed_settings(rows: list[dict], cells: dict[int, dict] | None = None):
     by_cell = {r["cell"]: r for r in rows}
     return {(c.task, c.params, c.size, c.schedule, c.frequency, c.other):
             [by_cell[i] for i in c.cells] for c in seed_cells(rows, cells)}
+
+
+def _mean_band(ax, x, mean, sd, style: str, colour, band: bool = True, **kw):
+    """A seed-mean line with its +- sd band (the band left out with ``band=False``); the line."""
+    (line,) = ax.plot(x, mean, style, color=colour, lw=1.3, **kw)
+    if band:
+        ax.fill_between(x, mean - sd, mean + sd, color=colour, alpha=0.2, lw=0)
+    return line
+
+
+def _legend_beside(fig, handles: dict[str, object], width_in: float) -> None:
+    """The figure's legend in a column ``width_in`` inches wide right of the panels, off the
+    data, then the panels laid out in the rest."""
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - width_in / fig.get_figwidth(), 1))
 
 
 def _seed_mean_series(m, seed_rows: list[dict], metric: str):
@@ -699,15 +709,11 @@ def lm_seed_band_figure(rows, m, metrics: list[tuple[str, str]], title: str, zer
             also = f", {other_text(other)}" if other else ""
             name = f"{size}, {freq:.2e} {sched}{also}, {len(seed_rows)} seed" + (
                 "s" if len(seed_rows) > 1 else "")
-            (line,) = ax.plot(steps, mean, style, color=colours[size], lw=1.3)
-            ax.fill_between(steps, mean - sd, mean + sd, color=colours[size], alpha=0.2, lw=0)
-            handles.setdefault(name, line)
+            handles.setdefault(name, _mean_band(ax, steps, mean, sd, style, colours[size]))
         if zero_line:
             ax.axhline(0, color="0.5", lw=0.6)
     fig.suptitle(f"{title} (seed mean, band: +- sd)", fontsize=10)
-    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7,
-               frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
+    _legend_beside(fig, handles, 2.0)
     return fig
 
 
@@ -742,9 +748,8 @@ def lm_burst_retention_figure(rows: list[dict], m, cells: dict[int, dict], title
                              for w in traces])
             mean = vals.mean(0)
             sd = vals.std(0, ddof=1) if len(traces) > 1 else np.zeros(len(offsets))
-            ax.plot(offsets, mean, styles[gi % 4], color=colours[size], lw=1.3,
-                    label=f"{size}, every {every} (m g = {traces[0].injection})")
-            ax.fill_between(offsets, mean - sd, mean + sd, color=colours[size], alpha=0.2, lw=0)
+            _mean_band(ax, offsets, mean, sd, styles[gi % 4], colours[size],
+                       label=f"{size}, every {every} (m g = {traces[0].injection})")
     ax.axvline(0.5, color="0.5", lw=0.6)  # the burst is trained between offsets 0 and 1
     ax.set_xlabel("steps from just before the burst (burst trained between 0 and 1)", fontsize=8)
     ax.set_ylabel(metric.replace("_", " "), fontsize=8)

@@ -21,6 +21,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import fmean
 
 from raretask.errors import UserError
 
@@ -120,10 +121,6 @@ def grid_cost(run_dir: str | Path) -> tuple[list[Visit], list[CellSpeed]]:
     return visits, list(speeds.values())
 
 
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
 def main(argv: list[str] | None = None) -> None:
     from rich import box
     from rich.console import Console
@@ -163,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     for c in ("size", "task", "steps x rows x tokens", "cells", "s a cell", "tokens/s"):
         t.add_column(c, justify="right")
     for s in speeds:
-        sec, tps = _mean(s.seconds), _mean(s.tokens_per_s)
+        sec = fmean(s.seconds) if s.seconds else None
+        tps = fmean(s.tokens_per_s)  # every CellSpeed has at least one finished cell
         t.add_row(s.size, s.task, s.shape, str(len(s.tokens_per_s)),
                   "-" if sec is None else f"{sec:.0f}", f"{tps:,.0f}")
     console.print(t)
