@@ -203,6 +203,29 @@ def test_trainer_injects_the_burst_schedule(cache, one_thread, every, mode, per_
     assert seen == per_step * 3 and trainer.injected == 24
 
 
+def test_trainer_times_its_warm_up_and_evaluations_apart(cache, one_thread):
+    """The log's split of a cell's seconds: every evaluation is counted once, the warm-up is
+    the first WARMUP_STEPS steps of the trainer (once, however the run is cut into segments),
+    and both lie inside the wall time of the run."""
+    import time
+
+    from raretask.lm.trainer import WARMUP_STEPS
+
+    cell = LMCell(size="tiny", vocab_size=512, seq_len=16, batch_size=8, steps=12, rate=1 / 64,
+                  source="ngram", eval_points=4, probes=False)
+    trainer = build_trainer(cell, Profile().resolve("cpu"))
+    t0 = time.perf_counter()
+    trainer.run(until=2)  # inside the warm-up: not measured yet
+    assert trainer.timing["warmup_s"] == 0.0
+    trainer.run()
+    wall = time.perf_counter() - t0
+    t = trainer.timing
+    assert t["evals"] == len(set(trainer.settings.eval_steps)) == len(
+        {r["step"] for r in trainer.metrics()})
+    assert t["warmup_s"] > 0 and t["eval_s"] > 0 and t["warmup_s"] + t["eval_s"] < wall
+    assert cell.steps > WARMUP_STEPS
+
+
 # -- the documented CPU checks, end to end --------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXPECTED))

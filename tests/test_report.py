@@ -281,18 +281,32 @@ def test_lm_cost_counts_each_visit_from_the_log(lm_run, capsys, tmp_path):
     assert visits[0].flops == tokens * fpt and visits[0].mfu(989.0) is None  # a CPU: no peak
     assert sorted((s.task, len(s.seconds), s.shape) for s in speeds) == [
         ("add", 1, "12 x 16 x 32"), ("cmp", 1, "12 x 16 x 32")]
+    for s in speeds:  # the split of a cell's seconds, from its own log line
+        assert len(s.warmup_s) == len(s.eval_s) == 1 and s.checkpoint_s == [0.0]
+        assert s.warmup_s[0] > 0 and s.eval_s[0] > 0 and s.warmup_s[0] + s.eval_s[0] <= \
+            s.seconds[0] + 0.05  # the log rounds each to 0.1 s
     wall = visits[0].wall_s
+    group = json.loads((run / "cells.json").read_text())[0]["group"]
     with open(run / "log.txt", "a", encoding="utf-8") as fh:  # a later visit, e.g. on a GPU
         fh.write("2099-01-01 00:00:00 warning: resumes on cuda:0\n"
                  "2099-01-01 00:00:00 [rank 0] start: raretask x, python 3.12, device cuda, 2 "
                  "cells in 2 groups, 0 groups to run, 6 processes (cells)\n"
+                 f"2099-01-01 00:00:10 [rank 0] {group}: checkpoint at step 6 of 12 (9 s since "
+                 "step 0, written in 1.5 s)\n"
+                 f"2099-01-01 00:00:20 [rank 0] {group}: checkpoint at step 9 of 12 (19 s since "
+                 "step 0, written in 2.0 s)\n"
+                 f"2099-01-01 00:00:25 [rank 0] {group}: tiny cmp steps 0->12 in 25.0s (245 "
+                 "tokens/s); first 3 steps 8.0s, 2 evaluations 4.5s\n"
                  "2099-01-01 00:00:30 [rank 0] done\n")
-    visits, _ = lm_cost.grid_cost(run)
+    visits, speeds = lm_cost.grid_cost(run)
     assert [(v.device, v.processes, v.cells, v.wall_s) for v in visits] == [
-        ("cpu", 1, 2, wall), ("cuda", 6, 0, 30.0)]
+        ("cpu", 1, 2, wall), ("cuda", 6, 1, 30.0)]
+    again = [s for s in speeds if len(s.seconds) == 2]
+    assert len(again) == 1 and (again[0].seconds[1], again[0].warmup_s[1], again[0].eval_s[1],
+                                again[0].checkpoint_s[1]) == (25.0, 8.0, 4.5, 3.5)
     lm_cost.main([str(run), "--json"])
     printed = json.loads(capsys.readouterr().out)
-    assert [v["tokens"] for v in printed["visits"]] == [tokens, 0]
+    assert [v["tokens"] for v in printed["visits"]] == [tokens, tokens // 2]
     with pytest.raises(SystemExit) as stop:  # not a run: one line, exit 2
         lm_cost.main([str(tmp_path / "nope")])
     assert stop.value.code == 2

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -77,6 +78,10 @@ CUDA_ONLY_ATTENTION = ("cudnn", "efficient")
 DIVERGE_FACTOR = 2.0
 """A run whose train or validation loss exceeds this multiple of ln(V) (a uniform guess) has
 diverged; NaN/Inf always counts."""
+
+WARMUP_STEPS = 3
+"""Steps timed apart as a visit's warm-up: torch.compile traces in the first, and reduce-overhead
+runs eager in the first and records its CUDA graph in the next (the log line of a cell)."""
 
 
 class BatchSource(Protocol):
@@ -185,6 +190,9 @@ class LMTrainer:
         self.records: list[dict] = []
         self.diverged_step: int | None = None  # eval step at which training diverged
         self.last_loss: Tensor | None = None  # the last step's batch loss, on the device
+        # where a visit's wall time went (the log line of a finished cell; report.lm_cost):
+        # its first WARMUP_STEPS steps (compilation, CUDA-graph capture) and its evaluations
+        self.timing = {"warmup_s": 0.0, "eval_s": 0.0, "evals": 0}
         self.train_model = self.model
         if self.world > 1:  # before the optimizer: FSDP2 swaps the parameters for shards
             self.train_model = parallel.wrap(self.model, self.device, settings.fsdp)
@@ -261,20 +269,42 @@ class LMTrainer:
         end = self.settings.steps if until is None else min(until, self.settings.steps)
         evals = set(self.settings.eval_steps)
         if self.step == 0 and 0 in evals and not self.records:
-            with parallel.gathered(self.model):
+            with parallel.gathered(self.model), self._timed("eval_s"):
                 self._evaluate(None)
             if callback:
                 callback(0)
+        # measured once a trainer (a run cut into segments with ``until`` warms up once)
+        warm_until = self.step + WARMUP_STEPS if not self.timing["warmup_s"] else -1
+        started, evals_before = time.perf_counter(), self.timing["eval_s"]
         while self.step < end and self.diverged_step is None:
             loss = self.last_loss = self._train_step()
+            if self.step == warm_until:
+                self._sync()
+                self.timing["warmup_s"] = (time.perf_counter() - started
+                                           - (self.timing["eval_s"] - evals_before))
             if self.step in evals:
                 if self.world > 1:  # the global batch's loss, not this rank's slice of it
                     loss = parallel.mean(loss)
-                with parallel.gathered(self.model):
+                with parallel.gathered(self.model), self._timed("eval_s"):
                     row = self._evaluate(loss)
                 self._check_divergence(row)
                 if callback:
                     callback(self.step)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def _timed(self, key: str) -> Iterator[None]:
+        """Add the block's seconds to ``timing[key]``; the queued training steps are waited
+        for first, so that they are not counted in it (one sync an evaluation, none a step)."""
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        self.timing[key] += time.perf_counter() - t0
+        self.timing["evals"] += key == "eval_s"
 
     def _check_divergence(self, row: dict[str, float]) -> None:
         """Stop at an eval step whose train or validation loss is NaN/Inf or above

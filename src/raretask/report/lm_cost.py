@@ -7,7 +7,9 @@ finishes, ``gNNNN: SIZE TASK steps A->B in Xs (Y tokens/s)``. From those and ``c
   cells finished, their tokens (steps x rows x tokens a row, exact), tokens/s over all
   processes, and MFU (their training FLOPs, ``ModelConfig.flops_per_token``, over the wall time
   and a peak). Work on cells a visit cut short is not counted: it restarts, so it was lost.
-* **per size and task**: the cells, seconds a cell and each process's tokens/s, as logged.
+* **per size and task**: the cells, seconds a cell and each process's tokens/s, as logged; for
+  cells logged since the split was (2026-12-05), the seconds of a cell's first steps
+  (compilation, CUDA-graph capture), its evaluations and its checkpoint writes.
 
 ``python -m raretask.report.lm_cost RUN_DIR [--peak-tflops 989] [--json]``
 """
@@ -32,7 +34,11 @@ _STAMP = r"(?P<stamp>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?: \[rank \d+\])? "
 _START = re.compile(_STAMP + r"start: .*?device (?P<device>[^,]+),.*?"
                     r"(?:, (?P<procs>\d+) processes)?(?: \(\w+\))?$")
 _DONE = re.compile(_STAMP + r"(?P<group>g\d+): (?P<size>\S+) (?P<task>\S+) steps "
-                   r"(?P<a>\d+)->(?P<b>\d+) in (?P<sec>[\d.]+)s \((?P<tps>[\d,]+) tokens/s\)")
+                   r"(?P<a>\d+)->(?P<b>\d+) in (?P<sec>[\d.]+)s \((?P<tps>[\d,]+) tokens/s\)"
+                   # since 2026-12-05 (fourth session): where the seconds went
+                   r"(?:; first \d+ steps (?P<warm>[\d.]+)s, \d+ evaluations (?P<eval>[\d.]+)s)?")
+_CKPT = re.compile(_STAMP + r"(?P<group>g\d+): checkpoint at step .* written in "
+                   r"(?P<sec>[\d.]+) s\)")
 
 
 @dataclass
@@ -66,6 +72,10 @@ class CellSpeed:
     shape: str  # steps x rows x tokens a row
     seconds: list[float] = field(default_factory=list)
     tokens_per_s: list[float] = field(default_factory=list)
+    # of those seconds, per whole cell where its log line says (cells run since 2026-12-05):
+    warmup_s: list[float] = field(default_factory=list)  # the first steps: compile, capture
+    eval_s: list[float] = field(default_factory=list)  # the evaluations
+    checkpoint_s: list[float] = field(default_factory=list)  # writing its checkpoints
 
 
 def _time(stamp: str) -> dt.datetime:
@@ -86,10 +96,12 @@ def grid_cost(run_dir: str | Path) -> tuple[list[Visit], list[CellSpeed]]:
     speeds: dict[tuple, CellSpeed] = {}
     flops_per_token: dict[tuple, int] = {}
     start = last = None
+    saving: dict[str, float] = {}  # group -> seconds writing checkpoints in this visit
     for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
         if m := _START.match(line):
             start = last = _time(m["stamp"])
             visits.append(Visit(m["stamp"], m["device"].strip(), int(m["procs"] or 1)))
+            saving = {}
             continue
         if not visits or " warning: " in line:  # the next visit's warnings come before its
             continue                                  # start line: not this visit's time
@@ -99,6 +111,9 @@ def grid_cost(run_dir: str | Path) -> tuple[list[Visit], list[CellSpeed]]:
             continue
         visit = visits[-1]
         visit.wall_s = (last - start).total_seconds()
+        if m := _CKPT.match(line):
+            saving[m["group"]] = saving.get(m["group"], 0.0) + float(m["sec"])
+            continue
         m = _DONE.match(line)
         if m is None or m["group"] not in by_group:
             continue
@@ -117,6 +132,10 @@ def grid_cost(run_dir: str | Path) -> tuple[list[Visit], list[CellSpeed]]:
                                   CellSpeed(cell["size"], cell["task"], shape))
         if int(m["a"]) == 0:  # a whole cell in one visit: its seconds mean something
             speed.seconds.append(float(m["sec"]))
+            if m["warm"] is not None:
+                speed.warmup_s.append(float(m["warm"]))
+                speed.eval_s.append(float(m["eval"]))
+                speed.checkpoint_s.append(saving.get(m["group"], 0.0))
         speed.tokens_per_s.append(float(m["tps"].replace(",", "")))
     return visits, list(speeds.values())
 
@@ -157,13 +176,20 @@ def main(argv: list[str] | None = None) -> None:
     console.print(t)
     t = Table(title="finished cells by size and task (each process's own speed)",
               box=box.SIMPLE_HEAD)
-    for c in ("size", "task", "steps x rows x tokens", "cells", "s a cell", "tokens/s"):
+    split = any(s.warmup_s for s in speeds)  # only logs written since the split was logged
+    columns = ["size", "task", "steps x rows x tokens", "cells", "s a cell"]
+    columns += ["first steps", "evals", "checkpoints"] * split + ["tokens/s"]
+    for c in columns:
         t.add_column(c, justify="right")
+
+    def mean(values: list[float], digits: int = 0) -> str:
+        return f"{fmean(values):.{digits}f}" if values else "-"
+
     for s in speeds:
-        sec = fmean(s.seconds) if s.seconds else None
         tps = fmean(s.tokens_per_s)  # every CellSpeed has at least one finished cell
-        t.add_row(s.size, s.task, s.shape, str(len(s.tokens_per_s)),
-                  "-" if sec is None else f"{sec:.0f}", f"{tps:,.0f}")
+        parts = [mean(s.warmup_s, 1), mean(s.eval_s, 1), mean(s.checkpoint_s, 1)] * split
+        t.add_row(s.size, s.task, s.shape, str(len(s.tokens_per_s)), mean(s.seconds), *parts,
+                  f"{tps:,.0f}")
     console.print(t)
 
 
