@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu/session.sh multi_ddp multi_fsdp         (kind nvidia-h200-x2: issue 10)
 #   bash benchmarks/gpu/session.sh fig5_scale                  (issue 19: many calls, resumed; LM_ONLY picks cells; docs/lm_study.md)
 #   bash benchmarks/gpu/session.sh lm_speed                    (issue 19: tokens/s, MFU of 150m/60m/20m at the grids' step shapes, ~5 min)
+#   bash benchmarks/gpu/session.sh lm_stacked                  (issue 19: 1 / 3 / 6 seeds stacked on one axis, 60m and 150m, ~6 min)
 #   LM_TIMEOUT=300 bash benchmarks/gpu/session.sh add_grok; LM_TIMEOUT=250 bash benchmarks/gpu/session.sh fig8_retention
 #                                                               (issue 19: T_ADD grokking and Fig. 8 in one call)
 #   bash benchmarks/gpu/session.sh fix_lm                      (issue 22: the LM fix, 5 arms x 3 seeds)
@@ -78,6 +79,19 @@ tps, mfu, ms = v["tokens_per_s"], v["mfu"], v["step_ms"]
 print(f"{sys.argv[2]:14s} {tps:>12,.0f} tokens/s  MFU {mfu:.3f}  step {ms:.2f} ms")' "$d/${p}_${bt}.json" "${p}_${bt}"
                     tar czf "$OUT/lm_speed.tgz" -C /tmp/runs lm_speed  # kept current: a cut call returns it
                 done
+            done ;;
+        lm_stacked)  # issue 19 item 8: K seeds as one stacked model vs LMTrainer alone (K = 1)
+            # STACK_RUNS: PRESET:ROWSxTOKENS each, the costliest cells' shapes first (T_ADD 60m,
+            # T_CMP 150m); a line per K as it ends, the tgz rewritten after each run
+            local d=/tmp/runs/lm_stacked r p bt
+            mkdir -p "$d"
+            for r in ${STACK_RUNS:-60m:64x32 150m:64x128 60m:64x128 150m:64x32}; do
+                p=${r%:*} bt=${r#*:}
+                timeout "${STACK_RUN_TIMEOUT:-240}" python3 benchmarks/lm_stacked.py \
+                    --device cuda --preset "$p" --batch-size "${bt%x*}" --seq-len "${bt#*x}" \
+                    --stack ${STACK_K:-1 3 6} --out "$d/${p}_${bt}.json" 2>&1 |
+                    grep -v Warning | tee "$d/${p}_${bt}.log"
+                tar czf "$OUT/lm_stacked.tgz" -C /tmp/runs lm_stacked
             done ;;
         lm_throughput_cudnn) python3 benchmarks/lm_throughput.py --device cuda --variants raretask \
                              --attention cudnn --out "$OUT/lm_throughput_cudnn.json" ;;

@@ -1,0 +1,54 @@
+"""benchmarks/lm_stacked.py: K seeds stacked on one axis train as K ``LMTrainer`` runs would, seed
+by seed (the premise of timing them together), and the script writes its figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from bench_modules import load
+
+from raretask.lm.model import ModelConfig
+from raretask.lm.trainer import LMTrainer, LMTrainSettings
+
+stacked = load("lm_stacked")
+CFG = ModelConfig.preset("tiny", vocab_size=128)
+
+
+def _settings(seed: int, clip: float) -> LMTrainSettings:
+    return LMTrainSettings(steps=4, batch_size=4, seq_len=16, warmup=2, grad_clip=clip, seed=seed)
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.02])  # 0.02: every step clipped, by each seed's norm
+def test_stacked_seeds_follow_their_own_trainer(one_thread, clip):
+    seeds = [0, 3]
+    streams = [stacked.RandomTokens(CFG.vocab_size, 4, 16, seed) for seed in seeds]
+    together = stacked.StackedTrainer(CFG, _settings(0, clip), seeds, streams)
+    losses = torch.stack([together.step() for _ in range(4)])  # [steps, K]
+    for k, seed in enumerate(seeds):
+        alone = LMTrainer(CFG, stacked.RandomTokens(CFG.vocab_size, 4, 16, seed), lambda: [],
+                          None, None, _settings(seed, clip))
+        own = torch.stack([alone._train_step() for _ in range(4)])
+        torch.testing.assert_close(losses[:, k], own, rtol=1e-5, atol=1e-6)
+        state = together.seed_state(k)
+        for name, value in alone.model.state_dict().items():
+            torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    # the seeds did not train alike (else the test could not tell them apart)
+    assert (losses[:, 0] - losses[:, 1]).abs().max() > 1e-3
+
+
+def test_script_writes_the_figures(one_thread, tmp_path, capsys):
+    out = tmp_path / "stacked.json"
+    assert stacked.main(["--device", "cpu", "--preset", "tiny", "--vocab-size", "128",
+                         "--batch-size", "2", "--seq-len", "8", "--stack", "1", "2",
+                         "--warmup", "1", "--steps", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["stack"] for r in result["runs"]] == [1, 2]
+    for r in result["runs"]:  # tokens/s is K x rows x tokens x steps over the timed seconds
+        assert r["tokens_per_s"] == pytest.approx(r["stack"] * 2 * 8 * 2 / r["timed_s"])
+        assert len(r["final_loss"]) == r["stack"]
+    assert "K = 2:" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        stacked.parse(["--stack", "0"])
+    assert stop.value.code == 2
