@@ -45,6 +45,8 @@ Host side: a training step has no host sync. On CUDA each batch is copied from p
 without blocking, the per-step loss stays on the device (it is read at evaluations only, where the
 validation losses are fetched in one transfer), and a grid cell's stream samples its next chunk
 of steps in a background thread (:class:`~raretask.lm.data.TokenStream` ``prefetch``).
+``timing`` says where a run's seconds went: its first ``WARMUP_STEPS`` steps (compilation, graph
+capture) and its evaluations, each timed between two device syncs (a cell's log line shows them).
 """
 
 from __future__ import annotations
@@ -269,7 +271,7 @@ class LMTrainer:
         end = self.settings.steps if until is None else min(until, self.settings.steps)
         evals = set(self.settings.eval_steps)
         if self.step == 0 and 0 in evals and not self.records:
-            with parallel.gathered(self.model), self._timed("eval_s"):
+            with parallel.gathered(self.model), self._timed_eval():
                 self._evaluate(None)
             if callback:
                 callback(0)
@@ -285,7 +287,7 @@ class LMTrainer:
             if self.step in evals:
                 if self.world > 1:  # the global batch's loss, not this rank's slice of it
                     loss = parallel.mean(loss)
-                with parallel.gathered(self.model), self._timed("eval_s"):
+                with parallel.gathered(self.model), self._timed_eval():
                     row = self._evaluate(loss)
                 self._check_divergence(row)
                 if callback:
@@ -296,15 +298,15 @@ class LMTrainer:
             torch.cuda.synchronize(self.device)
 
     @contextlib.contextmanager
-    def _timed(self, key: str) -> Iterator[None]:
-        """Add the block's seconds to ``timing[key]``; the queued training steps are waited
+    def _timed_eval(self) -> Iterator[None]:
+        """Count the block as an evaluation in ``timing``; the queued training steps are waited
         for first, so that they are not counted in it (one sync an evaluation, none a step)."""
         self._sync()
         t0 = time.perf_counter()
         yield
         self._sync()
-        self.timing[key] += time.perf_counter() - t0
-        self.timing["evals"] += key == "eval_s"
+        self.timing["eval_s"] += time.perf_counter() - t0
+        self.timing["evals"] += 1
 
     def _check_divergence(self, row: dict[str, float]) -> None:
         """Stop at an eval step whose train or validation loss is NaN/Inf or above
