@@ -215,15 +215,15 @@ def test_trainer_times_its_warm_up_and_evaluations_apart(cache, one_thread):
                   source="ngram", eval_points=4, probes=False)
     trainer = build_trainer(cell, Profile().resolve("cpu"))
     t0 = time.perf_counter()
-    trainer.run(until=2)  # inside the warm-up: not measured yet
-    assert trainer.timing["warmup_s"] == 0.0
+    trainer.run(until=2)  # inside the warm-up: two of its steps timed
+    assert trainer.timing["warmup_steps"] == 2 and trainer.timing["warmup_s"] > 0
     trainer.run()
     wall = time.perf_counter() - t0
     t = trainer.timing
     assert t["evals"] == len(set(trainer.settings.eval_steps)) == len(
         {r["step"] for r in trainer.metrics()})
+    assert t["warmup_steps"] == WARMUP_STEPS < cell.steps
     assert t["warmup_s"] > 0 and t["eval_s"] > 0 and t["warmup_s"] + t["eval_s"] < wall
-    assert cell.steps > WARMUP_STEPS
 
 
 # -- the documented CPU checks, end to end --------------------------------------------------------

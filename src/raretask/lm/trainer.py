@@ -82,8 +82,9 @@ DIVERGE_FACTOR = 2.0
 diverged; NaN/Inf always counts."""
 
 WARMUP_STEPS = 3
-"""Steps timed apart as a visit's warm-up: torch.compile traces in the first, and reduce-overhead
-runs eager in the first and records its CUDA graph in the next (the log line of a cell)."""
+"""Steps timed apart as a trainer's warm-up, each waited for: torch.compile traces in the first,
+and reduce-overhead runs eager in the first and records its CUDA graph in the next (a cell's
+log line)."""
 
 
 class BatchSource(Protocol):
@@ -194,7 +195,7 @@ class LMTrainer:
         self.last_loss: Tensor | None = None  # the last step's batch loss, on the device
         # where a visit's wall time went (the log line of a finished cell; report.lm_cost):
         # its first WARMUP_STEPS steps (compilation, CUDA-graph capture) and its evaluations
-        self.timing = {"warmup_s": 0.0, "eval_s": 0.0, "evals": 0}
+        self.timing = {"warmup_s": 0.0, "warmup_steps": 0, "eval_s": 0.0, "evals": 0}
         self.train_model = self.model
         if self.world > 1:  # before the optimizer: FSDP2 swaps the parameters for shards
             self.train_model = parallel.wrap(self.model, self.device, settings.fsdp)
@@ -275,15 +276,15 @@ class LMTrainer:
                 self._evaluate(None)
             if callback:
                 callback(0)
-        # measured once a trainer (a run cut into segments with ``until`` warms up once)
-        warm_until = self.step + WARMUP_STEPS if not self.timing["warmup_s"] else -1
-        started, evals_before = time.perf_counter(), self.timing["eval_s"]
         while self.step < end and self.diverged_step is None:
+            # a trainer's first steps, each waited for (a run cut into segments warms up once)
+            warm = self.timing["warmup_steps"] < WARMUP_STEPS
+            t0 = time.perf_counter() if warm else 0.0
             loss = self.last_loss = self._train_step()
-            if self.step == warm_until:
+            if warm:
                 self._sync()
-                self.timing["warmup_s"] = (time.perf_counter() - started
-                                           - (self.timing["eval_s"] - evals_before))
+                self.timing["warmup_s"] += time.perf_counter() - t0
+                self.timing["warmup_steps"] += 1
             if self.step in evals:
                 if self.world > 1:  # the global batch's loss, not this rank's slice of it
                     loss = parallel.mean(loss)

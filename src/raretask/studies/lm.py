@@ -234,7 +234,6 @@ class LMStudy(Study):
         return {FINAL_WEIGHTS: trainer.state_dict()["model"]}  # collective under FSDP2
 
     def results(self, group, cells, trainer, seconds, start_step) -> GroupResult:
-        from raretask.lm.trainer import WARMUP_STEPS
         from raretask.mixing.fix_lm import resolve_arm
 
         (arm_cell,) = cells
@@ -245,7 +244,7 @@ class LMStudy(Study):
         tps = (trainer.step - start_step) * cell.batch_size * cell.seq_len / max(seconds, 1e-9)
         t = trainer.timing  # where the seconds went (report.lm_cost reads this line)
         log = [f"{group.name}: {cell.size} {cell.task} steps {start_step}->{trainer.step}"
-               f" in {seconds:.1f}s ({tps:,.0f} tokens/s); first {WARMUP_STEPS} steps"
+               f" in {seconds:.1f}s ({tps:,.0f} tokens/s); first {t['warmup_steps']} steps"
                f" {t['warmup_s']:.1f}s, {t['evals']} evaluations {t['eval_s']:.1f}s"]
         if trainer.diverged_step is not None:
             log.append(f"{group.name}: cell {cell_id} diverged at step {trainer.diverged_step} "
