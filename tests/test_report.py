@@ -307,6 +307,16 @@ def test_lm_cost_counts_each_visit_from_the_log(lm_run, capsys, tmp_path):
     lm_cost.main([str(run), "--json"])
     printed = json.loads(capsys.readouterr().out)
     assert [v["tokens"] for v in printed["visits"]] == [tokens, tokens // 2]
+    assert printed["left"] == []  # every cell finished
+    # a cell without its summary is left, costed at what its size and task took so far
+    cell = json.loads((run / "cells.json").read_text())[1]
+    (run / "groups" / cell["group"] / "summary.json").unlink()
+    _, speeds = lm_cost.grid_cost(run)
+    took = next(s for s in speeds if s.task == cell["task"]).seconds
+    left = lm_cost.cells_left(run, speeds)
+    assert left == [lm_cost.CellsLeft(cell["task"], "tiny", cell["rate"], "12 x 16 x 32", 1,
+                                      sum(took) / len(took))]
+    assert left[0].seconds() == left[0].seconds_a_cell
     with pytest.raises(SystemExit) as stop:  # not a run: one line, exit 2
         lm_cost.main([str(tmp_path / "nope")])
     assert stop.value.code == 2

@@ -7,6 +7,9 @@ finishes, ``gNNNN: SIZE TASK steps A->B in Xs (Y tokens/s)``. From those and ``c
   cells finished, their tokens (steps x rows x tokens a row, exact), tokens/s over all
   processes, and MFU (their training FLOPs, ``ModelConfig.flops_per_token``, over the wall time
   and a peak). Work on cells a visit cut short is not counted: it restarts, so it was lost.
+* **cells left** (a grid filled call by call): the unfinished cells per task, size and frequency,
+  with the seconds a cell of that size and task took so far (packed as it ran) and their sum,
+  for sizing the next calls; "-" where no cell of that size and task has finished yet.
 * **per size and task**: the cells, seconds a cell and each process's tokens/s, as logged; for
   cells logged since the split was (2026-12-05), the seconds of a cell's first steps
   (compilation, CUDA-graph capture), its evaluations and its checkpoint writes.
@@ -78,6 +81,42 @@ class CellSpeed:
     checkpoint_s: list[float] = field(default_factory=list)  # writing its checkpoints
 
 
+@dataclass
+class CellsLeft:
+    """Unfinished cells of one task, size, frequency and step shape."""
+
+    task: str
+    size: str
+    frequency: float
+    shape: str
+    cells: int
+    seconds_a_cell: float | None  # the mean over finished cells of this size, task and shape
+
+    def seconds(self) -> float | None:
+        return None if self.seconds_a_cell is None else self.cells * self.seconds_a_cell
+
+
+def _shape(cell: dict) -> str:
+    return f"{cell['steps']} x {cell['batch_size']} x {cell['seq_len']}"
+
+
+def cells_left(run_dir: str | Path, speeds: list[CellSpeed]) -> list[CellsLeft]:
+    """The cells of ``run_dir`` without a ``summary.json``, counted per setting, in grid order."""
+    from raretask.runs import store
+
+    run_dir = Path(run_dir)
+    measured = {(s.size, s.task, s.shape): fmean(s.seconds) for s in speeds if s.seconds}
+    left: dict[tuple, CellsLeft] = {}
+    for cell in store.read_cells(run_dir).values():
+        if (run_dir / "groups" / cell["group"] / "summary.json").exists():
+            continue
+        key = (cell["task"], cell["size"], float(cell["rate"]), _shape(cell))
+        if key not in left:
+            left[key] = CellsLeft(*key, 0, measured.get((cell["size"], cell["task"], key[3])))
+        left[key].cells += 1
+    return list(left.values())
+
+
 def _time(stamp: str) -> dt.datetime:
     return dt.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S")
 
@@ -127,7 +166,7 @@ def grid_cost(run_dir: str | Path) -> tuple[list[Visit], list[CellSpeed]]:
         visit.cells += 1
         visit.tokens += tokens
         visit.flops += tokens * flops_per_token[key]
-        shape = f"{cell['steps']} x {cell['batch_size']} x {cell['seq_len']}"
+        shape = _shape(cell)
         speed = speeds.setdefault((cell["size"], cell["task"], shape),
                                   CellSpeed(cell["size"], cell["task"], shape))
         if int(m["a"]) == 0:  # a whole cell in one visit: its seconds mean something
@@ -157,11 +196,14 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:  # one line, exit 2, as the CLI's user errors
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    left = cells_left(args.run_dir, speeds)
     if args.json:
         print(json.dumps({"visits": [asdict(v) | {"tokens_per_s": v.tokens_per_s(),
                                                   "mfu": v.mfu(args.peak_tflops)}
                                      for v in visits],
-                          "cells": [asdict(s) for s in speeds]}, indent=1))
+                          "cells": [asdict(s) for s in speeds],
+                          "left": [asdict(c) | {"seconds": c.seconds()} for c in left]},
+                         indent=1))
         return
     console = Console()
     t = Table(title=f"{args.run_dir}: visits (MFU against {args.peak_tflops:g} TFLOP/s)",
@@ -190,6 +232,20 @@ def main(argv: list[str] | None = None) -> None:
         parts = [mean(s.warmup_s, 1), mean(s.eval_s, 1), mean(s.checkpoint_s, 1)] * split
         t.add_row(s.size, s.task, s.shape, str(len(s.tokens_per_s)), mean(s.seconds), *parts,
                   f"{tps:,.0f}")
+    console.print(t)
+    if not left:
+        return
+    known = [c.seconds() for c in left if c.seconds() is not None]
+    # cell-seconds: P processes sharing a device finish them in about cell-s / P of wall time
+    t = Table(title=f"cells left: {sum(c.cells for c in left)} ({sum(known):,.0f} cell-seconds "
+              "for those of a measured size, at the seconds a cell took so far; P processes "
+              "take about cell-s / P)", box=box.SIMPLE_HEAD)
+    for c in ("task", "size", "freq/tok", "steps x rows x tokens", "cells", "s a cell", "cell-s"):
+        t.add_column(c, justify="right")
+    for c in left:
+        sec, total = c.seconds_a_cell, c.seconds()
+        t.add_row(c.task, c.size, f"{c.frequency:.3g}", c.shape, str(c.cells),
+                  "-" if sec is None else f"{sec:.0f}", "-" if total is None else f"{total:.0f}")
     console.print(t)
 
 
