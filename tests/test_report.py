@@ -314,8 +314,8 @@ def test_lm_cost_counts_each_visit_from_the_log(lm_run, capsys, tmp_path):
     _, speeds = lm_cost.grid_cost(run)
     took = next(s for s in speeds if s.task == cell["task"]).seconds
     left = lm_cost.cells_left(run, speeds)
-    assert left == [lm_cost.CellsLeft(cell["task"], "tiny", cell["rate"], "12 x 16 x 32", 1,
-                                      sum(took) / len(took))]
+    assert left == [lm_cost.CellsLeft(cell["task"], "tiny", cell["rate"], cell["delivery"],
+                                      "12 x 16 x 32", 1, sum(took) / len(took))]
     assert left[0].seconds() == left[0].seconds_a_cell
     with pytest.raises(SystemExit) as stop:  # not a run: one line, exit 2
         lm_cost.main([str(tmp_path / "nope")])

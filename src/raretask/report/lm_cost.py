@@ -83,11 +83,12 @@ class CellSpeed:
 
 @dataclass
 class CellsLeft:
-    """Unfinished cells of one task, size, frequency and step shape."""
+    """Unfinished cells of one task, size, frequency, schedule and step shape."""
 
     task: str
     size: str
     frequency: float
+    schedule: str  # "even", or "every N" steps for bursts
     shape: str
     cells: int
     seconds_a_cell: float | None  # the mean over finished cells of this size, task and shape
@@ -110,9 +111,11 @@ def cells_left(run_dir: str | Path, speeds: list[CellSpeed]) -> list[CellsLeft]:
     for cell in store.read_cells(run_dir).values():
         if (run_dir / "groups" / cell["group"] / "summary.json").exists():
             continue
-        key = (cell["task"], cell["size"], float(cell["rate"]), _shape(cell))
+        every = int(cell.get("every") or 1)
+        schedule = f"every {every}" if every > 1 else str(cell.get("delivery", "even"))
+        key = (cell["task"], cell["size"], float(cell["rate"]), schedule, _shape(cell))
         if key not in left:
-            left[key] = CellsLeft(*key, 0, measured.get((cell["size"], cell["task"], key[3])))
+            left[key] = CellsLeft(*key, 0, measured.get((cell["size"], cell["task"], key[4])))
         left[key].cells += 1
     return list(left.values())
 
@@ -240,11 +243,12 @@ def main(argv: list[str] | None = None) -> None:
     t = Table(title=f"cells left: {sum(c.cells for c in left)} ({sum(known):,.0f} cell-seconds "
               "for those of a measured size, at the seconds a cell took so far; P processes "
               "take about cell-s / P)", box=box.SIMPLE_HEAD)
-    for c in ("task", "size", "freq/tok", "steps x rows x tokens", "cells", "s a cell", "cell-s"):
+    for c in ("task", "size", "freq/tok", "schedule", "steps x rows x tokens", "cells",
+              "s a cell", "cell-s"):
         t.add_column(c, justify="right")
     for c in left:
         sec, total = c.seconds_a_cell, c.seconds()
-        t.add_row(c.task, c.size, f"{c.frequency:.3g}", c.shape, str(c.cells),
+        t.add_row(c.task, c.size, f"{c.frequency:.3g}", c.schedule, c.shape, str(c.cells),
                   "-" if sec is None else f"{sec:.0f}", "-" if total is None else f"{total:.0f}")
     console.print(t)
 
