@@ -33,10 +33,23 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lm_throughput import FLOPS_NOTE, RandomTokens, code_version, free, sync  # noqa: E402
+from lm_throughput import (  # noqa: E402
+    FLOPS_NOTE,
+    RandomTokens,
+    code_version,
+    free,
+    initial_state,
+    sync,
+)
 
 from raretask.lm.model import PRESETS, ModelConfig, Transformer  # noqa: E402
-from raretask.lm.trainer import LMTrainer, LMTrainSettings  # noqa: E402
+from raretask.lm.trainer import (  # noqa: E402
+    LMTrainer,
+    LMTrainSettings,
+    adamw,
+    cuda_graphs,
+    step_autocast,
+)
 
 
 class StackedModel(nn.Module):
@@ -81,23 +94,17 @@ class StackedTrainer:
         self.device = torch.device(settings.device)
         models = []
         for seed in seeds:  # LMTrainer's draw for each seed
-            torch.manual_seed(seed)
             model = Transformer(cfg)
-            model.init_weights(generator=torch.Generator().manual_seed(seed))
+            model.load_state_dict(initial_state(cfg, seed))
             models.append(model)
         self.model = StackedModel(models).to(self.device)
-        params = list(self.model.stacked.values())
-        self.optimizer = torch.optim.AdamW(
-            [{"params": [p for p in params if p.dim() >= 3], "weight_decay": settings.weight_decay},
-             {"params": [p for p in params if p.dim() < 3], "weight_decay": 0.0}],
-            lr=settings.lr, betas=settings.betas, fused=self.device.type == "cuda")
+        # the seed axis makes every matrix 3-D: decay stays on the matrices
+        self.optimizer = adamw(self.model.stacked.values(), settings, self.device, matrix_dim=3)
         self.forward = self.model
         if settings.compile:
             self.forward = torch.compile(self.model, mode=settings.compile_mode)
-        self._graphs = (settings.compile and settings.compile_mode == "reduce-overhead"
-                        and self.device.type == "cuda")
-        self._autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                          if self.device.type == "cuda" else torch.autocast("cpu", enabled=False))
+        self._graphs = cuda_graphs(settings, self.device)
+        self._autocast = step_autocast(self.device)
 
     def step(self) -> Tensor:
         """One step of every seed; returns their losses [K] (on the device)."""

@@ -62,7 +62,14 @@ from raretask.errors import UserError
 from raretask.lm import export_hf
 from raretask.lm.export_hf import olmo2_config  # noqa: F401 (the parity tests read it here)
 from raretask.lm.model import PRESETS, ModelConfig, Transformer, _token_losses
-from raretask.lm.trainer import ATTENTION_BACKENDS, LMTrainer, LMTrainSettings, check_attention
+from raretask.lm.trainer import (
+    ATTENTION_BACKENDS,
+    LMTrainer,
+    LMTrainSettings,
+    adamw,
+    check_attention,
+    step_autocast,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("raretask", "hf-eager", "hf-compiled")
@@ -221,16 +228,11 @@ def time_raretask(cfg: ModelConfig, args, device: torch.device, compiled: bool) 
 def time_hf(cfg: ModelConfig, args, device: torch.device, compiled: bool) -> Run:
     s = settings_for(args, device, compiled)
     model = build_hf(cfg, initial_state(cfg, args.seed)).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=s.lr, betas=s.betas, fused=device.type == "cuda")
+    opt = adamw(model.parameters(), s, device)  # the trainer's optimiser and precision
     forward = HFWithLoss(model)
     if compiled:
         forward = torch.compile(forward)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    autocast = step_autocast(device)
     data = RandomTokens(cfg.vocab_size, args.batch_size, args.seq_len, args.seed)
     losses: list[Tensor] = []
 

@@ -199,22 +199,11 @@ class LMTrainer:
         self.train_model = self.model
         if self.world > 1:  # before the optimizer: FSDP2 swaps the parameters for shards
             self.train_model = parallel.wrap(self.model, self.device, settings.fsdp)
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": settings.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=settings.lr, betas=settings.betas,
-            fused=self.device.type == "cuda",
-        )
+        self.optimizer = adamw(self.model.parameters(), settings, self.device)
         if settings.compile:
             self.train_model = torch.compile(self.train_model, mode=settings.compile_mode)
-        # CUDA graph replays reuse their output memory: each step is marked as a new one, so
-        # the previous step's loss (already read or dropped) may be overwritten
-        self._graphs = (settings.compile and settings.compile_mode == "reduce-overhead"
-                        and self.device.type == "cuda")
-        self._autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                          if self.device.type == "cuda" else torch.autocast("cpu", enabled=False))
+        self._graphs = cuda_graphs(settings, self.device)
+        self._autocast = step_autocast(self.device)
         self._pin = self.device.type == "cuda"
 
     # -- training -----------------------------------------------------------------------------
@@ -443,6 +432,34 @@ def _deterministic(on: bool) -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def adamw(params: Iterable[Tensor], settings: LMTrainSettings, device: torch.device,
+          matrix_dim: int = 2) -> torch.optim.AdamW:
+    """The training step's optimiser: AdamW with ``settings``' lr and betas, weight decay on the
+    matrices only (tensors of ``matrix_dim`` or more dimensions: 3 when a seed axis is stacked
+    in front), fused on CUDA."""
+    params = list(params)
+    return torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= matrix_dim],
+          "weight_decay": settings.weight_decay},
+         {"params": [p for p in params if p.dim() < matrix_dim], "weight_decay": 0.0}],
+        lr=settings.lr, betas=settings.betas, fused=device.type == "cuda")
+
+
+def step_autocast(device: torch.device):
+    """The training step's precision: bf16 autocast on CUDA, float32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def cuda_graphs(settings: LMTrainSettings, device: torch.device) -> bool:
+    """Whether the compiled step replays CUDA graphs. Their replays reuse the output memory, so
+    each step must be marked as a new one (``torch.compiler.cudagraph_mark_step_begin``), or
+    the previous step's loss, already read or dropped, may be overwritten."""
+    return (settings.compile and settings.compile_mode == "reduce-overhead"
+            and device.type == "cuda")
 
 
 def check_attention(name: str, device: str) -> None:
