@@ -1,5 +1,5 @@
-"""benchmarks/lm_stacked.py: K seeds stacked on one axis train as K ``LMTrainer`` runs would, seed
-by seed (the premise of timing them together), and the script writes its figures."""
+"""raretask.lm.stacked: K seeds stacked on one axis train as K ``LMTrainer`` runs would, seed by
+seed, and benchmarks/lm_stacked.py times it."""
 
 from __future__ import annotations
 
@@ -10,28 +10,31 @@ import torch
 from bench_modules import load
 
 from raretask.lm.model import ModelConfig
+from raretask.lm.stacked import StackedLMTrainer
 from raretask.lm.trainer import LMTrainer, LMTrainSettings
 
 stacked = load("lm_stacked")
 CFG = ModelConfig.preset("tiny", vocab_size=128)
 
 
-def _settings(seed: int, clip: float) -> LMTrainSettings:
-    return LMTrainSettings(steps=4, batch_size=4, seq_len=16, warmup=2, grad_clip=clip, seed=seed)
+def _bare(seed: int, clip: float = 1.0, compile: bool = False) -> LMTrainer:
+    """A trainer on random tokens with no task (the benchmark's)."""
+    settings = LMTrainSettings(steps=4, batch_size=4, seq_len=16, warmup=2, grad_clip=clip,
+                               seed=seed, compile=compile)
+    return LMTrainer(CFG, stacked.RandomTokens(CFG.vocab_size, 4, 16, seed), lambda: [], None,
+                     None, settings)
 
 
 @pytest.mark.parametrize("clip", [1.0, 0.02])  # 0.02: every step clipped, by each seed's norm
 def test_stacked_seeds_follow_their_own_trainer(one_thread, clip):
     seeds = [0, 3]
-    streams = [stacked.RandomTokens(CFG.vocab_size, 4, 16, seed) for seed in seeds]
-    together = stacked.StackedTrainer(CFG, _settings(0, clip), seeds, streams)
-    losses = torch.stack([together.step() for _ in range(4)])  # [steps, K]
+    together = StackedLMTrainer([_bare(seed, clip) for seed in seeds])
+    losses = torch.stack([together._train_step() for _ in range(4)])  # [steps, K]
     for k, seed in enumerate(seeds):
-        alone = LMTrainer(CFG, stacked.RandomTokens(CFG.vocab_size, 4, 16, seed), lambda: [],
-                          None, None, _settings(seed, clip))
+        alone = _bare(seed, clip)
         own = torch.stack([alone._train_step() for _ in range(4)])
         torch.testing.assert_close(losses[:, k], own, rtol=1e-5, atol=1e-6)
-        state = together.seed_state(k)
+        state = together.member(k).state_dict()["model"]
         for name, value in alone.model.state_dict().items():
             torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-6, msg=name)
     # the seeds did not train alike (else the test could not tell them apart)
@@ -64,9 +67,7 @@ def test_compiled_stacked_step_is_one_graph_and_equals_eager(one_thread):
     counters.clear()
     runs = []
     for compiled in (True, False):
-        settings = LMTrainSettings(steps=3, batch_size=4, seq_len=16, compile=compiled)
-        streams = [stacked.RandomTokens(CFG.vocab_size, 4, 16, k) for k in range(3)]
-        trainer = stacked.StackedTrainer(CFG, settings, [0, 1, 2], streams)
-        runs.append(torch.stack([trainer.step() for _ in range(3)]))
+        trainer = StackedLMTrainer([_bare(k) for k in range(3)], compile=compiled)
+        runs.append(torch.stack([trainer._train_step() for _ in range(3)]))
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-5)

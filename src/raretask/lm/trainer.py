@@ -204,7 +204,6 @@ class LMTrainer:
             self.train_model = torch.compile(self.train_model, mode=settings.compile_mode)
         self._graphs = cuda_graphs(settings, self.device)
         self._autocast = step_autocast(self.device)
-        self._pin = self.device.type == "cuda"
 
     # -- training -----------------------------------------------------------------------------
     def _next_instances(self, count: int) -> Tensor:
@@ -214,7 +213,9 @@ class LMTrainer:
         self.injected += count
         return self.train_instances[idx]
 
-    def _train_step(self) -> Tensor:
+    def _host_batch(self) -> Tensor:
+        """This step's rows on the host [local B, T + 1]: background with the schedule's
+        instances in the first rows; moves the stream and the instance counter."""
         s = self.settings
         batch = self.data.next_batch()  # [local B, T + 1]
         count = self.schedule.per_step(self.step) if self.schedule is not None else 0
@@ -227,9 +228,11 @@ class LMTrainer:
             lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
             mine = inst[max(0, lo):max(0, min(hi, count))] if lo < count else inst[:0]
             batch, _ = inject(batch, mine)
-        if self._pin:  # from pageable memory CUDA may wait for the queued kernels before copying
-            batch = batch.pin_memory()
-        batch = batch.to(self.device, non_blocking=True)
+        return batch
+
+    def _train_step(self) -> Tensor:
+        s = self.settings
+        batch = to_device(self._host_batch(), self.device)
         idx, targets = batch[:, :-1], batch[:, 1:]
         for group in self.optimizer.param_groups:
             group["lr"] = s.lr_at(self.step)
@@ -288,15 +291,17 @@ class LMTrainer:
             torch.cuda.synchronize(self.device)
 
     @contextlib.contextmanager
-    def _timed_eval(self) -> Iterator[None]:
-        """Count the block as an evaluation in ``timing``; the queued training steps are waited
-        for first, so that they are not counted in it (one sync an evaluation, none a step)."""
+    def _timed_eval(self, timing: dict | None = None) -> Iterator[None]:
+        """Count the block as an evaluation in ``timing`` (default: this trainer's); the queued
+        training steps are waited for first, so that they are not counted in it (one sync an
+        evaluation, none a step)."""
+        timing = self.timing if timing is None else timing
         self._sync()
         t0 = time.perf_counter()
         yield
         self._sync()
-        self.timing["eval_s"] += time.perf_counter() - t0
-        self.timing["evals"] += 1
+        timing["eval_s"] += time.perf_counter() - t0
+        timing["evals"] += 1
 
     def _check_divergence(self, row: dict[str, float]) -> None:
         """Stop at an eval step whose train or validation loss is NaN/Inf or above
@@ -445,6 +450,14 @@ def adamw(params: Iterable[Tensor], settings: LMTrainSettings, device: torch.dev
           "weight_decay": settings.weight_decay},
          {"params": [p for p in params if p.dim() < matrix_dim], "weight_decay": 0.0}],
         lr=settings.lr, betas=settings.betas, fused=device.type == "cuda")
+
+
+def to_device(batch: Tensor, device: torch.device) -> Tensor:
+    """A host batch on ``device`` without blocking: on CUDA through pinned memory (from pageable
+    memory CUDA may wait for the queued kernels before copying)."""
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)
 
 
 def step_autocast(device: torch.device):
