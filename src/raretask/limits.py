@@ -61,13 +61,15 @@ def device_memory(device: str) -> tuple[int, str]:
 
 
 def check_group_memory(groups: list[tuple[str, list]], device: str, source: str = "config",
-                       memory: int | None = None, shards: int = 1) -> None:
+                       memory: int | None = None, shards: int = 1,
+                       group_field: str = "profile.group_size") -> None:
     """Refuse (one line) a group whose cells' estimated memory exceeds the device's.
 
     ``groups``: (name, its cells); a cell without ``memory_parts`` counts as nothing. The line
-    names the field that dominates the estimate, or ``profile.group_size`` when each cell fits
-    alone but the group does not. ``shards``: processes that train one model together (DDP,
-    FSDP), each holding about its share.
+    names the field that dominates the estimate, or ``group_field`` (the profile field that
+    sets how many cells train together) when each cell fits alone but the group does not.
+    ``shards``: processes that train one model together (DDP, FSDP), each holding about its
+    share.
     """
     if memory is None:
         memory, what = device_memory(device)
@@ -80,7 +82,7 @@ def check_group_memory(groups: list[tuple[str, list]], device: str, source: str 
         if total <= memory:
             continue
         biggest = max(parts, key=lambda p: sum(p.values()))
-        field = ("profile.group_size" if sum(biggest.values()) <= memory
+        field = (group_field if sum(biggest.values()) <= memory
                  else max(biggest, key=biggest.get))
         raise UserError(
             f"{source}: {field}: group {name} ({len(cells)} cell{'s' * (len(cells) != 1)}) needs "

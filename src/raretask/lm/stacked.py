@@ -287,6 +287,11 @@ class StackedMember:
     def __init__(self, stack: StackedLMTrainer, k: int):
         self._stack, self._k = stack, k
 
+    @property
+    def stacked(self) -> int:
+        """How many seeds train in the stack (a cell's log line says so)."""
+        return len(self._stack.members)
+
     def __getattr__(self, name: str):
         return getattr(self._stack.members[self._k], name)
 

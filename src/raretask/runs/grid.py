@@ -379,19 +379,67 @@ class GridRun:
         self._record_files(None, hashes)
 
     # -- the lifecycle of one group -------------------------------------------------------------
+    def _stack_size(self) -> int:
+        return self.resolved_profile.stack_seeds or 1
+
+    def _siblings(self, group: Group, pool: list[Group]) -> list[Group]:
+        """Unfinished single-cell groups of ``pool`` that may train stacked with ``group``
+        (the study's :meth:`~raretask.studies.base.Study.stack_key`, and a checkpoint in all
+        of them or in none), in ``pool`` order."""
+        if self._stack_size() < 2 or len(group.cell_ids) != 1:
+            return []
+        key = self.study.stack_key(self.cells[group.cell_ids[0]])
+        if key is None:
+            return []
+        resumes = self.study.has_checkpoint(self._group_dir(group))
+        return [g for g in pool if g is not group and len(g.cell_ids) == 1
+                and not self.is_done(g)
+                and self.study.stack_key(self.cells[g.cell_ids[0]]) == key
+                and self.study.has_checkpoint(self._group_dir(g)) == resumes]
+
+    def _stacks(self, groups: list[Group]) -> list[list[Group]]:
+        """``groups`` in order, each with up to ``profile.stack_seeds - 1`` siblings after it."""
+        left, out = list(groups), []
+        while left:
+            stack = [left.pop(0)]
+            for g in self._siblings(stack[0], left)[: self._stack_size() - 1]:
+                left.remove(g)
+                stack.append(g)
+            out.append(stack)
+        return out
+
     def _run_group(self, group: Group, progress: Progress | None) -> None:
-        """Build the group's trainer, resume its checkpoint, train with timed checkpoints, then
-        write the study's tables and summary rows (summary.json last) and drop the checkpoint."""
+        self._run_stack([group], progress)
+
+    def _run_stack(self, groups: list[Group], progress: Progress | None) -> None:
+        """Build the groups' trainer (one, or a stack of single-cell groups), resume their
+        checkpoints, train with timed checkpoints, then write each group's tables and summary
+        rows (summary.json last) and drop its checkpoint."""
         import torch
 
         study, ranks = self.study, self.ranks
-        cells = [self.cells[i] for i in group.cell_ids]
-        trainer = study.build(cells, self.resolved_profile, ranks)
-        gdir = self._group_dir(group)
-        if study.has_checkpoint(gdir):
-            study.load_checkpoint(gdir, trainer)
+        cells = [[self.cells[i] for i in g.cell_ids] for g in groups]
+        if len(groups) == 1:
+            trainer = study.build(cells[0], self.resolved_profile, ranks)
+            members = [trainer]
+        else:
+            trainer = study.build_stack(cells, self.resolved_profile, ranks)
+            members = [trainer.member(k) for k in range(len(groups))]
+        gdirs = [self._group_dir(g) for g in groups]
+        for group, gdir, member in zip(groups, gdirs, members, strict=True):
+            if study.has_checkpoint(gdir):
+                study.load_checkpoint(gdir, member)
+                if ranks.writes:
+                    self._log(f"{group.name}: resumed from step {member.step}")
+        if len(groups) > 1 and not trainer.align():
             if ranks.writes:
-                self._log(f"{group.name}: resumed from step {trainer.step}")
+                self._log(f"{', '.join(g.name for g in groups)}: checkpoints at different "
+                          "steps; trained one by one")
+            del trainer, members
+            for group in groups:
+                self._run_stack([group], progress)
+            return
+        names = groups[0].name if len(groups) == 1 else "+".join(g.name for g in groups)
         total = trainer.settings.steps
         started = last_save = time.perf_counter()
         start_step = trainer.step
@@ -403,42 +451,52 @@ class GridRun:
             if ranks.data_parallel:  # rank 0's clock decides: FSDP2 gathers the state collectively
                 due = distributed.broadcast(due)
             if due:
-                study.save_checkpoint(gdir, trainer, ranks.writes)
+                for gdir, member in zip(gdirs, members, strict=True):
+                    study.save_checkpoint(gdir, member, ranks.writes)
                 last_save = time.perf_counter()
                 if ranks.writes:  # the log shows how far a long group has come, how fast, and
                     # what the checkpoint cost (a 60m LM's is ~0.8 GB of weights and moments)
-                    self._log(f"{group.name}: checkpoint at step {step} of {total} "
+                    self._log(f"{names}: checkpoint at step {step} of {total} "
                               f"({now - started:.0f} s since step {start_step}, written in "
                               f"{last_save - now:.1f} s)")
             if progress:
-                progress({"event": "step", "group": group.name, "step": step, "steps": total,
-                          "cells": len(group.cell_ids)})
+                progress({"event": "step", "group": names, "step": step, "steps": total,
+                          "cells": sum(len(g.cell_ids) for g in groups)})
 
         trainer.run(callback=on_eval)
         if self.resolved_profile.cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-        keep = study.final_tensors(cells, trainer)
-        if ranks.writes:
-            written = []
-            for name, tensors in keep.items():
-                store.write_safetensors(gdir / name, tensors)
-                written.append(name)
-            result = study.results(group, cells, trainer, seconds, start_step)
-            for name, rows in result.tables.items():
-                store.write_parquet(gdir / f"{name}.parquet", rows)
-                written.append(f"{name}.parquet")
-            summary = json.dumps(result.rows, indent=1) + "\n"
-            hashes = {f"groups/{group.name}/{n}": store.file_sha256(gdir / n) for n in written}
-            hashes[f"groups/{group.name}/summary.json"] = manifest.sha256_text(summary)
-            # before the done marker: every finished group has its hashes recorded
-            self._record_files(group.name, hashes)
-            store.write_text(gdir / "summary.json", summary)
-            study.remove_checkpoint(gdir)
-            for line in result.log:
-                self._log(line)
+        for group, gdir, group_cells, member in zip(groups, gdirs, cells, members, strict=True):
+            self._finish(group, gdir, group_cells, member, seconds, start_step)
         if ranks.data_parallel:  # nobody starts the next cell before this one is on disk
             distributed.barrier()
+
+    def _finish(self, group: Group, gdir: Path, cells: list, trainer, seconds: float,
+                start_step: int) -> None:
+        """Write a trained group's files (its hashes recorded before its summary, the done
+        marker) and drop its checkpoint."""
+        study = self.study
+        keep = study.final_tensors(cells, trainer)
+        if not self.ranks.writes:
+            return
+        written = []
+        for name, tensors in keep.items():
+            store.write_safetensors(gdir / name, tensors)
+            written.append(name)
+        result = study.results(group, cells, trainer, seconds, start_step)
+        for name, rows in result.tables.items():
+            store.write_parquet(gdir / f"{name}.parquet", rows)
+            written.append(f"{name}.parquet")
+        summary = json.dumps(result.rows, indent=1) + "\n"
+        hashes = {f"groups/{group.name}/{n}": store.file_sha256(gdir / n) for n in written}
+        hashes[f"groups/{group.name}/summary.json"] = manifest.sha256_text(summary)
+        # before the done marker: every finished group has its hashes recorded
+        self._record_files(group.name, hashes)
+        store.write_text(gdir / "summary.json", summary)
+        study.remove_checkpoint(gdir)
+        for line in result.log:
+            self._log(line)
 
     # -- running --------------------------------------------------------------------------------
     def run(self, progress: Progress | None = None, parallel: str = "auto",
@@ -463,9 +521,13 @@ class GridRun:
         self.resolved_profile = self.profile.resolve(rank_dev)
         chosen = [g for g in self.groups
                   if only is None or any(only(self.cells[i]) for i in g.cell_ids)]
-        check_group_memory([(g.name, [self.cells[i] for i in g.cell_ids]) for g in chosen
-                            if not self.is_done(g)], self.resolved_profile.device,
-                           shards=world if self.ranks.data_parallel else 1)
+        pending = [g for g in chosen if not self.is_done(g)]
+        units = self._stacks(pending) if mode in ("single", "cells") else [[g] for g in pending]
+        check_group_memory([("+".join(g.name for g in u), [self.cells[i] for g in u
+                                                            for i in g.cell_ids]) for u in units],
+                           self.resolved_profile.device,
+                           shards=world if self.ranks.data_parallel else 1,
+                           group_field=self.study.group_field)
         self.study.check(self.cells, self.resolved_profile, self.ranks)
         progress = progress if rank == 0 else None  # one display per job
         with distributed.session(mode, self.ranks.device), contextlib.ExitStack() as held:
@@ -500,9 +562,10 @@ class GridRun:
             if mode == "cells":
                 self._run_claimed(todo, progress)
             else:
-                for group in todo:
-                    self._run_group(group, progress)
-                    self._group_done(group, progress)
+                for stack in self._stacks(todo) if mode == "single" else [[g] for g in todo]:
+                    self._run_stack(stack, progress)
+                    for group in stack:
+                        self._group_done(group, progress)
             distributed.barrier(poll=lambda: self._group_done(None, progress))
             if rank == 0:
                 missing = [g.name for g in todo if not self.is_done(g)]
@@ -523,12 +586,22 @@ class GridRun:
         r, w = self.ranks.rank, self.ranks.world
         order = todo[r::w] + [g for i, g in enumerate(todo) if i % w != r]
         for group in order:
-            with store.claim(self.out / ".claims" / group.name) as mine:
+            with contextlib.ExitStack() as claims:
                 # re-check under the claim: another rank may have finished it meanwhile
-                if not mine or self.is_done(group):
+                if not claims.enter_context(self._claim(group)) or self.is_done(group):
                     continue
-                self._run_group(group, progress)
-            self._group_done(group, progress)
+                stack = [group]  # with profile.stack_seeds: siblings nobody holds yet
+                for other in self._siblings(group, order):
+                    if len(stack) == self._stack_size():
+                        break
+                    if claims.enter_context(self._claim(other)) and not self.is_done(other):
+                        stack.append(other)
+                self._run_stack(stack, progress)
+            for done in stack:
+                self._group_done(done, progress)
+
+    def _claim(self, group: Group):
+        return store.claim(self.out / ".claims" / group.name)
 
     def cells_done(self) -> int:
         return sum(len(g.cell_ids) for g in self.groups if self.is_done(g))

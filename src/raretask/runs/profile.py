@@ -64,6 +64,10 @@ class Profile(StrictModel):
         "CUDA only).")
     deterministic: bool | None = Field(None, description="LM: deterministic kernels only (the "
                                        "same numbers alone or packed on one GPU; slower).")
+    stack_seeds: int | None = Field(
+        None, ge=1, le=64, description="LM: train up to this many cells that differ only in "
+        "the seed as one model with a seed axis (raretask.lm.stacked; the same numbers up to "
+        "float rounding, each cell's files as alone); 1: every cell alone.")
 
     def resolve(self, device: str) -> Profile:
         """The profile a run uses and logs: every field set, the unset ones to ``device``'s
@@ -83,12 +87,12 @@ DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cpu": {"retraction": "qr", "tf32": False, "cuda_graph": False, "fuse": False,
             "share_inputs": False, "group_streams": False, "pad_width": 128,
             "compile": False, "compile_mode": "default", "attention": "auto",
-            "deterministic": False},
+            "deterministic": False, "stack_seeds": 1},
     # CUDA: the fastest settings measured on one H200 (benchmarks/RESULTS.md)
     "cuda": {"retraction": "polar_once", "tf32": True, "cuda_graph": True, "fuse": True,
              "share_inputs": True, "group_streams": True, "pad_width": 128,
              "compile": True, "compile_mode": "reduce-overhead", "attention": "auto",
-             "deterministic": False},
+             "deterministic": False, "stack_seeds": 1},
 }
 """The default of every unset profile field, per device kind."""
 

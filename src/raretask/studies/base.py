@@ -76,6 +76,8 @@ class Study:
     """The study's name in messages ("toy", "LM")."""
     row_schema: ClassVar[dict[str, Any]]
     """The fields (and types) of a summary row that show, the report and calibrate read."""
+    group_field: ClassVar[str] = "profile.group_size"
+    """The profile field that sets how many cells train together (named when they do not fit)."""
     legacy_checkpoint: ClassVar[tuple[str, ...]] = ()
     """The files of a checkpoint written before checkpoints were one directory
     (:mod:`raretask.runs.checkpoint_dir`): :meth:`read_legacy_checkpoint` decides whether they
@@ -103,6 +105,16 @@ class Study:
     # -- training -----------------------------------------------------------------------------
     def build(self, cells: list, profile, ranks):
         """The trainer of one group; ``profile``: a resolved execution profile."""
+        raise NotImplementedError
+
+    def stack_key(self, cell) -> Any:
+        """Cells with one key (not None) may train as one stacked model
+        (:meth:`build_stack`, ``profile.stack_seeds``); default: never."""
+        return None
+
+    def build_stack(self, cells: list[list], profile, ranks):
+        """One trainer for several single-cell groups (their cells, one list per group) whose
+        ``member(k)`` is group k's trainer as :meth:`build` would give it."""
         raise NotImplementedError
 
     # -- checkpoints: one directory, written as a unit and verified on resume -----------------

@@ -18,6 +18,7 @@ checkpoint; in ``cells`` mode each rank trains the cells it claims, alone, and w
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import torch
@@ -171,6 +172,7 @@ class LMStudy(Study):
     kind = "lm"
     label = "LM"
     legacy_checkpoint = ("model.safetensors", "state.pt")
+    group_field = "profile.stack_seeds"
     row_schema = {
         "cell": int, "kind": str, "size": str, "params": int, "task": str, "schedule": str,
         "seed": int, "steps": int, "frequency": NUM, "test_accuracy": OPT_NUM,
@@ -216,6 +218,20 @@ class LMStudy(Study):
         cell = resolve_arm(cells[0])  # a fix arm trains an ordinary cell
         return build_trainer(cell, profile, ranks.data_world, fsdp=ranks.mode == "fsdp")
 
+    def stack_key(self, cell):
+        """Cells that differ only in the seed (the same arm resolved alike)."""
+        return json.dumps(cell.model_dump(exclude={"seed"}), sort_keys=True, default=str)
+
+    def build_stack(self, cells, profile, ranks):
+        """:class:`~raretask.lm.stacked.StackedLMTrainer` over one trainer per group, each built
+        as alone but uncompiled (the stack compiles its own step)."""
+        from raretask.lm.stacked import StackedLMTrainer
+        from raretask.mixing.fix_lm import resolve_arm
+
+        plain = profile.model_copy(update={"compile": False})
+        members = [build_trainer(resolve_arm(group[0]), plain, (0, 1)) for group in cells]
+        return StackedLMTrainer(members, profile.compile, profile.compile_mode)
+
     def checkpoint_payload(self, state) -> dict[str, bytes]:
         return checkpoint_files(state)
 
@@ -243,9 +259,11 @@ class LMStudy(Study):
                     "value": r["value"]} for r in trainer.metrics()]
         tps = (trainer.step - start_step) * cell.batch_size * cell.seq_len / max(seconds, 1e-9)
         t = trainer.timing  # where the seconds went (report.lm_cost reads this line)
+        stacked = getattr(trainer, "stacked", 1)  # seconds, warm-up, evaluations: the stack's
         log = [f"{group.name}: {cell.size} {cell.task} steps {start_step}->{trainer.step}"
                f" in {seconds:.1f}s ({tps:,.0f} tokens/s); first {t['warmup_steps']} steps"
-               f" {t['warmup_s']:.1f}s, {t['evals']} evaluations {t['eval_s']:.1f}s"]
+               f" {t['warmup_s']:.1f}s, {t['evals']} evaluations {t['eval_s']:.1f}s"
+               + (f"; {stacked} seeds stacked" if stacked > 1 else "")]
         if trainer.diverged_step is not None:
             log.append(f"{group.name}: cell {cell_id} diverged at step {trainer.diverged_step} "
                        "(non-finite or exploded loss); stopped there")
