@@ -304,9 +304,24 @@ def test_lm_cost_counts_each_visit_from_the_log(lm_run, capsys, tmp_path):
     again = [s for s in speeds if len(s.seconds) == 2]
     assert len(again) == 1 and (again[0].seconds[1], again[0].warmup_s[1], again[0].eval_s[1],
                                 again[0].checkpoint_s[1]) == (25.0, 8.0, 4.5, 3.5)
+    # a visit with profile.stack_seeds: two cells share one stack's seconds and writes
+    first, second = (c["group"] for c in json.loads((run / "cells.json").read_text()))
+    with open(run / "log.txt", "a", encoding="utf-8") as fh:
+        fh.write("2099-01-02 00:00:00 start: raretask x, python 3.12, device cuda, 2 cells in 2 "
+                 "groups, 2 groups to run\n"
+                 f"2099-01-02 00:00:10 {first}+{second}: checkpoint at step 6 of 12 (9 s since "
+                 "step 0, written in 3.0 s)\n")
+        for g in (first, second):
+            fh.write(f"2099-01-02 00:00:20 {g}: tiny cmp steps 0->12 in 20.0s (512 tokens/s); "
+                     "first 3 steps 6.0s, 4 evaluations 4.0s; 2 seeds stacked\n")
+    visits, speeds = lm_cost.grid_cost(run)
+    assert [(v.processes, v.cells, v.tokens) for v in visits[2:]] == [(1, 2, tokens)]
+    for s in speeds:  # each cell: 1/2 of the stack's seconds, its process 2 x its speed
+        assert (s.seconds[-1], s.warmup_s[-1], s.eval_s[-1], s.checkpoint_s[-1],
+                s.tokens_per_s[-1]) == (10.0, 3.0, 2.0, 1.5, 1024.0)
     lm_cost.main([str(run), "--json"])
     printed = json.loads(capsys.readouterr().out)
-    assert [v["tokens"] for v in printed["visits"]] == [tokens, tokens // 2]
+    assert [v["tokens"] for v in printed["visits"]] == [tokens, tokens // 2, tokens]
     assert printed["left"] == []  # every cell finished
     # a cell without its summary is left, costed at what its size and task took so far
     cell = json.loads((run / "cells.json").read_text())[1]

@@ -12,7 +12,9 @@ finishes, ``gNNNN: SIZE TASK steps A->B in Xs (Y tokens/s)``. From those and ``c
   for sizing the next calls; "-" where no cell of that size and task has finished yet.
 * **per size and task**: the cells, seconds a cell and each process's tokens/s, as logged; for
   cells logged since the split was (2026-12-05), the seconds of a cell's first steps
-  (compilation, CUDA-graph capture), its evaluations and its checkpoint writes.
+  (compilation, CUDA-graph capture), its evaluations and its checkpoint writes. A cell trained
+  in a stack of K seeds (``profile.stack_seeds``; its line ends ``K seeds stacked``) counts
+  1/K of the stack's seconds, and its process's speed is K x its own tokens/s.
 
 ``python -m raretask.report.lm_cost RUN_DIR [--peak-tflops 989] [--json]``
 """
@@ -39,8 +41,10 @@ _START = re.compile(_STAMP + r"start: .*?device (?P<device>[^,]+),.*?"
 _DONE = re.compile(_STAMP + r"(?P<group>g\d+): (?P<size>\S+) (?P<task>\S+) steps "
                    r"(?P<a>\d+)->(?P<b>\d+) in (?P<sec>[\d.]+)s \((?P<tps>[\d,]+) tokens/s\)"
                    # since 2026-12-05 (fourth session): where the seconds went
-                   r"(?:; first \d+ steps (?P<warm>[\d.]+)s, \d+ evaluations (?P<eval>[\d.]+)s)?")
-_CKPT = re.compile(_STAMP + r"(?P<group>g\d+): checkpoint at step .* written in "
+                   r"(?:; first \d+ steps (?P<warm>[\d.]+)s, \d+ evaluations (?P<eval>[\d.]+)s)?"
+                   # profile.stack_seeds: the seconds are the stack's, shared by its K cells
+                   r"(?:; (?P<stack>\d+) seeds stacked)?")
+_CKPT = re.compile(_STAMP + r"(?P<groups>g\d+(?:\+g\d+)*): checkpoint at step .* written in "
                    r"(?P<sec>[\d.]+) s\)")
 
 
@@ -154,7 +158,8 @@ def grid_cost(run_dir: str | Path) -> tuple[list[Visit], list[CellSpeed]]:
         visit = visits[-1]
         visit.wall_s = (last - start).total_seconds()
         if m := _CKPT.match(line):
-            saving[m["group"]] = saving.get(m["group"], 0.0) + float(m["sec"])
+            for group in m["groups"].split("+"):  # a stack's write, shared by its cells
+                saving[group] = saving.get(group, 0.0) + float(m["sec"])
             continue
         m = _DONE.match(line)
         if m is None or m["group"] not in by_group:
@@ -172,13 +177,14 @@ def grid_cost(run_dir: str | Path) -> tuple[list[Visit], list[CellSpeed]]:
         shape = _shape(cell)
         speed = speeds.setdefault((cell["size"], cell["task"], shape),
                                   CellSpeed(cell["size"], cell["task"], shape))
+        k = int(m["stack"] or 1)  # a stacked cell's share of its stack's seconds
         if int(m["a"]) == 0:  # a whole cell in one visit: its seconds mean something
-            speed.seconds.append(float(m["sec"]))
+            speed.seconds.append(float(m["sec"]) / k)
             if m["warm"] is not None:
-                speed.warmup_s.append(float(m["warm"]))
-                speed.eval_s.append(float(m["eval"]))
-                speed.checkpoint_s.append(saving.get(m["group"], 0.0))
-        speed.tokens_per_s.append(float(m["tps"].replace(",", "")))
+                speed.warmup_s.append(float(m["warm"]) / k)
+                speed.eval_s.append(float(m["eval"]) / k)
+                speed.checkpoint_s.append(saving.get(m["group"], 0.0) / k)
+        speed.tokens_per_s.append(k * float(m["tps"].replace(",", "")))  # the process's
     return visits, list(speeds.values())
 
 
