@@ -157,7 +157,7 @@ class StackedLMTrainer:
             group["lr"] = s.lr_at(self.step)
         if self._graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        with self._autocast:
+        with self._autocast, _stacked_attention(self.settings.attention, self.device):
             losses = self.forward(batch[..., :-1], batch[..., 1:])
         losses.sum().backward()  # seeds share no weight: each gets its own loss's gradient
         if s.grad_clip > 0:
@@ -300,6 +300,17 @@ class StackedMember:
 
     def load_state_dict(self, state: dict) -> None:
         self._stack._load_member(self._k, state)
+
+
+def _stacked_attention(name: str, device: torch.device):
+    """The attention kernels of the stacked step: ``name`` as :class:`LMTrainer` pins it, but
+    ``auto`` on CUDA leaves out cuDNN, whose kernel inductor cannot take under ``vmap``
+    (torch 2.11 on an H100: "expected Tensor() for op _scaled_dot_product_cudnn_attention")."""
+    if name != "auto" or device.type != "cuda":
+        return _attention(name)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
 
 
 def _now() -> float:
