@@ -408,9 +408,6 @@ class GridRun:
             out.append(stack)
         return out
 
-    def _run_group(self, group: Group, progress: Progress | None) -> None:
-        self._run_stack([group], progress)
-
     def _run_stack(self, groups: list[Group], progress: Progress | None) -> None:
         """Build the groups' trainer (one, or a stack of single-cell groups), resume their
         checkpoints, train with timed checkpoints, then write each group's tables and summary
