@@ -1,4 +1,5 @@
-"""One word for what a language-model cell's final test accuracy means (`show`, the report).
+"""One word for what a language-model cell's final test accuracy means (`show`, the report,
+`raretask calibrate` and the LM fix all use the one threshold :data:`LEARNED_ACCURACY`).
 
 A T_CMP model that knows only the format (answer TOK1 or TOK2) scores ``chance_format`` ~0.505
 (lm/trainer.py ``chance_levels``); below that it has not even learned the format, and calling
@@ -9,24 +10,31 @@ such a cell "not learned" would hide that. The verdicts, in the order they are t
 * ``format not learned`` (T_CMP only): test accuracy < ``chance_format`` (~0.505). T_ADD's
   format-only accuracy is the random symbol's 0.01, where 5K test instances cannot tell a model
   below chance from one at it (0.006 is 30 right answers against 50), so T_ADD never gets it;
-* ``learned``: test accuracy >= :func:`learned_threshold`, halfway from ``chance_format`` to 1
-  (T_CMP ~0.753, T_ADD 0.505; our choice, the paper states none);
+* ``learned``: test accuracy >= :data:`LEARNED_ACCURACY` (0.9), for both tasks (our choice,
+  the paper states none);
 * ``not learned``: in between (the format, not the structure).
 
 Example::
 
     >>> lm_verdict({"task": "cmp", "test_accuracy": 0.41, "chance_format": 0.5053})
     'format not learned'
+    >>> lm_verdict({"task": "cmp", "test_accuracy": 0.862, "chance_format": 0.5053})
+    'not learned'
     >>> lm_verdict({"task": "cmp", "test_accuracy": 0.93, "chance_format": 0.5053})
     'learned'
+    >>> lm_verdict({"task": "add", "test_accuracy": 0.57, "chance_format": 0.01})
+    'not learned'
 """
 
 from __future__ import annotations
 
 import math
 
-LEARNED_FRACTION = 0.5
-"""A run learned its task at test accuracy >= chance_format + this x (1 - chance_format)."""
+LEARNED_ACCURACY = 0.9
+"""A run learned its task at final test accuracy >= this, T_CMP and T_ADD alike. It is the
+verdict of `raretask calibrate` and the LM fix, and the issue's check for T_ADD; the best T_CMP
+runs reach 0.95-0.96 and T_ADD 0.93-0.98, so both tasks can reach it. (The rule before it,
+halfway from ``chance_format`` to 1, called a half-generalised T_ADD model at 0.51 learned.)"""
 FORMAT_NOT_LEARNED = "format not learned"
 
 
@@ -39,12 +47,6 @@ def chance_format(row: dict) -> float:
     return float(c)
 
 
-def learned_threshold(row: dict) -> float:
-    """Test accuracy at which the row counts as having learned its task."""
-    c = chance_format(row)
-    return c + LEARNED_FRACTION * (1.0 - c)
-
-
 def lm_verdict(row: dict) -> str:
     """The verdict of one summary row (module docstring)."""
     if row.get("diverged_step") is not None:
@@ -54,7 +56,7 @@ def lm_verdict(row: dict) -> str:
         return "-"
     if row.get("task") == "cmp" and acc < chance_format(row):
         return FORMAT_NOT_LEARNED
-    return "learned" if acc >= learned_threshold(row) else "not learned"
+    return "learned" if acc >= LEARNED_ACCURACY else "not learned"
 
 
 def seed_learned(row: dict) -> bool:
@@ -62,5 +64,5 @@ def seed_learned(row: dict) -> bool:
     return lm_verdict(row) == "learned"
 
 
-__all__ = ["FORMAT_NOT_LEARNED", "LEARNED_FRACTION", "chance_format", "learned_threshold",
-           "lm_verdict", "seed_learned"]
+__all__ = ["FORMAT_NOT_LEARNED", "LEARNED_ACCURACY", "chance_format", "lm_verdict",
+           "seed_learned"]

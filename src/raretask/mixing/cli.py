@@ -221,8 +221,10 @@ def calibrate(
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Calibration file to write (default FIRST_RUN_DIR/calibration.json).")]
     = None,
-    learned_accuracy: Annotated[float, typer.Option(
-        help="LM grids: test accuracy at which the task counts as learned.")] = 0.9,
+    learned_accuracy: Annotated[float | None, typer.Option(
+        help="LM grids: test accuracy at which the task counts as learned (default 0.9, "
+             "raretask.lm.verdict.LEARNED_ACCURACY: the same threshold `raretask show` and the "
+             "report use).")] = None,
     holdout: Annotated[list[Path] | None, typer.Option(
         "--holdout", help="A finished grid to predict, never fitted (repeat).")] = None,
     exclude_size: Annotated[list[str] | None, typer.Option(

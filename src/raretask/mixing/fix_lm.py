@@ -21,9 +21,10 @@ instance of the tokens), with the threshold of ``calibration``'s law for the tas
 model's non-embedding parameters and the run's training tokens, and the target at ``margin``
 times it. The plan is written beside the grid as ``plan.json``.
 
-Results are per arm over seeds: test accuracy on the task (learned at >= the calibration's
-accuracy, 0.9 for ours), its loss, the held-out text loss (the background's validation loss:
-what the plan may cost), compute ``6 N T`` (non-embedding parameters x training tokens).
+Results are per arm over seeds: test accuracy on the task (learned at >= 0.9,
+:data:`raretask.lm.verdict.LEARNED_ACCURACY`, as in the calibration, `show` and the report), its
+loss, the held-out text loss (the background's validation loss: what the plan may cost), compute
+``6 N T`` (non-embedding parameters x training tokens).
 Grids without an ``arm`` axis (run before it existed) are labelled by size and rate.
 """
 
@@ -39,8 +40,7 @@ from rich.table import Table
 
 from raretask.config import FIX_ARMS
 from raretask.errors import UserError
-
-LEARNED_ACCURACY = 0.9  # the calibration's verdict when it does not say (ours: 0.9)
+from raretask.lm.verdict import LEARNED_ACCURACY  # the calibration's, show's and the report's
 
 
 @functools.lru_cache(maxsize=32)

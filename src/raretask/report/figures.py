@@ -374,8 +374,8 @@ def lm_heatmap_figure(rows: list[dict], cells: dict[int, dict], title: str):
     """Fig. 5 analogue: final test accuracy and task loss over size x frequency, one row of two
     panels per task; colours and the numbers written in each cell are means over seeds (with the
     sd under the accuracy when there are several). A cell whose seeds disagree (some learned
-    the task, some did not: :func:`raretask.lm.verdict.lm_verdict`) is outlined in red and its
-    value starred."""
+    the task, some did not: :func:`raretask.lm.verdict.lm_verdict`, test accuracy >= 0.9) is
+    outlined in red and its value starred."""
     from raretask.lm.verdict import seed_learned
     from raretask.report.lm_seeds import other_text, seed_cells
 
@@ -568,9 +568,12 @@ def lm_grokking_figure(rows, m, cells: dict[int, dict], title: str, max_panels: 
     T_ADD setting (frequency, schedule and whatever else differs, such as weight decay; the
     first ``max_panels`` by frequency, highest first), one colour per size, each curve the mean
     over its seeds with a +- sd band on the test curve; None unless a T_ADD cell recorded both.
-    Memorisation is the train curve rising alone; grokking, the test curve following it later."""
+    Memorisation is the train curve rising alone; grokking, the test curve following it later.
+    The dotted line is the accuracy the task counts as learned at, 0.9
+    (:data:`raretask.lm.verdict.LEARNED_ACCURACY`)."""
     from matplotlib.lines import Line2D
 
+    from raretask.lm.verdict import LEARNED_ACCURACY
     from raretask.report.lm_seeds import other_text
 
     settings = {k: rs for k, rs in _seed_settings(rows, cells).items() if k[0] == "add"
@@ -610,7 +613,7 @@ def lm_grokking_figure(rows, m, cells: dict[int, dict], title: str, max_panels: 
                      fontsize=8)
         ax.set_xscale("log")
         ax.set_ylim(-0.02, 1.02)
-        ax.axhline(0.9, color="0.6", lw=0.7, ls=":")
+        ax.axhline(LEARNED_ACCURACY, color="0.6", lw=0.7, ls=":")
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0, 0].set_ylabel("T_ADD accuracy", fontsize=8)
