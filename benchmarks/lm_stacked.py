@@ -4,11 +4,11 @@ Issue 19 (item 8) asks 45% MFU of the 60m-150m cells; alone at the grids' steps 
 tokens) they reach 13-35% on an H200 (RESULTS.md), because each kernel sees too few tokens, and
 packing processes does not help there. The study's seeds of one setting are the same architecture
 on different draws and streams, so they can be one model with a leading seed axis, as the toy
-trains its instances: every weight becomes [K, ...], the forward is ``torch.func.vmap`` over
-``functional_call``, each matrix product a batched one over K x the tokens, and one optimiser step
-updates all K. Nothing mixes between seeds (:mod:`raretask.lm.stacked` says why), so seed k
-follows the trajectory ``LMTrainer`` gives it alone (``tests/test_lm_stacked.py`` pins this on
-the CPU).
+trains its instances: every weight becomes [K, ...], each matrix product is one batched GEMM
+over K x the tokens and attention one call over K x the rows, and one optimiser step updates all
+K (the first version, vmap over the model, ran 0.86x one model alone on an H100: RESULTS.md).
+Nothing mixes between seeds (:mod:`raretask.lm.stacked` says why), so seed k follows the
+trajectory ``LMTrainer`` gives it alone (``tests/test_lm_stacked.py`` pins this on the CPU).
 
 This script measures whether that pays: tokens/s and MFU of ``LMTrainer`` alone (K = 1, the
 baseline, same run) and of :class:`raretask.lm.stacked.StackedLMTrainer` over K seeds (the step a

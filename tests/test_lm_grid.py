@@ -234,8 +234,8 @@ def test_framed_val_loss_scores_text_in_the_training_rows_format(cache, one_thre
 def test_prefetching_stream_changes_no_number_of_a_run(cache, one_thread):
     """The background thread samples 3-step chunks ahead while the trainer trains and probes
     (which peek at the next batch); every metric and weight equals a run without it."""
-    base = dict(size="tiny", vocab_size=512, seq_len=16, batch_size=8, steps=20, lr=1e-2,
-                task="add", rate=3 / 256, every=2, delivery="burst", source="ngram", eval_points=5,
+    base = dict(size="tiny", vocab_size=512, seq_len=16, batch_size=8, steps=10, lr=1e-2,
+                task="add", rate=3 / 256, every=2, delivery="burst", source="ngram", eval_points=3,
                 probes=True, probe_k=16)
     ahead = build_trainer(LMCell(**base), Profile().resolve("cpu"))
     plain = build_trainer(LMCell(**base), Profile().resolve("cpu"))
@@ -250,14 +250,15 @@ def test_prefetching_stream_changes_no_number_of_a_run(cache, one_thread):
     assert {m for _, m in got} >= {"train_loss", "val_loss", "cos_g_gr", "fourier_modes"}
     for a, b in zip(ahead.model.parameters(), plain.model.parameters(), strict=True):
         assert torch.equal(a, b)
-    assert ahead.state_dict()["data"]["step"] == ahead.step == 20  # the next batch to train on
+    assert ahead.state_dict()["data"]["step"] == ahead.step == 10  # the next batch to train on
     # val_loss: the mean of the batches' losses as Python floats (one host sync for all)
     with torch.no_grad():
         losses = [float(ahead.model(b[:, :-1], targets=b[:, 1:])[1]) for b in ahead.val_batches()]
-    assert got[(20, "val_loss")] == sum(losses) / len(losses)
+    assert got[(10, "val_loss")] == sum(losses) / len(losses)
     ahead.data.close()
 
 
+@pytest.mark.slow  # the CUDA default; on a CPU inductor compiles without graphs (make test-slow)
 def test_compiled_training_follows_the_eager_run(cache, one_thread):
     """``compile: true`` (here with the CUDA-graph mode, which a CPU compiles without graphs)
     trains the same run: every evaluation's losses and accuracies within float32 noise."""
@@ -276,6 +277,7 @@ def test_compiled_training_follows_the_eager_run(cache, one_thread):
         assert rows[True][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
+@pytest.mark.slow  # a GPU switch; the CUDA runs use it (make test-slow)
 def test_deterministic_switch_holds_while_training_only(cache, one_thread):
     """``deterministic: true`` turns on torch's deterministic kernels for the run (every op the
     run uses has one: none raises), restores the switch after, and changes no number here."""

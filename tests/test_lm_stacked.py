@@ -71,3 +71,31 @@ def test_compiled_stacked_step_is_one_graph_and_equals_eager(one_thread):
         runs.append(torch.stack([trainer._train_step() for _ in range(3)]))
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_cells_evaluate_and_probe_as_alone(one_thread):
+    """A cell's evaluations (task accuracy, losses, the gradient probes and Fourier modes) run on
+    its own trainer's model, whose weights are views into the stack: the same metrics as the
+    cell trained alone, within float rounding."""
+    from raretask.lm.config import LMCell
+    from raretask.runs.profile import Profile
+    from raretask.studies.lm import build_trainer
+
+    def cell(seed: int) -> LMTrainer:
+        return build_trainer(LMCell(size="tiny", vocab_size=512, seq_len=16, batch_size=8,
+                                    steps=6, task="add", rate=1 / 16, source="ngram", seed=seed,
+                                    eval_points=2, probes=True, probe_k=16),
+                             Profile().resolve("cpu"), (0, 1))
+
+    stack = StackedLMTrainer([cell(0), cell(1)])
+    stack.run()
+    for k in (1,):  # the second seed: a slice of the stack other than the first
+        alone = cell(k)
+        alone.run()
+        want = {(r["step"], r["metric"]): r["value"] for r in alone.metrics()}
+        got = {(r["step"], r["metric"]): r["value"] for r in stack.member(k).metrics()}
+        assert got.keys() == want.keys() and {"cos_gnt_gr", "fourier_modes"} <= {
+            m for _, m in got}
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+        assert stack.member(k).step == alone.step == 6

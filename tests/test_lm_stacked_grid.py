@@ -15,7 +15,7 @@ from raretask.runs.grid import GridRun, load_summary
 
 # 2 seeds of T_ADD and one T_CMP cell: the T_CMP cell has no sibling and trains alone
 GRID = ["kind=lm", "name=stk", "size=tiny", "vocab_size=512", "seq_len=16", "batch_size=8",
-        "steps=12", "eval_points=3", "source=ngram", "probes=true", "seed=[0,1]",
+        "steps=12", "eval_points=3", "source=ngram", "probes=false", "seed=[0,1]",
         "variants=[{task: add, rate: 0.0625}, {task: cmp, rate: 0.0625, seed: 0}]"]
 CLOSE = {"rel": 1e-4, "abs": 1e-6}
 
@@ -58,7 +58,7 @@ def test_stacked_grid_equals_each_cell_alone(one_thread, alone, tmp_path):
     _run(tmp_path / "run", 2)
     _assert_same_run(tmp_path / "run", alone)
     log = (tmp_path / "run" / "log.txt").read_text()
-    # the two T_ADD seeds stacked (probes and all on each seed's own trainer), T_CMP alone
+    # the two T_ADD seeds stacked, T_CMP alone (probes: tests/test_lm_stacked.py)
     stacked = [ln.split(": ")[0].split()[-1] for ln in log.splitlines()
                if ln.endswith("; 2 seeds stacked")]
     assert stacked == ["g0000", "g0001"] and "g0002: tiny cmp steps 0->12" in log

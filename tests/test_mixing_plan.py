@@ -52,10 +52,16 @@ def test_brute_force_on_three_tasks():
     lo, hi = np.array([0, 0, 0.2]), np.array([1, 0.2, 1])
     q = min_kl_weights(p, lo, hi)
     grid = np.linspace(0, 1, 2001)
-    best = min((kl(np.array([a, b, 1 - a - b]), p), a, b) for a in grid for b in grid
-               if lo[1] <= b <= hi[1] and 1 - a - b >= lo[2] - 1e-12)
-    assert kl(q, p) <= best[0] + 1e-12
-    assert q[:2] == pytest.approx([best[1], best[2]], abs=1e-3)
+    a, b = np.meshgrid(grid, grid, indexing="ij")  # every (a, b, 1 - a - b) of the grid at once
+    mix = np.stack([a, b, 1 - a - b])
+    ok = (lo[1] <= b) & (b <= hi[1]) & (mix[2] >= lo[2] - 1e-12)
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0 log 0 = 0, as kl has it
+        terms = np.where(mix > 0, mix * np.log(mix / p[:, None, None]), 0.0)
+    div = np.where(ok, terms.sum(0), np.inf)
+    i, j = np.unravel_index(np.argmin(div), div.shape)
+    assert div[i, j] == pytest.approx(kl(mix[:, i, j], p), abs=1e-12)  # the same divergence
+    assert kl(q, p) <= div[i, j] + 1e-12
+    assert q[:2] == pytest.approx([grid[i], grid[j]], abs=1e-3)
     # task 2 sits on its floor, task 1 on its cap (scaled it would be 0.8 * 0.25 / 0.95 > 0.2),
     # and the one free task takes the rest
     assert q == pytest.approx([0.6, 0.2, 0.2], abs=1e-12)

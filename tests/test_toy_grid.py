@@ -127,6 +127,7 @@ def test_another_experiment_in_the_same_directory_is_refused(tiny_config, refere
     assert "holds another experiment (lr: 0.01 there, 0.02 now)" in res.stderr
 
 
+@pytest.mark.slow  # old run folders (make test-slow)
 def test_a_run_from_before_a_field_existed_resumes(tiny_config, tmp_path):
     """A run directory whose config.yaml predates a field (here basis) is the same experiment
     when the field is at its default, and another one when it is not; execution settings that

@@ -4,9 +4,10 @@ The study trains each setting with 3 seeds: the same architecture, steps and dat
 different draws and streams. At the study's small steps (2,048-8,192 tokens) one model leaves a
 GPU mostly idle (each kernel sees too few tokens) and packing processes does not help at 60m and
 up (RESULTS.md). :class:`StackedLMTrainer` trains K such cells as one model, as the toy trains
-its instances: every weight becomes [K, ...] (:class:`StackedModel`), the forward is
-``torch.func.vmap`` over ``functional_call``, each matrix product a batched one over K x the
-tokens, and one AdamW step updates all K.
+its instances: every weight becomes [K, ...] (:class:`StackedModel`), the forward is the
+model's arithmetic written for stacked weights (each matrix product one batched GEMM over K x
+the tokens, one attention call over K x the rows), and one AdamW step updates all K. (The first
+version ran ``torch.func.vmap`` over the model: 0.86x one model alone on an H100, RESULTS.md.)
 
 Nothing mixes between seeds, so seed k follows the trajectory :class:`LMTrainer` gives it alone
 (up to float rounding; ``tests/test_lm_stacked.py`` pins it within 1e-5 on the CPU):
@@ -35,10 +36,11 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import stack_module_state
 
-from raretask.lm.model import Transformer
+from raretask.lm.model import Transformer, apply_rotary
 from raretask.lm.trainer import (
     WARMUP_STEPS,
     LMTrainer,
@@ -61,6 +63,9 @@ class StackedModel(nn.Module):
     The stacked weights are this module's parameters (``stacked[NAME with __ for .]``), so a
     compiled step treats them as static (CUDA graphs do not copy them in). The RoPE tables are
     shared. :meth:`alias` makes the given models' parameters views into the stacked weights.
+    The forward repeats ``Transformer``'s arithmetic (OLMo-2 block: QK-norm, RoPE, SwiGLU, norms
+    on the sublayer outputs) for [K, ...] weights; the tests hold each seed's losses and weights
+    to its own ``LMTrainer`` run's, so the two cannot drift apart unnoticed.
     """
 
     def __init__(self, models: list[Transformer]):
@@ -74,11 +79,7 @@ class StackedModel(nn.Module):
                                          for n, p in params.items()})
         self.register_buffer("rope_cos", models[0].rope_cos.clone(), persistent=False)
         self.register_buffer("rope_sin", models[0].rope_sin.clone(), persistent=False)
-        # functional_call supplies every tensor: the shell holds none of its own (meta), and it
-        # is kept out of this module's children (its parameters are not ours)
-        with torch.device("meta"):
-            shell = Transformer(cfg)
-        object.__setattr__(self, "_shell", shell)
+        self.config = cfg
 
     def weight(self, name: str) -> nn.Parameter:
         """The stacked [K, ...] tensor of the ``Transformer`` parameter ``name``."""
@@ -94,15 +95,58 @@ class StackedModel(nn.Module):
                 model.get_parameter(name).data = self.weight(name).data[k]
 
     def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
-        """Each seed's mean loss [K] for ids and targets [K, B, T]."""
-        params = {n: self.weight(n) for n in self.names}
-        buffers = {"rope_cos": self.rope_cos, "rope_sin": self.rope_sin}
+        """Each seed's mean loss [K] for ids and targets [K, B, T]: ``Transformer.forward``'s
+        arithmetic written for [K, ...] weights (batched GEMMs, one attention call over K x B
+        rows), so every kernel sees K x the tokens of one model's."""
+        cfg = self.config
+        k, b, t = idx.shape
+        w = self.weight
+        x = w("embed.weight")[torch.arange(k, device=idx.device).view(k, 1, 1), idx]  # [K,B,T,C]
+        x = x.reshape(k, b * t, cfg.d_model)
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        for i in range(cfg.n_layers):
+            p = f"blocks.{i}."
+            h = x + _rms(self._attention(x, p, b, t, cos, sin), w(p + "attn_norm.weight"), cfg)
+            x = h + _rms(self._mlp(h, p), w(p + "mlp_norm.weight"), cfg)
+        head = "embed.weight" if cfg.tie_embeddings else "lm_head.weight"
+        logits = _linear(_rms(x, w("norm.weight"), cfg), w(head))  # [K, B*T, V]
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1),
+                                 reduction="none")
+        return losses.view(k, b * t).mean(1)
 
-        def one(p: dict, x: Tensor, y: Tensor) -> Tensor:
-            return functional_call(self._shell, (p, buffers), (x,),
-                                   {"targets": y, "return_logits": False})[1]
+    def _attention(self, x: Tensor, p: str, b: int, t: int, cos: Tensor, sin: Tensor) -> Tensor:
+        cfg, w = self.config, self.weight
+        k, c, h = x.shape[0], cfg.d_model, cfg.n_heads
+        qkv = torch.cat([w(p + "attn.q_proj.weight"), w(p + "attn.k_proj.weight"),
+                         w(p + "attn.v_proj.weight")], dim=1)  # [K, 3C, C]: one GEMM a seed
+        q, kk, v = _linear(x, qkv).split(c, dim=-1)  # [K, B*T, C] each
 
-        return vmap(one)(params, idx, targets)
+        def heads(z: Tensor) -> Tensor:  # [K, B*T, C] -> [K*B, H, T, D]
+            return z.reshape(k * b, t, h, c // h).transpose(1, 2)
+
+        q = apply_rotary(heads(_rms(q, w(p + "attn.q_norm.weight"), cfg)), cos, sin)
+        kk = apply_rotary(heads(_rms(kk, w(p + "attn.k_norm.weight"), cfg)), cos, sin)
+        y = F.scaled_dot_product_attention(q, kk, heads(v), is_causal=True)  # [K*B, H, T, D]
+        return _linear(y.transpose(1, 2).reshape(k, b * t, c), w(p + "attn.o_proj.weight"))
+
+    def _mlp(self, x: Tensor, p: str) -> Tensor:
+        w = self.weight
+        gate_up = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")], dim=1)
+        gate, up = _linear(x, gate_up).chunk(2, dim=-1)
+        return _linear(F.silu(gate) * up, w(p + "mlp.down_proj.weight"))
+
+
+def _linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``F.linear`` per seed: x [K, N, in] and weight [K, out, in] -> [K, N, out] (one batched
+    GEMM; autocast casts it as it casts ``F.linear``)."""
+    return torch.bmm(x, weight.transpose(1, 2))
+
+
+def _rms(x: Tensor, weight: Tensor, cfg) -> Tensor:
+    """``RMSNorm`` per seed: x [K, N, C], weight [K, C]; float32 inside, x's dtype out."""
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+    return (y * weight.float().unsqueeze(1)).to(x.dtype)
 
 
 class StackedLMTrainer:
@@ -157,7 +201,7 @@ class StackedLMTrainer:
             group["lr"] = s.lr_at(self.step)
         if self._graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        with self._autocast, _stacked_attention(self.settings.attention, self.device):
+        with self._autocast:
             losses = self.forward(batch[..., :-1], batch[..., 1:])
         losses.sum().backward()  # seeds share no weight: each gets its own loss's gradient
         if s.grad_clip > 0:
@@ -300,17 +344,6 @@ class StackedMember:
 
     def load_state_dict(self, state: dict) -> None:
         self._stack._load_member(self._k, state)
-
-
-def _stacked_attention(name: str, device: torch.device):
-    """The attention kernels of the stacked step: ``name`` as :class:`LMTrainer` pins it, but
-    ``auto`` on CUDA leaves out cuDNN, whose kernel inductor cannot take under ``vmap``
-    (torch 2.11 on an H100: "expected Tensor() for op _scaled_dot_product_cudnn_attention")."""
-    if name != "auto" or device.type != "cuda":
-        return _attention(name)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
 
 
 def _now() -> float:
