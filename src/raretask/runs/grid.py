@@ -430,7 +430,7 @@ class GridRun:
                     self._log(f"{group.name}: resumed from step {member.step}")
         if len(groups) > 1 and not trainer.align():
             if ranks.writes:
-                self._log(f"{', '.join(g.name for g in groups)}: checkpoints at different "
+                self._log(f"{'+'.join(g.name for g in groups)}: checkpoints at different "
                           "steps; trained one by one")
             del trainer, members
             for group in groups:
