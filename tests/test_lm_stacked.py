@@ -35,8 +35,11 @@ def test_stacked_seeds_follow_their_own_trainer(one_thread, clip):
         own = torch.stack([alone._train_step() for _ in range(4)])
         torch.testing.assert_close(losses[:, k], own, rtol=1e-5, atol=1e-6)
         state = together.member(k).state_dict()["model"]
+        # weights: the clip coefficient's rounding (foreach norms here, one norm a weight in
+        # clip_grad_norm_ on a CPU: 1e-7 apart) reaches ~4e-6 in embedding rows whose
+        # gradient is near zero, where Adam divides by the gradient's own scale
         for name, value in alone.model.state_dict().items():
-            torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(state[name], value, rtol=1e-4, atol=2e-5, msg=name)
     # the seeds did not train alike (else the test could not tell them apart)
     assert (losses[:, 0] - losses[:, 1]).abs().max() > 1e-3
 

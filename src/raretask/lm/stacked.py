@@ -217,12 +217,15 @@ class StackedLMTrainer:
 
     @torch.no_grad()
     def _clip_per_seed(self, max_norm: float) -> None:
-        """``clip_grad_norm_`` of each seed's own gradient (its coefficient, 1e-6 included)."""
+        """``clip_grad_norm_`` of each seed's own gradient, as it computes it (foreach norms of
+        the seed's slices, their norm, coefficient max_norm / (norm + 1e-6) capped at 1): a few
+        multi-tensor kernels a seed, not one per weight."""
         grads = [p.grad for p in self.model.stacked.values() if p.grad is not None]
-        squares = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads]).sum(0)
-        coef = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)  # [K]
-        for g in grads:
-            g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+        for k in range(len(self.members)):
+            mine = [g[k] for g in grads]
+            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(mine, 2.0)), 2.0)
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            torch._foreach_mul_(mine, coef)
 
     def run(self, until: int | None = None, callback: Callable[[int], None] | None = None) -> None:
         """Train every seed to step ``until`` (default: all steps), each evaluated by its own
