@@ -412,3 +412,21 @@ def test_a_grid_of_variants_runs_resumes_from_its_record_and_shows_what_sets_row
     assert ["wd=0.1" in line for line in add_lines] == [False, True, False, True]
     # T_CMP's cells all have one weight decay: no label of T_ADD's field on them
     assert all("wd=" not in line for line in table.splitlines() if " cmp" in line)
+
+
+def test_evaluations_on_cuda_take_the_instances_in_one_pass(cache):
+    """An evaluation's forward passes (task accuracy per split, the probe's g_r over all 10K
+    instances) are chunked by vocabulary size on CUDA, so small models launch their plain
+    kernels a few times, not ten; on a CPU they keep the chunks every CPU number was made with.
+    The results do not depend on the chunks beyond float rounding
+    (tests/test_lm_probes.py)."""
+    base = dict(size="tiny", vocab_size=4096, seq_len=16, batch_size=4, steps=2, task="add",
+                rate=1 / 16)
+    trainer = build_trainer(LMCell(**base), Profile().resolve("cpu"))
+    assert trainer._eval_rows() == 1000
+    trainer.device = torch.device("cuda")  # the arithmetic only: nothing runs on it here
+    assert trainer._eval_rows() == 16384  # 2^26 / 4096: both splits and g_r in one chunk
+    trainer.vocab_size = 50304  # OLMo's vocabulary: 2^27 logits a chunk, at least 1,000 rows
+    assert trainer._eval_rows() == 1334
+    trainer.vocab_size = 1 << 20
+    assert trainer._eval_rows() == 1000

@@ -509,6 +509,7 @@ def probe_metrics(
     k: int = DEFAULT_K,
     autocast_dtype: torch.dtype | None = None,
     between: Tensor | None = None,
+    chunk_tokens: int = 4096,
 ) -> dict[str, float]:
     """What a trainer records at one evaluation, as metric name -> value.
 
@@ -518,7 +519,8 @@ def probe_metrics(
     the batch ``between`` [B, T+1], which carries no instance (a step between injections,
     where g is all other tokens'), against the same g_r; ``order_r2`` (T_CMP) or
     ``fourier_modes`` (T_ADD): :func:`feature_presence`; ``fourier_modes_embedding`` (T_ADD):
-    :func:`embedding_fourier_modes`.
+    :func:`embedding_fourier_modes`. ``chunk_tokens``: :class:`GradientProbe`'s (memory
+    against kernel launches; the result does not depend on it beyond float rounding).
 
     Example::
 
@@ -526,7 +528,7 @@ def probe_metrics(
         {'cos_g_gr': 0.02, 'cos_gt_gr': 0.61, 'cos_gnt_gr': -0.01, 'order_r2': 0.12}
     """
     row: dict[str, float] = {}
-    probe = GradientProbe(task, k=k, autocast_dtype=autocast_dtype)
+    probe = GradientProbe(task, k=k, autocast_dtype=autocast_dtype, chunk_tokens=chunk_tokens)
     reference = probe.reference(model) if tokens is not None or between is not None else None
     if tokens is not None:
         cos = probe.measure(model, tokens, task_mask, reference=reference)

@@ -328,16 +328,27 @@ class LMTrainer:
             if self.task is not None:
                 logits = lambda x: self.model.logits(x)  # noqa: E731
                 dev = self.device
-                row["task_loss"], row["train_accuracy"] = self.task.evaluate(logits, "train",
-                                                                             device=dev)
-                row["task_test_loss"], row["test_accuracy"] = self.task.evaluate(logits, "test",
-                                                                                  device=dev)
+                rows = self._eval_rows()
+                row["task_loss"], row["train_accuracy"] = self.task.evaluate(
+                    logits, "train", batch_size=rows, device=dev)
+                row["task_test_loss"], row["test_accuracy"] = self.task.evaluate(
+                    logits, "test", batch_size=rows, device=dev)
         if self.task is not None and self.settings.probes:
             row.update(self._probe())
         self.model.train(was_training)
         self.records.extend({"step": self.step, "metric": k, "value": float(v)}
                             for k, v in row.items())
         return row
+
+    def _eval_rows(self) -> int:
+        """Instances per forward pass of an evaluation (each 2 tokens in, V logits out), and
+        half the gradient probe's chunk. On a CPU 1,000 (and the probe's 4,096 tokens: the
+        numbers every CPU run has had); on CUDA as many as keep one chunk's logits within
+        2^27 values (V = 4,096: 16,384, so each split and g_r's 10K instances take one pass),
+        because an evaluation runs the plain model, whose small kernels launch one by one."""
+        if self.device.type != "cuda":
+            return 1000
+        return max(1000, (1 << 26) // self.vocab_size)
 
     def _val_losses(self) -> dict[str, float]:
         """``val_loss`` and, with a task, ``val_loss_framed`` (module docstring), in one pass
@@ -390,6 +401,8 @@ class LMTrainer:
         dtype = torch.bfloat16 if self.device.type == "cuda" else None
         # the same background without its instances: what a step between injections does
         return probe_metrics(self.model, self.task, tokens, mask, k=self.settings.probe_k,
+                             chunk_tokens=4096 if self.device.type != "cuda"
+                             else 2 * self._eval_rows(),  # T_CMP/T_ADD instances: 2 tokens in
                              autocast_dtype=dtype, between=batch)
 
     def metrics(self) -> list[dict]:
