@@ -115,6 +115,15 @@ def test_fix_runs_arms_and_writes_what_the_report_reads(tmp_path, capsys):
     fix = load_fix(out / "fix.json")
     assert [r.label for r in fix.rows] == ["natural (iid)", "big (iid)"]
     assert all(r.val_loss is not None and r.val_loss > 0 for r in fix.rows)
+    # the text loss in each arm's training format beside the plain one, and its change
+    (framed,) = [r["val_loss_framed"] for r in rows if r["arm"] == "natural"]
+    assert nat["val_loss_framed"] == framed == fix.rows[0].val_loss_framed > 0
+    from raretask.report.build import fix_section, load_run
+
+    (table,) = fix_section([load_run(out)]).tables
+    row = dict(zip(table.columns, table.rows[1], strict=True))
+    big = fix.rows[1].val_loss_framed - fix.rows[0].val_loss_framed
+    assert row["framed change"] == f"{big:+.4f}" and "val_loss_framed" in table.caption
 
 
 def test_arm_summary_means_and_sds_over_seeds():
@@ -128,6 +137,9 @@ def test_arm_summary_means_and_sds_over_seeds():
     assert plan["test_accuracy"] == pytest.approx(0.79)
     assert plan["test_accuracy_sd"] == pytest.approx(0.2515949, rel=1e-6)
     assert plan["val_loss"] == pytest.approx(4.1) and plan["flops"] == 6000.0
+    assert plan["val_loss_framed"] is None  # rows from before it was recorded
+    rows[0]["val_loss_framed"], rows[2]["val_loss_framed"] = 4.3, 4.5
+    assert arm_summary(rows)[0]["val_loss_framed"] == pytest.approx(4.4)  # over seeds with it
 
 
 def test_report_shows_the_gpu_fix_with_seeds_text_loss_and_compute():

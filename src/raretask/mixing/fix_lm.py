@@ -183,6 +183,7 @@ def arm_summary(rows: list[dict], learned_accuracy: float = LEARNED_ACCURACY) ->
         acc, acc_sd = _mean_sd([r.get("test_accuracy") for r in rs])
         task_loss, _ = _mean_sd([r.get("task_loss") for r in rs])
         val, val_sd = _mean_sd([r.get("val_loss") for r in rs])
+        framed, _ = _mean_sd([r.get("val_loss_framed") for r in rs])
         out.append({
             "arm": arm, "size": r0["size"], "params": float(r0["params"]),
             "rate": float(np.mean([r["frequency"] for r in rs])), "schedule": r0["schedule"],
@@ -191,9 +192,17 @@ def arm_summary(rows: list[dict], learned_accuracy: float = LEARNED_ACCURACY) ->
             "test_accuracy": acc, "test_accuracy_sd": acc_sd,
             "per_seed_accuracy": [r.get("test_accuracy") for r in rs],
             "task_loss": task_loss, "val_loss": val, "val_loss_sd": val_sd,
+            "val_loss_framed": framed,
             "steps": int(r0["steps"]), "tokens": float(r0["tokens"]),
             "flops": 6.0 * float(r0["params"]) * float(r0["tokens"])})
     return out
+
+
+def _change(arm: dict, base: dict, key: str) -> float | None:
+    """``arm[key] - base[key]``, None when either is missing."""
+    if arm.get(key) is None or base.get(key) is None:
+        return None
+    return arm[key] - base[key]
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -207,22 +216,28 @@ def fix_lm_table(arms: list[dict], title: str, plan=None,
     table = Table(title=f"{title}: the fix on a language model ({len(base['seeds'])} seed"
                   f"{'s' if len(base['seeds']) > 1 else ''})", box=box.SIMPLE_HEAD,
                   pad_edge=False, padding=0)  # the box's separator is the one space between columns
-    for c in ("arm", "model", "rate/tok", "arrives", "learned", "test acc", "text L", "change",
-              "compute"):  # fold, never cut: every digit stays readable at 80 columns
+    framed = any(a.get("val_loss_framed") is not None for a in arms)  # rows run since it was
+    columns = ["arm", "model", "rate/tok", "arrives", "learned", "test acc", "text L", "change"]
+    columns += ["framed"] * framed + ["compute"]
+    for c in columns:  # fold, never cut: every digit stays readable at 80 columns
         table.add_column(c, justify="left" if c in ("arm", "arrives") else "right",
                          overflow="fold")
     for a in arms:
         acc = "-" if a["test_accuracy"] is None else \
             f"{a['test_accuracy']:.2f}±{a['test_accuracy_sd']:.2f}"
-        change = None if a["val_loss"] is None or base["val_loss"] is None \
-            else a["val_loss"] - base["val_loss"]
-        table.add_row(a["arm"], a["size"], f"{a['rate']:.2e}", a["schedule"],
-                      f"{a['learned']}/{len(a['seeds'])}", acc, _fmt(a["val_loss"], ".3f"),
-                      _fmt(change, "+.3f"),
-                      f"{a['flops'] / base['flops']:.3g}x")
+        cells = [a["arm"], a["size"], f"{a['rate']:.2e}", a["schedule"],
+                 f"{a['learned']}/{len(a['seeds'])}", acc, _fmt(a["val_loss"], ".3f"),
+                 _fmt(_change(a, base, "val_loss"), "+.3f")]
+        if framed:
+            cells.append(_fmt(_change(a, base, "val_loss_framed"), "+.3f"))
+        table.add_row(*cells, f"{a['flops'] / base['flops']:.3g}x")
     caption = (f"learned: seeds with test accuracy >= {learned_accuracy:g} (held-out "
                "instances, mean ± sd over seeds; its loss is in results.json); text L: "
-               "held-out background text loss (change: vs natural); compute: 6 x non-embedding "
+               "held-out background text loss (change: vs natural)"
+               + ("; framed: the change of the same text scored in the arm's training format "
+                  "(val_loss_framed: the arm's share of rows opens with a held-out instance)"
+                  if framed else "")
+               + "; compute: 6 x non-embedding "
                f"params x tokens, relative to natural ({base['flops']:.3g} FLOPs; "
                + ", ".join(f"{a['size']} {a['params'] / 1e6:.3g}M" for a in
                            {a["size"]: a for a in arms}.values()) + " parameters)")
@@ -249,6 +264,7 @@ def fix_lm_json(arms: list[dict], task: str, learned_accuracy: float = LEARNED_A
                       "test_accuracy_sd": a["test_accuracy_sd"], "seeds": len(a["seeds"]),
                       "learned_seeds": a["learned"], "flops": a["flops"],
                       "task_loss": a["task_loss"], "val_loss": a["val_loss"],
+                      "val_loss_framed": a.get("val_loss_framed"),
                       "learned": a["learned"] == len(a["seeds"]), "run": "."}
                      for a in arms]}
 

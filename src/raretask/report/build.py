@@ -531,21 +531,26 @@ def fix_section(runs: list[RunInput]) -> Section:
         fix = run.fix
         every_task = any(r.tasks_learned is not None for r in fix.rows)  # issue 22: all tasks
         text = any(r.val_loss is not None for r in fix.rows)  # what the other data pay (LM)
+        framed = any(r.val_loss_framed is not None for r in fix.rows)
         cost = fix.rows[0].flops is not None and any(r.flops is not None for r in fix.rows)
         sec.tables.append(Table(
             f"{run.path / FIX_FILE}: task {fix.task}" + (f". {fix.note}" if fix.note else "")
             + (". text L: held-out background text loss, and its change against the first row"
                if text else "")
+            + (". framed change: the same text scored in each row's training format "
+               "(val_loss_framed), against the first row" if framed else "")
             + (". compute: training FLOPs (6 N T) relative to the first row" if cost else "")
             + f". Made by `{run.made_by}`.",
             ["row", "size", "params", "frequency", "steps", "tokens", "acc", "task L",
-             "learned"] + (["text L", "change"] if text else []) + (["compute"] if cost else [])
+             "learned"] + (["text L", "change"] if text else [])
+            + (["framed change"] if framed else []) + (["compute"] if cost else [])
             + ["run"] + (["tasks learned", "gained", "lost"] if every_task else []),
             [[r.label, r.size, "-" if r.params is None else f"{r.params / 1e6:.2f}M",
               f"{r.frequency:.2e}", "-" if r.steps is None else str(r.steps),
               "-" if r.tokens is None else f"{r.tokens:.3g}", _fix_accuracy(r),
               "-" if r.task_loss is None else _fmt(r.task_loss), _fix_learned(r)]
              + (_fix_text_cells(r, fix.rows[0]) if text else [])
+             + ([_fix_framed_change(r, fix.rows[0])] if framed else [])
              + ([f"{r.flops / fix.rows[0].flops:.3g}x" if r.flops is not None else "-"]
                 if cost else [])
              + [r.run or "-"] + (_fix_task_cells(r) if every_task else []) for r in fix.rows],
@@ -574,6 +579,13 @@ def _fix_text_cells(row, first) -> list[str]:
         return ["-", "-"]
     change = "-" if first.val_loss is None else f"{row.val_loss - first.val_loss:+.4f}"
     return [f"{row.val_loss:.4f}", change]
+
+
+def _fix_framed_change(row, first) -> str:
+    """The framed text loss's change against the first row (LM: not the format's)."""
+    if row.val_loss_framed is None or first.val_loss_framed is None:
+        return "-"
+    return f"{row.val_loss_framed - first.val_loss_framed:+.4f}"
 
 
 def _fix_task_cells(row) -> list[str]:

@@ -21,6 +21,7 @@ bigger model, side by side. The format (unknown keys are errors)::
          "seeds": 3, "learned_seeds": 0,   # optional: how many seeds, how many learned
          "flops": 2.6e13,                  # optional: training compute (6 N T)
          "val_loss": 4.05,                 # optional (LM): held-out background text loss
+         "val_loss_framed": 4.06,          # optional (LM): the same in the row's training format
          "learned": false,                 # optional verdict
          "tasks_learned": ["1", "2"],      # optional: every task this row learns
          "gained": [], "lost": ["9"],      # optional: vs the natural-mix row
@@ -67,6 +68,10 @@ class FixRow(StrictModel):
     val_loss: float | None = Field(None, ge=0, allow_inf_nan=False,
                                    description="LM: held-out background text loss (what the "
                                    "other data may lose).")
+    val_loss_framed: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="LM: the same text scored in the rows' "
+        "training format (val_loss_framed: the row's share of rows opens with a held-out "
+        "instance), so a change is not the format's.")
     test_accuracy_sd: float | None = Field(None, ge=0, allow_inf_nan=False,
                                            description="Sample sd of the accuracy over seeds.")
     seeds: int | None = Field(None, ge=1, description="How many seeds the row's means are over.")
