@@ -27,10 +27,8 @@ def test_one_threshold_for_both_tasks_and_the_calibration():
 
     assert LEARNED_ACCURACY == 0.9
     assert fix_lm.LEARNED_ACCURACY is LEARNED_ACCURACY
-    assert calibrate.learned_accuracy_or_default(None) == LEARNED_ACCURACY
-    assert calibrate.learned_accuracy_or_default(0.8) == 0.8
     for f in (calibrate.calibrate_rows, calibrate.calibrate_runs):
-        assert inspect.signature(f).parameters["learned_accuracy"].default is None
+        assert inspect.signature(f).parameters["learned_accuracy"].default is LEARNED_ACCURACY
 
 
 @pytest.mark.parametrize(("acc", "verdict"), [
@@ -85,3 +83,15 @@ def test_show_marks_format_not_learned_cells_and_says_so():
     marked = [(r[3], r[6]) for r in table.rows if r[3].endswith("*")]
     assert marked == [("cmp*", "0.165"), ("cmp*", "0.001"), ("cmp*", "0.095")]
     assert "task*: format not learned (accuracy below the format-only chance)" in table.caption
+
+
+def test_the_threshold_loads_without_torch():
+    """`raretask calibrate` and `plan` read the constant at start-up: importing it (and the
+    calibration) must not load torch, which the package's model and trainer need."""
+    import subprocess
+    import sys
+
+    code = ("import sys, raretask.cli, raretask.mixing.calibrate, raretask.lm.verdict; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -6,15 +6,21 @@
   accuracy), :func:`inject` into a token batch, :class:`Frequency` and :class:`InjectionSchedule`.
 """
 
-from raretask.lm.model import PRESETS, ModelConfig, Transformer
-from raretask.lm.tasks import (
-    INSTANCE_LEN,
-    LABEL_POSITION,
-    Frequency,
-    InjectionSchedule,
-    RareTask,
-    inject,
-)
+import importlib
+
+_HOMES = {"PRESETS": "model", "ModelConfig": "model", "Transformer": "model",
+          "INSTANCE_LEN": "tasks", "LABEL_POSITION": "tasks", "Frequency": "tasks",
+          "InjectionSchedule": "tasks", "RareTask": "tasks", "inject": "tasks"}
+"""Where each name below lives. They load on first use, so that importing a torch-free
+submodule (``raretask.lm.verdict``: what "learned" means, which `raretask calibrate` and `plan`
+read) does not load torch (~1.5 s) for every command."""
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"raretask.lm.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'raretask.lm' has no attribute {name!r}")
+
 
 __all__ = [
     "INSTANCE_LEN",

@@ -34,6 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from raretask.errors import UserError
+from raretask.lm.verdict import LEARNED_ACCURACY
 from raretask.mixing.learnability import PRIOR_SD, Law, Score
 from raretask.runs.grid import load_summary  # the one place calibration reads rows from
 from raretask.studies import all_studies, study, study_of_rows
@@ -124,25 +125,11 @@ def fit_curve(points: list[Point]) -> Fit | None:
     return Fit(float(a), float(b), np.asarray(cov).tolist(), len(use))
 
 
-def learned_accuracy_or_default(learned_accuracy: float | None) -> float:
-    """``learned_accuracy``, or when None the study's one threshold,
-    :data:`raretask.lm.verdict.LEARNED_ACCURACY` (0.9). Imported here, not at the top:
-    ``raretask.lm`` loads torch (~1.5 s), and `raretask plan` and the report import this module
-    for :func:`load_calibration` alone."""
-    if learned_accuracy is None:
-        from raretask.lm.verdict import LEARNED_ACCURACY
-
-        return LEARNED_ACCURACY
-    return learned_accuracy
-
-
-def calibrate_rows(rows: list[dict], learned_accuracy: float | None = None
+def calibrate_rows(rows: list[dict], learned_accuracy: float = LEARNED_ACCURACY
                    ) -> tuple[str, list[Curve]]:
     """(kind, curves) from a grid's summary rows; the rows' study says what a curve, a size and
     "learned" are, and compares each point with its closed-form theory where it has one.
-    ``learned_accuracy``: LM grids' threshold; None: the study's one, 0.9
-    (:data:`raretask.lm.verdict.LEARNED_ACCURACY`)."""
-    learned_accuracy = learned_accuracy_or_default(learned_accuracy)
+    ``learned_accuracy``: LM grids' threshold (default the study's one, 0.9)."""
     if not rows:
         raise UserError("calibrate: the run has no finished cells")
     st = study_of_rows(rows)
@@ -263,12 +250,12 @@ def _observations(run_dir: Path, learned_accuracy: float) -> tuple[str, list[dic
             from None
 
 
-def calibrate_runs(run_dirs: list[Path], learned_accuracy: float | None = None,
+def calibrate_runs(run_dirs: list[Path], learned_accuracy: float = LEARNED_ACCURACY,
                    prior_sd: float = PRIOR_SD, holdout: list[Path] | None = None,
                    exclude_sizes: list[str] | None = None) -> CalibrationFile:
     """Fit the law on ``run_dirs`` (pooled: seeds, grids and schedules), cross-validate it, and
     score it on the ``holdout`` grids, which never enter the fit. ``learned_accuracy``: LM
-    grids' threshold; None: the study's one, 0.9 (:data:`raretask.lm.verdict.LEARNED_ACCURACY`)."""
+    grids' threshold (default the study's one, 0.9)."""
     from raretask.mixing.learnability import (
         contradictions,
         cross_validate,
@@ -280,7 +267,6 @@ def calibrate_runs(run_dirs: list[Path], learned_accuracy: float | None = None,
 
     if not run_dirs:
         raise UserError("calibrate: give at least one finished run directory")
-    learned_accuracy = learned_accuracy_or_default(learned_accuracy)
     if not 0 < learned_accuracy <= 1:
         raise UserError(f"--learned-accuracy must be in (0, 1], got {learned_accuracy}")
     if not (math.isfinite(prior_sd) and prior_sd > 0):

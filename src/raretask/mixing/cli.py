@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from raretask.errors import UserError
+from raretask.lm.verdict import LEARNED_ACCURACY
 
 console = Console()
 
@@ -221,10 +222,9 @@ def calibrate(
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Calibration file to write (default FIRST_RUN_DIR/calibration.json).")]
     = None,
-    learned_accuracy: Annotated[float | None, typer.Option(
-        help="LM grids: test accuracy at which the task counts as learned (default 0.9, "
-             "raretask.lm.verdict.LEARNED_ACCURACY: the same threshold `raretask show` and the "
-             "report use).")] = None,
+    learned_accuracy: Annotated[float, typer.Option(
+        help="LM grids: test accuracy at which the task counts as learned (the threshold "
+             "`raretask show` and the report use).")] = LEARNED_ACCURACY,
     holdout: Annotated[list[Path] | None, typer.Option(
         "--holdout", help="A finished grid to predict, never fitted (repeat).")] = None,
     exclude_size: Annotated[list[str] | None, typer.Option(
