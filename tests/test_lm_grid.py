@@ -423,10 +423,10 @@ def test_evaluations_on_cuda_take_the_instances_in_one_pass(cache):
     base = dict(size="tiny", vocab_size=4096, seq_len=16, batch_size=4, steps=2, task="add",
                 rate=1 / 16)
     trainer = build_trainer(LMCell(**base), Profile().resolve("cpu"))
-    assert trainer._eval_rows() == 1000
+    assert trainer._eval_chunks() == (1000, 4096)
     trainer.device = torch.device("cuda")  # the arithmetic only: nothing runs on it here
-    assert trainer._eval_rows() == 16384  # 2^26 / 4096: both splits and g_r in one chunk
+    assert trainer._eval_chunks() == (16384, 32768)  # 2^26 / 4096: both splits and g_r in one chunk
     trainer.vocab_size = 50304  # OLMo's vocabulary: 2^27 logits a chunk, at least 1,000 rows
-    assert trainer._eval_rows() == 1334
+    assert trainer._eval_chunks() == (1334, 2668)
     trainer.vocab_size = 1 << 20
-    assert trainer._eval_rows() == 1000
+    assert trainer._eval_chunks() == (1000, 2000)

@@ -32,6 +32,7 @@ alone: its state is kept from that evaluation on, it is fed empty rows, and its 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -255,11 +256,11 @@ class StackedLMTrainer:
                 callback(0)
         while self.step < end and self._live():
             warm = self.timing["warmup_steps"] < WARMUP_STEPS
-            t0 = _now() if warm else 0.0
+            t0 = time.perf_counter() if warm else 0.0
             losses = self._train_step()
             if warm:
                 self.members[0]._sync()
-                self.timing["warmup_s"] += _now() - t0
+                self.timing["warmup_s"] += time.perf_counter() - t0
                 self.timing["warmup_steps"] += 1
             if self.step in evals:
                 self._evaluate(losses)
@@ -347,12 +348,6 @@ class StackedMember:
 
     def load_state_dict(self, state: dict) -> None:
         self._stack._load_member(self._k, state)
-
-
-def _now() -> float:
-    import time
-
-    return time.perf_counter()
 
 
 __all__ = ["StackedLMTrainer", "StackedMember", "StackedModel"]

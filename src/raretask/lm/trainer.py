@@ -328,7 +328,7 @@ class LMTrainer:
             if self.task is not None:
                 logits = lambda x: self.model.logits(x)  # noqa: E731
                 dev = self.device
-                rows = self._eval_rows()
+                rows, _ = self._eval_chunks()
                 row["task_loss"], row["train_accuracy"] = self.task.evaluate(
                     logits, "train", batch_size=rows, device=dev)
                 row["task_test_loss"], row["test_accuracy"] = self.task.evaluate(
@@ -340,15 +340,16 @@ class LMTrainer:
                             for k, v in row.items())
         return row
 
-    def _eval_rows(self) -> int:
-        """Instances per forward pass of an evaluation (each 2 tokens in, V logits out), and
-        half the gradient probe's chunk. On a CPU 1,000 (and the probe's 4,096 tokens: the
-        numbers every CPU run has had); on CUDA as many as keep one chunk's logits within
-        2^27 values (V = 4,096: 16,384, so each split and g_r's 10K instances take one pass),
-        because an evaluation runs the plain model, whose small kernels launch one by one."""
+    def _eval_chunks(self) -> tuple[int, int]:
+        """(instances per forward pass of the task evaluation, tokens per chunk of the gradient
+        probe). On a CPU (1,000, 4,096): the numbers every CPU run has had. On CUDA as many
+        instances (2 tokens in, V logits out) as keep one chunk's logits within 2^27 values
+        (V = 4,096: 16,384, so each split and g_r's 10K instances take one pass), because an
+        evaluation runs the plain model, whose small kernels launch one by one."""
         if self.device.type != "cuda":
-            return 1000
-        return max(1000, (1 << 26) // self.vocab_size)
+            return 1000, 4096
+        rows = max(1000, (1 << 26) // self.vocab_size)
+        return rows, 2 * rows
 
     def _val_losses(self) -> dict[str, float]:
         """``val_loss`` and, with a task, ``val_loss_framed`` (module docstring), in one pass
@@ -401,8 +402,7 @@ class LMTrainer:
         dtype = torch.bfloat16 if self.device.type == "cuda" else None
         # the same background without its instances: what a step between injections does
         return probe_metrics(self.model, self.task, tokens, mask, k=self.settings.probe_k,
-                             chunk_tokens=4096 if self.device.type != "cuda"
-                             else 2 * self._eval_rows(),  # T_CMP/T_ADD instances: 2 tokens in
+                             chunk_tokens=self._eval_chunks()[1],
                              autocast_dtype=dtype, between=batch)
 
     def metrics(self) -> list[dict]:

@@ -26,6 +26,7 @@ Layout of a run directory::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import platform
@@ -388,14 +389,20 @@ class GridRun:
         of them or in none), in ``pool`` order."""
         if self._stack_size() < 2 or len(group.cell_ids) != 1:
             return []
-        key = self.study.stack_key(self.cells[group.cell_ids[0]])
+        keys = self._stack_keys
+        key = keys[group.cell_ids[0]]
         if key is None:
             return []
         resumes = self.study.has_checkpoint(self._group_dir(group))
+        # the keys first: the files are looked at for the few siblings only
         return [g for g in pool if g is not group and len(g.cell_ids) == 1
-                and not self.is_done(g)
-                and self.study.stack_key(self.cells[g.cell_ids[0]]) == key
+                and keys[g.cell_ids[0]] == key and not self.is_done(g)
                 and self.study.has_checkpoint(self._group_dir(g)) == resumes]
+
+    @functools.cached_property
+    def _stack_keys(self) -> list:
+        """The study's stack key of every cell, by cell id (computed once a run)."""
+        return [self.study.stack_key(c) for c in self.cells]
 
     def _stacks(self, groups: list[Group]) -> list[list[Group]]:
         """``groups`` in order, each with up to ``profile.stack_seeds - 1`` siblings after it."""
