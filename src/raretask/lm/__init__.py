@@ -6,19 +6,22 @@
   accuracy), :func:`inject` into a token batch, :class:`Frequency` and :class:`InjectionSchedule`.
 """
 
-import importlib
-
-_HOMES = {"PRESETS": "model", "ModelConfig": "model", "Transformer": "model",
-          "INSTANCE_LEN": "tasks", "LABEL_POSITION": "tasks", "Frequency": "tasks",
-          "InjectionSchedule": "tasks", "RareTask": "tasks", "inject": "tasks"}
-"""Where each name below lives. They load on first use, so that importing a torch-free
-submodule (``raretask.lm.verdict``: what "learned" means, which `raretask calibrate` and `plan`
-read) does not load torch (~1.5 s) for every command."""
+_MODEL = ("PRESETS", "ModelConfig", "Transformer")
+_TASKS = ("INSTANCE_LEN", "LABEL_POSITION", "Frequency", "InjectionSchedule", "RareTask", "inject")
 
 
 def __getattr__(name: str):
-    if name in _HOMES:
-        return getattr(importlib.import_module(f"raretask.lm.{_HOMES[name]}"), name)
+    """The names below load on first use, so that importing a torch-free submodule
+    (``raretask.lm.verdict``: what "learned" means, which `raretask calibrate` and `plan` read)
+    does not load torch (~1.5 s) for every command."""
+    if name in _MODEL:
+        from raretask.lm import model
+
+        return getattr(model, name)
+    if name in _TASKS:
+        from raretask.lm import tasks
+
+        return getattr(tasks, name)
     raise AttributeError(f"module 'raretask.lm' has no attribute {name!r}")
 
 
