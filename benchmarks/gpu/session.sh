@@ -6,6 +6,7 @@
 #   PACK_PROCS=6 PACK_ALONE=first bash benchmarks/gpu/session.sh lm_pack   (target <= 10 min: a whole call)
 #   bash benchmarks/gpu/session.sh toy_opts                    (the toy step under each setting, ~2 min)
 #   bash benchmarks/gpu/session.sh lm_profile toy_once         (LM kernels by category; toy retractions)
+#   PROFILE_RUNS="60m:64x32 150m:64x128" bash benchmarks/gpu/session.sh lm_profile   (issue 19: the study's steps, ~2 min)
 #   bash benchmarks/gpu/session.sh fig6 fig9
 #   bash benchmarks/gpu/session.sh toy_check toy_grid fig2     (CUDA-only toy tests; ~4.5 min)
 #   bash benchmarks/gpu/session.sh multi_ddp multi_fsdp         (kind nvidia-h200-x2: issue 10)
@@ -95,8 +96,22 @@ print(f"{sys.argv[2]:14s} {tps:>12,.0f} tokens/s  MFU {mfu:.3f}  step {ms:.2f} m
             done ;;
         lm_throughput_cudnn) python3 benchmarks/lm_throughput.py --device cuda --variants raretask \
                              --attention cudnn --out "$OUT/lm_throughput_cudnn.json" ;;
-        lm_profile) python3 benchmarks/profile_lm_step.py &&  # kernels by category, fused projections
-                    python3 benchmarks/profile_lm_step.py --set fuse_projections=false ;;
+        lm_profile)  # kernels by category; PROFILE_RUNS="60m:64x32 150m:64x128": the study's
+            # step shapes (vocab 4,096) one by one, each into JOB.out (issue 19 item 8: where a
+            # 60m-150m step's time goes); unset: 300m at 8 x 2048, fused projections on and off
+            if [ -n "${PROFILE_RUNS:-}" ]; then
+                local r p bt
+                for r in $PROFILE_RUNS; do
+                    p=${r%:*} bt=${r#*:}
+                    timeout "${PROFILE_RUN_TIMEOUT:-120}" python3 benchmarks/profile_lm_step.py \
+                        --preset "$p" --batch-size "${bt%x*}" --seq-len "${bt#*x}" \
+                        --set vocab_size=4096 --compile-mode "${PROFILE_MODE:-default}" --top 12 ||
+                        echo "$p $bt failed ($?)"
+                done
+            else
+                python3 benchmarks/profile_lm_step.py &&
+                    python3 benchmarks/profile_lm_step.py --set fuse_projections=false
+            fi ;;
         lm_pack) python3 benchmarks/lm_pack.py --out /tmp/runs/pack --procs "${PACK_PROCS:-6}" \
                  --alone "${PACK_ALONE:-first,last}" --timeout "${PACK_TIMEOUT:-3600}" &&
                  cp /tmp/runs/pack/lm_pack.json /tmp/runs/pack/lm_pack.log "$OUT/" ;;
