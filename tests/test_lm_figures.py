@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from raretask.report import figures
-from raretask.report.analysis import load_metrics
+from raretask.report.analysis import load_metrics, metric_series
 
 FIG9 = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "fig9_lm_gradients"
 
@@ -122,3 +122,46 @@ def test_fig9_cosines_over_seeds_match_results_md(fig9):
         "+0.790 ± 0.045", "+0.646 ± 0.279", "+0.543 ± 0.030"]
     one_seed = [r for r in rows if cells[r["cell"]]["seed"] == 0]
     assert lm_cosine_over_seeds(m, one_seed, cells) == []  # no interval from one seed
+
+
+HEATMAP = FIG9.parent / "fig5_lm_heatmap"
+
+
+def test_several_settings_draw_small_multiples_with_a_curve_per_size():
+    """The committed Fig. 5 run (T_ADD and T_CMP x tiny/4m/20m x 4 frequencies, one seed): a row
+    per (task, metric), a panel per frequency (highest first), y shared along a row, one curve
+    per size in each panel (never a line style per frequency), each the cell's own series; the
+    legend names the sizes; a cap on the panels says how many settings it left out."""
+    rows = json.loads((HEATMAP / "summary.json").read_text())
+    cells = {c["cell"]: c for c in json.loads((HEATMAP / "cells.json").read_text())}
+    m = load_metrics(HEATMAP)
+    fig = figures.lm_retention_figure(rows, m, "fig5", cells)
+    axes = [a for a in fig.axes if a.get_visible()]
+    freqs = ("7.81e-03", "3.91e-03", "1.95e-03", "9.77e-04")
+    assert [a.get_title() for a in axes] == [
+        f"T_{t} {f} spread" for t in ("ADD", "CMP") for _ in range(2) for f in freqs]
+    assert [a.get_ylabel() for a in axes[::4]] == ["task loss", "held-out task loss"] * 2
+    for ax in axes:
+        curves = ax.get_lines()
+        assert len(curves) == 3 and {ln.get_linestyle() for ln in curves} == {"-"}
+        assert len({ln.get_color() for ln in curves}) == 3
+    assert axes[1].get_shared_y_axes().joined(axes[0], axes[3])  # a row shares its y axis
+    assert not axes[0].get_shared_y_axes().joined(axes[0], axes[4])
+    # T_CMP at 1.95e-03, 20m (the third size): its one seed's held-out task loss as stored
+    (cell,) = [r["cell"] for r in rows if r["task"] == "cmp" and r["size"] == "20m"
+               and figures.nominal_frequency(r, cells) == 0.001953125]
+    steps, values = metric_series(m, cell, "task_test_loss")
+    line = axes[14].get_lines()[2]
+    keep = steps > 0
+    assert np.allclose(line.get_xdata(), steps[keep]) and np.allclose(line.get_ydata(),
+                                                                       values[keep])
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "tiny, 1 seed", "4m, 1 seed", "20m, 1 seed"]
+    plt.close(fig)
+    capped = figures.lm_seed_band_figure(rows, m, [("task_loss", "task loss")], "fig5",
+                                         cells=cells, max_settings=3)
+    titles = [a.get_title() for a in capped.axes if a.get_visible()]
+    assert titles == ["T_ADD 7.81e-03 spread", "T_ADD 3.91e-03 spread",
+                      "T_ADD 1.95e-03 spread, +1 more not drawn", "T_CMP 7.81e-03 spread",
+                      "T_CMP 3.91e-03 spread", "T_CMP 1.95e-03 spread, +1 more not drawn"]
+    plt.close("all")

@@ -444,14 +444,15 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
              "Feature presence",
              "order_r2 (T_CMP) and fourier_modes (T_ADD; and fourier_modes_embedding, the "
              "same count on the symbols' token embeddings, where recorded) at each evaluation "
-             "next to test accuracy; the mean over seeds (band +- sd), a colour per size, a "
-             "line style per frequency."),
+             "next to test accuracy; the mean over seeds (band +- sd), a colour per size; with "
+             "several frequencies a row per task and metric, a panel per frequency."),
             (retention, figures.lm_retention_figure(rows, m,
                                                     f"{run.label}: task loss over training",
                                                     run.cells),
              "Task loss over training",
-             "Loss at LABEL on the training instances (left) and held-out instances (right) "
-             "at each evaluation; the mean over seeds (band +- sd), a colour per size. The "
+             "Loss at LABEL on the training instances and on the held-out instances at each "
+             "evaluation; the mean over seeds (band +- sd), a colour per size; with several "
+             "frequencies a row per task and loss, a panel per frequency. The "
              "losses around each injection (Fig. 8) are the 'Retention around bursts' panel "
              "of a run with traced windows."),
             (retention, figures.lm_burst_retention_figure(
@@ -463,11 +464,13 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
              "the drop at an injection (before - after) and the rebound over the gap (end - "
              "after), as in the table below."),
             (retention, figures.lm_cosine_figure(rows, m,
-                                                 f"{run.label}: gradient cosines with g_r"),
+                                                 f"{run.label}: gradient cosines with g_r",
+                                                 run.cells),
              "Gradient cosines",
              "cos(g, g_r), cos(g_t, g_r) and cos(g_nt, g_r) at each evaluation (the probe's "
              "batch at that step), and cos(g, g_r) on the next batch with no task instance "
-             "(between injections): the mean over seeds with a +- sd band, a line per setting."),
+             "(between injections): the mean over seeds with a +- sd band, a colour per size; "
+             "with several settings a row per task and cosine, a panel per setting."),
         ]
         for section, fig, title, caption in panels:
             if fig is not None:

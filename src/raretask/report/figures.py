@@ -12,6 +12,7 @@ functions return a matplotlib Figure (or None when the data cannot make one) and
 from __future__ import annotations
 
 import io
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -624,15 +625,15 @@ def lm_grokking_figure(rows, m, cells: dict[int, dict], title: str, max_panels: 
     return fig
 
 
-def lm_cosine_figure(rows, m, title: str):
+def lm_cosine_figure(rows, m, title: str, cells: dict[int, dict] | None = None):
     """Fig. 9 analogue: cosines of the batch gradient g, its task-token part g_t and its
     other-token part g_nt with the task's reference gradient g_r at an injection step, and of g
-    between injections (a batch without instances), over training: per setting
-    the mean over its seeds with a +- sd band, one colour per size (line style per frequency and
-    schedule when there are several); the legend sits beside the panels, off the data."""
+    between injections (a batch without instances), over training: per setting the mean over
+    its seeds with a +- sd band, one colour per size, a panel per setting when there are
+    several (:func:`lm_seed_band_figure`)."""
     from raretask.report.lm_seeds import COSINES
 
-    return lm_seed_band_figure(rows, m, list(COSINES), title, zero_line=True)
+    return lm_seed_band_figure(rows, m, list(COSINES), title, zero_line=True, cells=cells)
 
 
 def _seed_settings(rows: list[dict], cells: dict[int, dict] | None = None):
@@ -658,7 +659,10 @@ def _legend_beside(fig, handles: dict[str, object], width_in: float) -> None:
     data, then the panels laid out in the rest."""
     fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7,
                frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - width_in / fig.get_figwidth(), 1))
+    # the suptitle's lines kept clear of the top row's titles (tight_layout leaves them out)
+    title = fig.get_suptitle()
+    top = 1 - (0.2 * (title.count("\n") + 1) + 0.15) / fig.get_figheight() if title else 1
+    fig.tight_layout(rect=(0, 0, 1 - width_in / fig.get_figwidth(), top))
 
 
 def _seed_mean_series(m, seed_rows: list[dict], metric: str):
@@ -679,45 +683,104 @@ def _seed_mean_series(m, seed_rows: list[dict], metric: str):
 
 
 def lm_seed_band_figure(rows, m, metrics: list[tuple[str, str]], title: str, zero_line=False,
-                        cells: dict[int, dict] | None = None):
-    """One panel per (task, metric): per setting (size, frequency, schedule) the seed mean with
-    a +- sd band; colour = size, line style = frequency/schedule; legend outside the axes."""
+                        cells: dict[int, dict] | None = None, max_settings: int = 6):
+    """Curves of ``metrics`` over training, one colour per size, each the mean over the seeds of
+    a setting with a +- sd band; the legend beside the panels, off the data.
+
+    With one setting per task (a frequency, schedule and other fields) a row of panels per
+    task, a panel per metric. With several, small multiples: a row per (task, metric), a panel
+    per setting (highest frequency first, the first ``max_settings``), y shared along a row;
+    every panel then holds one curve per size, so a colour never has to share its panel with a
+    line style (a 5 x 5 grid drawn in one panel is 25 tangled curves).
+    """
     from raretask.report.lm_seeds import other_text
 
     settings = _seed_settings(rows, cells)
     tasks = sorted({k[0] for k in settings})
-    layout = [[(metric, label, t) for metric, label in metrics
-               if any(_has(m, r["cell"], metric) for k, rs in settings.items() if k[0] == t
-                      for r in rs)] for t in tasks]
-    layout = [row for row in layout if row]
-    if not layout:
-        return None
-    fig, panels = _metric_panels(layout, 4.2, 3.2, extra_w=2.2)
+    variants = {t: sorted({(k[3], k[4], k[5]) for k in settings if k[0] == t},
+                          key=lambda v: (v[0], -v[1], repr(v[2]))) for t in tasks}
     sizes = sorted({(k[1], k[2]) for k in settings})
     colours = {s: plt.get_cmap("viridis")(0.9 * i / max(len(sizes) - 1, 1))
                for i, (_, s) in enumerate(sizes)}
-    variants = sorted({(k[3], k[4], k[5]) for k in settings},
-                      key=lambda v: (v[0], -v[1], repr(v[2])))
-    styles = ["-", "--", ":", "-."]
+    drawn = [(metric, label, t) for t in tasks for metric, label in metrics
+             if any(_has(m, r["cell"], metric) for k, rs in settings.items() if k[0] == t
+                    for r in rs)]
+    if not drawn:
+        return None
+    several = max(len(v) for v in variants.values()) > 1
+    if not several:  # a row per task, a panel per metric
+        layout = [[d for d in drawn if d[2] == t] for t in tasks]
+        fig, panels = _metric_panels([row for row in layout if row], 4.2, 3.2, extra_w=2.2)
+        panels = [(ax, metric, label, task, variants[task][0])
+                  for ax, metric, label, task in panels]
+    else:
+        fig, panels = _setting_panels(drawn, variants, max_settings)
+    seeds: dict[str, set[int]] = defaultdict(set)  # size -> seed counts drawn
     handles: dict[str, object] = {}
-    for ax, metric, _label, task in panels:
+    for ax, metric, _label, task, setting in panels:
         for (t, _, size, sched, freq, other), seed_rows in settings.items():
-            if t != task:
+            if t != task or (sched, freq, other) != setting:
                 continue
             got = _seed_mean_series(m, seed_rows, metric)
             if got is None:
                 continue
             steps, mean, sd = got
-            style = styles[variants.index((sched, freq, other)) % len(styles)]
-            also = f", {other_text(other)}" if other else ""
-            name = f"{size}, {freq:.2e} {sched}{also}, {len(seed_rows)} seed" + (
-                "s" if len(seed_rows) > 1 else "")
-            handles.setdefault(name, _mean_band(ax, steps, mean, sd, style, colours[size]))
+            line = _mean_band(ax, steps, mean, sd, "-", colours[size])
+            seeds[size].add(len(seed_rows))
+            if several:
+                handles.setdefault(size, line)
+            else:
+                also = f", {other_text(other)}" if other else ""
+                n = len(seed_rows)
+                handles.setdefault(f"{size}, {freq:.2e} {sched}{also}, {n} seed"
+                                   + "s" * (n > 1), line)
         if zero_line:
             ax.axhline(0, color="0.5", lw=0.6)
+    if several:  # a legend entry per size, with how many seeds its curves average
+        handles = {f"{size}, {_count_text(seeds[size])} seed"
+                   + "s" * (max(seeds[size]) > 1): line for size, line in handles.items()}
     fig.suptitle(f"{title} (seed mean, band: +- sd)", fontsize=10)
-    _legend_beside(fig, handles, 2.0)
+    _legend_beside(fig, handles, 2.0 if not several else 1.5)
     return fig
+
+
+def _count_text(counts: set[int]) -> str:
+    """'3', or '2-3' when a size's settings have different seed counts (a grid half run)."""
+    lo, hi = min(counts), max(counts)
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def _setting_panels(drawn: list[tuple[str, str, str]], variants: dict[str, list],
+                    max_settings: int):
+    """(figure, [(ax, metric, label, task, setting)]): a row per (metric, label, task) of
+    ``drawn``, a panel per setting of that task (its first ``max_settings``), y shared along
+    a row, unused grid cells hidden; each panel titled by task and setting, each row's first
+    panel labelled by metric."""
+    from raretask.report.lm_seeds import other_text
+
+    ncol = min(max_settings, max(len(variants[t]) for _, _, t in drawn))
+    fig, axes = plt.subplots(len(drawn), ncol, squeeze=False, sharey="row",
+                             figsize=(2.7 * ncol + 1.5, 2.1 * len(drawn) + 0.5))
+    panels = []
+    for ri, (metric, label, task) in enumerate(drawn):
+        shown = variants[task][:ncol]
+        for ci in range(ncol):
+            ax = axes[ri, ci]
+            if ci >= len(shown):
+                ax.set_visible(False)
+                continue
+            sched, freq, other = shown[ci]
+            left = len(variants[task]) - len(shown) if ci == len(shown) - 1 else 0
+            ax.set_title(", ".join(filter(None, (
+                f"T_{task.upper()} {freq:.2e} {sched}", other_text(other, short=True),
+                f"+{left} more not drawn" if left else ""))), fontsize=8)
+            ax.set_xscale("log")
+            ax.set_xlabel("step", fontsize=8)
+            if ci == 0:  # wrapped: a row's label has one panel's height
+                ax.set_ylabel("\n".join(textwrap.wrap(label, 24)), fontsize=8)
+            ax.tick_params(labelsize=7)
+            panels.append((ax, metric, label, task, shown[ci]))
+    return fig, panels
 
 
 def lm_burst_retention_figure(rows: list[dict], m, cells: dict[int, dict], title: str,
