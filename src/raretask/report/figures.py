@@ -659,10 +659,19 @@ def _legend_beside(fig, handles: dict[str, object], width_in: float) -> None:
     data, then the panels laid out in the rest."""
     fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7,
                frameon=False)
-    # the suptitle's lines kept clear of the top row's titles (tight_layout leaves them out)
-    title = fig.get_suptitle()
-    top = 1 - (0.2 * (title.count("\n") + 1) + 0.15) / fig.get_figheight() if title else 1
-    fig.tight_layout(rect=(0, 0, 1 - width_in / fig.get_figwidth(), top))
+    right = 1 - width_in / fig.get_figwidth()
+    fig.tight_layout(rect=(0, 0, right, 1))
+    # tight_layout pads for the suptitle in fractions of the figure, too little on a tall one:
+    # lay out again below it where a top-row title reaches into it
+    sup = getattr(fig, "_suptitle", None)
+    if sup is not None and sup.get_text():
+        renderer = fig.canvas.get_renderer()
+        bottom = sup.get_window_extent(renderer).y0
+        reach = max((ax.title.get_window_extent(renderer).y1 for ax in fig.axes
+                     if ax.get_visible() and ax.get_title()), default=0.0)
+        if reach > bottom - 4:
+            fig.tight_layout(rect=(0, 0, right, 1 - (reach - bottom + 8) / (fig.dpi
+                                                                     * fig.get_figheight())))
 
 
 def _seed_mean_series(m, seed_rows: list[dict], metric: str):
