@@ -27,6 +27,7 @@ from lm_throughput import RandomTokens  # noqa: E402
 
 from raretask.lm.model import ModelConfig  # noqa: E402
 from raretask.lm.trainer import LMTrainer, LMTrainSettings  # noqa: E402
+from raretask.report.lm_cost import H100_BF16_TFLOPS  # noqa: E402
 
 CATEGORIES = (  # (category, substrings of the kernel name), first match wins
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
@@ -94,10 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         kernels.append((gpu_us / args.steps, ev.count // args.steps, ev.key))
     busy = sum(per_cat.values()) / 1e3
     tokens = args.batch_size * args.seq_len
+    # MFU as lm_throughput and lm_cost count it (model.py: flops_per_token), so a category's
+    # share of the step reads against the figures in RESULTS.md
+    mfu = cfg.flops_per_token(args.seq_len) * tokens / wall / (H100_BF16_TFLOPS * 1e12)
     lines = [f"profile of one training step: preset {args.preset} {overrides or ''}, batch "
              f"{args.batch_size} x {args.seq_len}, compile mode {args.compile_mode}, "
              f"{torch.cuda.get_device_name()}, torch {torch.__version__}",
-             f"wall {1e3 * wall:.2f} ms/step ({tokens / wall:,.0f} tokens/s); GPU kernels "
+             f"wall {1e3 * wall:.2f} ms/step ({tokens / wall:,.0f} tokens/s, MFU {100 * mfu:.1f}% "
+             f"against {H100_BF16_TFLOPS:g} TFLOP/s, with the profiler on); GPU kernels "
              f"{busy:.2f} ms/step ({100 * busy / (1e3 * wall):.1f}% of the wall time)",
              "", f"{'category':<16}{'ms/step':>10}{'share':>8}"]
     for cat, us in sorted(per_cat.items(), key=lambda kv: -kv[1]):
