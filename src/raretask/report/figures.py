@@ -442,27 +442,38 @@ def lm_heatmap_figure(rows: list[dict], cells: dict[int, dict], title: str):
     return fig
 
 
-def _metric_panels(layout: list[list[tuple[str, str, str]]], panel_w: float, panel_h: float,
-                   extra_w: float = 0.0):
-    """(figure, [(ax, metric, label, task)]): a row of panels per task, one per (metric, label,
-    task) of ``layout``, each over log-spaced steps and titled; unused grid cells hidden."""
-    ncol = max(len(row) for row in layout)
-    fig, axes = plt.subplots(len(layout), ncol, squeeze=False,
-                             figsize=(panel_w * ncol + extra_w, panel_h * len(layout)))
-    panels = []
-    for ri, row in enumerate(layout):
+def _panel_grid(rows: list[list], panel_w: float, panel_h: float, extra_w: float = 0.0,
+                extra_h: float = 0.0, sharey: bool = False):
+    """(figure, [(ax, item, column)]): a grid with a row per list of ``rows`` and a panel per
+    item, each over log-spaced steps; the grid cells past a short row's end hidden; y shared
+    along a row with ``sharey``."""
+    ncol = max(len(row) for row in rows)
+    fig, axes = plt.subplots(len(rows), ncol, squeeze=False, sharey="row" if sharey else False,
+                             figsize=(panel_w * ncol + extra_w, panel_h * len(rows) + extra_h))
+    out = []
+    for ri, row in enumerate(rows):
         for ci in range(ncol):
             ax = axes[ri, ci]
             if ci >= len(row):
                 ax.set_visible(False)
                 continue
-            metric, label, task = row[ci]
             ax.set_xscale("log")
             ax.set_xlabel("step", fontsize=8)
-            ax.set_ylabel(label, fontsize=8)
-            ax.set_title(f"T_{task.upper()}: {label}", fontsize=9)
             ax.tick_params(labelsize=7)
-            panels.append((ax, metric, label, task))
+            out.append((ax, row[ci], ci))
+    return fig, out
+
+
+def _metric_panels(layout: list[list[tuple[str, str, str]]], panel_w: float, panel_h: float,
+                   extra_w: float = 0.0):
+    """(figure, [(ax, metric, label, task)]): a row of panels per task, one per (metric, label,
+    task) of ``layout``, titled and labelled by it (:func:`_panel_grid`)."""
+    fig, grid = _panel_grid(layout, panel_w, panel_h, extra_w)
+    panels = []
+    for ax, (metric, label, task), _ in grid:
+        ax.set_ylabel(label, fontsize=8)
+        ax.set_title(f"T_{task.upper()}: {label}", fontsize=9)
+        panels.append((ax, metric, label, task))
     return fig, panels
 
 
@@ -763,32 +774,24 @@ def _setting_panels(drawn: list[tuple[str, str, str]], variants: dict[str, list]
                     max_settings: int):
     """(figure, [(ax, metric, label, task, setting)]): a row per (metric, label, task) of
     ``drawn``, a panel per setting of that task (its first ``max_settings``), y shared along
-    a row, unused grid cells hidden; each panel titled by task and setting, each row's first
-    panel labelled by metric."""
+    a row (:func:`_panel_grid`); each panel titled by task and setting, the last of a cut row
+    with how many it leaves out, each row's first labelled by metric."""
     from raretask.report.lm_seeds import other_text
 
-    ncol = min(max_settings, max(len(variants[t]) for _, _, t in drawn))
-    fig, axes = plt.subplots(len(drawn), ncol, squeeze=False, sharey="row",
-                             figsize=(2.7 * ncol + 1.5, 2.1 * len(drawn) + 0.5))
+    rows = [[(metric, label, task, v) for v in variants[task][:max_settings]]
+            for metric, label, task in drawn]
+    fig, grid = _panel_grid(rows, 2.7, 2.1, extra_w=1.5, extra_h=0.5, sharey=True)
     panels = []
-    for ri, (metric, label, task) in enumerate(drawn):
-        shown = variants[task][:ncol]
-        for ci in range(ncol):
-            ax = axes[ri, ci]
-            if ci >= len(shown):
-                ax.set_visible(False)
-                continue
-            sched, freq, other = shown[ci]
-            left = len(variants[task]) - len(shown) if ci == len(shown) - 1 else 0
-            ax.set_title(", ".join(filter(None, (
-                f"T_{task.upper()} {freq:.2e} {sched}", other_text(other, short=True),
-                f"+{left} more not drawn" if left else ""))), fontsize=8)
-            ax.set_xscale("log")
-            ax.set_xlabel("step", fontsize=8)
-            if ci == 0:  # wrapped: a row's label has one panel's height
-                ax.set_ylabel("\n".join(textwrap.wrap(label, 24)), fontsize=8)
-            ax.tick_params(labelsize=7)
-            panels.append((ax, metric, label, task, shown[ci]))
+    for ax, (metric, label, task, setting), ci in grid:
+        sched, freq, other = setting
+        shown = min(len(variants[task]), max_settings)
+        left = len(variants[task]) - shown if ci == shown - 1 else 0
+        ax.set_title(", ".join(filter(None, (
+            f"T_{task.upper()} {freq:.2e} {sched}", other_text(other, short=True),
+            f"+{left} more not drawn" if left else ""))), fontsize=8)
+        if ci == 0:  # wrapped: a row's label has one panel's height
+            ax.set_ylabel("\n".join(textwrap.wrap(label, 24)), fontsize=8)
+        panels.append((ax, metric, label, task, setting))
     return fig, panels
 
 
