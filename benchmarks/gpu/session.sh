@@ -37,7 +37,10 @@ lm_run() {  # NAME CONFIG: one LM grid (resumed from benchmarks/results/resume/N
     local dir=/tmp/runs/$name
     mkdir -p /tmp/runs
     local saved=benchmarks/results/resume/$name.tgz
-    [ -f "$saved" ] && tar xzf "$saved" -C /tmp/runs
+    # a warm machine's folder is the newest state (its cut cells' checkpoints too): extracting the
+    # committed tgz over it put back an older log.txt and lost two calls' log lines (2026-12-05)
+    if [ -d "$dir" ]; then echo "resuming $dir as this machine left it"
+    elif [ -f "$saved" ]; then tar xzf "$saved" -C /tmp/runs; fi
     # a grid cut by LM_TIMEOUT (seconds) still returns its finished cells, to resume next call
     # LM_PROCS processes share the GPU, each taking the next unclaimed cell (--parallel cells):
     # a small model alone leaves the GPU waiting on the host (launches, the n-gram sampler)
