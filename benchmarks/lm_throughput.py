@@ -308,7 +308,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS,
                     help="raretask's SDPA backend (auto: PyTorch's choice, as the HF variants)")
     ap.add_argument("--compile-mode", default="default",
-                    choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                    choices=("default", "reduce-overhead", "max-autotune",
+                             "max-autotune-no-cudagraphs"),
                     help="torch.compile mode of the raretask variant")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="peak dense TFLOP/s for MFU (989: H100/H200 SXM bf16)")

@@ -14,6 +14,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+import torch
 
 from raretask.config import load_experiment, load_yaml
 from raretask.errors import UserError
@@ -298,3 +299,17 @@ def test_packed_small_grid_is_the_issues_fig5_small_end():
     assert profile.compile and profile.compile_mode == "reduce-overhead" and profile.deterministic
     small = load_experiment(path, ["size=tiny", "steps=4", "batch_size=16", "eval_points=2"])
     assert len(list(small.cells())) == 6
+
+
+@pytest.mark.parametrize("mode, graphs", [("default", False), ("reduce-overhead", True),
+                                          ("max-autotune", True),
+                                          ("max-autotune-no-cudagraphs", False)])
+def test_compile_modes_that_replay_cuda_graphs_mark_each_step(mode, graphs):
+    # a mode that replays CUDA graphs reuses its outputs: the trainer must mark every step
+    from raretask.lm.trainer import LMTrainSettings, cuda_graphs
+    assert Profile(compile=True, compile_mode=mode).resolve("cuda").compile_mode == mode
+    settings = LMTrainSettings(steps=1, batch_size=1, seq_len=8, compile=True, compile_mode=mode)
+    assert cuda_graphs(settings, torch.device("cuda")) is graphs
+    assert cuda_graphs(settings, torch.device("cpu")) is False
+    assert cuda_graphs(LMTrainSettings(steps=1, batch_size=1, seq_len=8, compile=False,
+                                       compile_mode=mode), torch.device("cuda")) is False

@@ -12,6 +12,8 @@
 #   bash benchmarks/gpu/session.sh multi_ddp multi_fsdp         (kind nvidia-h200-x2: issue 10)
 #   bash benchmarks/gpu/session.sh fig5_scale                  (issue 19: many calls, resumed; LM_ONLY picks cells; docs/lm_study.md)
 #   bash benchmarks/gpu/session.sh lm_speed                    (issue 19: tokens/s, MFU of 150m/60m/20m at the grids' step shapes, ~5 min)
+#   SPEED_MODE=max-autotune SPEED_PRESETS="150m 60m" SPEED_SHAPES="64x128 64x32" bash benchmarks/gpu/session.sh lm_speed
+#                                                               (issue 19 item 8: autotuned GEMMs with fused epilogues)
 #   bash benchmarks/gpu/session.sh lm_stacked                  (issue 19: 1 / 3 / 6 seeds stacked on one axis, 60m and 150m, ~6 min)
 #   LM_TIMEOUT=300 bash benchmarks/gpu/session.sh add_grok; LM_TIMEOUT=250 bash benchmarks/gpu/session.sh fig8_retention
 #                                                               (issue 19: T_ADD grokking and Fig. 8 in one call)
@@ -68,19 +70,21 @@ job() {
             # one line per run as it ends (a call cut short keeps the runs it finished: session
             # 2026-12-05's first try printed only at the end and lost all of them); the
             # largest model and the T_CMP shape first, since item 8 asks for 60m-150m MFU
-            local d=/tmp/runs/lm_speed p bt
+            # SPEED_MODE=max-autotune: the same runs under that compile mode, files NAME_MODE
+            local d=/tmp/runs/lm_speed p bt mode=${SPEED_MODE:-reduce-overhead} tag=
+            [ "$mode" = reduce-overhead ] || tag=_$mode
             mkdir -p "$d"
             for bt in ${SPEED_SHAPES:-64x128 64x32 256x32}; do
                 for p in ${SPEED_PRESETS:-150m 60m 20m}; do
                     timeout "${SPEED_RUN_TIMEOUT:-150}" python3 benchmarks/lm_throughput.py \
                         --device cuda --variants raretask --preset "$p" --batch-size "${bt%x*}" \
-                        --seq-len "${bt#*x}" --vocab-size 4096 --compile-mode reduce-overhead \
-                        --out "$d/${p}_${bt}.json" >"$d/${p}_${bt}.log" 2>&1 || {
+                        --seq-len "${bt#*x}" --vocab-size 4096 --compile-mode "$mode" \
+                        --out "$d/${p}_${bt}$tag.json" >"$d/${p}_${bt}$tag.log" 2>&1 || {
                         echo "$p $bt failed ($?)"; continue; }
                     python3 -c 'import json, sys
 v = json.load(open(sys.argv[1]))["variants"][0]
 tps, mfu, ms = v["tokens_per_s"], v["mfu"], v["step_ms"]
-print(f"{sys.argv[2]:14s} {tps:>12,.0f} tokens/s  MFU {mfu:.3f}  step {ms:.2f} ms")' "$d/${p}_${bt}.json" "${p}_${bt}"
+print(f"{sys.argv[2]:14s} {tps:>12,.0f} tokens/s  MFU {mfu:.3f}  step {ms:.2f} ms")' "$d/${p}_${bt}$tag.json" "${p}_${bt}$tag"
                     tar czf "$OUT/lm_speed.tgz" -C /tmp/runs lm_speed  # kept current: a cut call returns it
                 done
             done ;;

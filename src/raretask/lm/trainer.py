@@ -480,11 +480,15 @@ def step_autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+# torch.compile modes that replay the step as CUDA graphs (max-autotune: with autotuned GEMMs)
+GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
 def cuda_graphs(settings: LMTrainSettings, device: torch.device) -> bool:
     """Whether the compiled step replays CUDA graphs. Their replays reuse the output memory, so
     each step must be marked as a new one (``torch.compiler.cudagraph_mark_step_begin``), or
     the previous step's loss, already read or dropped, may be overwritten."""
-    return (settings.compile and settings.compile_mode == "reduce-overhead"
+    return (settings.compile and settings.compile_mode in GRAPH_COMPILE_MODES
             and device.type == "cuda")
 
 

@@ -56,9 +56,11 @@ class Profile(StrictModel):
                                   "up to this train as one padded group (0: one group each).")
     # -- language models ---------------------------------------------------------------------
     compile: bool | None = Field(None, description="LM: torch.compile the training step.")
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] | None = (
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] | None = (
         Field(None, description="LM: torch.compile mode; 'reduce-overhead' replays the step as "
-              "CUDA graphs (small models are bound by kernel launches)."))
+              "CUDA graphs (small models are bound by kernel launches); 'max-autotune' also "
+              "tunes GEMM kernels and fuses elementwise work into them (minutes to compile)."))
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] | None = Field(
         None, description="LM: the scaled_dot_product_attention backend (cudnn, efficient: "
         "CUDA only).")
