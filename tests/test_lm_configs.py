@@ -21,6 +21,7 @@ from raretask.errors import UserError
 from raretask.lm.config import LMCell
 from raretask.lm.model import PRESETS, ModelConfig
 from raretask.lm.tasks import InjectionSchedule
+from raretask.lm.trainer import LMTrainSettings, cuda_graphs
 from raretask.runs.profile import Profile
 from raretask.studies.lm import build_trainer
 
@@ -306,7 +307,6 @@ def test_packed_small_grid_is_the_issues_fig5_small_end():
                                           ("max-autotune-no-cudagraphs", False)])
 def test_compile_modes_that_replay_cuda_graphs_mark_each_step(mode, graphs):
     # a mode that replays CUDA graphs reuses its outputs: the trainer must mark every step
-    from raretask.lm.trainer import LMTrainSettings, cuda_graphs
     assert Profile(compile=True, compile_mode=mode).resolve("cuda").compile_mode == mode
     settings = LMTrainSettings(steps=1, batch_size=1, seq_len=8, compile=True, compile_mode=mode)
     assert cuda_graphs(settings, torch.device("cuda")) is graphs
