@@ -34,7 +34,8 @@ redraw() {  # each grid's folder as it stands, its show/seeds tables, the report
         [ -f "$tmp/$job/summary.json" ] && suffix=
         dir=$R/$name$suffix
         rm -rf "$dir" && mv "$tmp/$job" "$dir" && rm -rf "$tmp"
-        [ -z "$suffix" ] && rm -rf "$R/${name}_partial" "$R/${name}_partial_show.json" "$R/${name}_partial_seeds.txt"
+        [ -z "$suffix" ] && rm -rf "$R/${name}_partial" "$R/${name}_partial_show.json" \
+            "$R/${name}_partial_seeds.txt" "$R/${name}_partial_cost.txt"
         $PY -m raretask show "$dir" --json >"$dir"_show.json
         COLUMNS=200 $PY -m raretask.report.lm_seeds "$dir" >"$dir"_seeds.txt
         COLUMNS=120 $PY -m raretask.report.lm_cost "$dir" >"$dir"_cost.txt
