@@ -15,7 +15,7 @@ from raretask.lm.model import ModelConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 H100_30 = 0.3 * 989e12  # the headers' planning rate: 30% of an H100's dense bf16 peak
-NAMES = ("fig5_lm_scale", "fig5_lm_add_grok", "fig8_lm_retention")
+NAMES = ("fig5_lm_scale", "fig5_lm_add_grok", "fig8_lm_retention", "fig5_lm_lr_scan")
 
 
 def cells(name: str):
@@ -66,6 +66,20 @@ def test_fig5_scale_grid_is_what_the_issue_asks():
             if c.task == "add"} == {(grok.steps, grok.batch_size, grok.seq_len, grok.lr, 0.1)}
     top = [c for c in cs if c.task == "add" and c.size == "150m"]
     assert len(top) == 3 and {c.rate for c in top} == {max(c.rate for c in cs)}
+
+
+def test_lr_scan_cells_are_the_scale_grids_but_for_the_learning_rate():
+    """The scan is a comparison only if its cells are fig5_lm_scale's T_CMP cells at the same
+    sizes, rate and seeds in every field but lr (the grid's lr is the scan's reference)."""
+    scan = cells("fig5_lm_lr_scan")
+    grid = {(c.size, c.seed): c for c in cells("fig5_lm_scale")
+            if c.task == "cmp" and c.rate == scan[0].rate}
+    assert len(scan) == 12 and {c.size for c in scan} == {"150m", "60m"}
+    reference_lr = grid["150m", 0].lr
+    assert sorted({c.lr for c in scan}) == [1e-3, 6e-3] and reference_lr == 3e-3
+    for c in scan:
+        mine, theirs = c.model_dump(), grid[c.size, c.seed].model_dump()
+        assert {k for k in mine if mine[k] != theirs[k]} == {"lr"}
 
 
 def test_grok_config_contrasts_weight_decay_at_many_passes():

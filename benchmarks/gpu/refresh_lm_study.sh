@@ -10,7 +10,8 @@ cd "$(dirname "$0")/../.."
 R=benchmarks/results
 PY=${PY:-.venv/bin/python}
 # job name in session.sh -> the grid's config name (the committed folders are named after it)
-declare -A GRID=([fig5_scale]=fig5_lm_scale [fig8_retention]=fig8_lm_retention)
+declare -A GRID=([fig5_scale]=fig5_lm_scale [fig8_retention]=fig8_lm_retention
+                 [lr_scan]=fig5_lm_lr_scan)
 
 save() {  # FILES_AT: copy each returned grid tgz to resume/ (the next call extracts it)
     local from=${1:?the files_at folder of the call} job found=0
@@ -24,8 +25,10 @@ save() {  # FILES_AT: copy each returned grid tgz to resume/ (the next call extr
 
 redraw() {  # each grid's folder as it stands, its show/seeds tables, the report, the calibration
     local job name dir tmp suffix inputs=()
-    for job in fig5_scale fig8_retention; do
+    # fig5_scale first: the held-out calibration below reads the first folder
+    for job in fig5_scale fig8_retention lr_scan; do
         name=${GRID[$job]}
+        [ -f "$R/resume/$job.tgz" ] || continue  # a grid no call has started yet
         tmp=$(mktemp -d)
         tar xzf "$R/resume/$job.tgz" -C "$tmp"
         rm -f "$tmp/$job/.lock"

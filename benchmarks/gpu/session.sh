@@ -17,6 +17,7 @@
 #   bash benchmarks/gpu/session.sh lm_stacked                  (issue 19: 1 / 3 / 6 seeds stacked on one axis, 60m and 150m, ~6 min)
 #   LM_TIMEOUT=300 bash benchmarks/gpu/session.sh add_grok; LM_TIMEOUT=250 bash benchmarks/gpu/session.sh fig8_retention
 #                                                               (issue 19: T_ADD grokking and Fig. 8 in one call)
+#   LM_PROCS=1 bash benchmarks/gpu/session.sh lr_scan           (issue 19: 150m vs 60m T_CMP at lr 1e-3 / 6e-3, ~6 min)
 #   bash benchmarks/gpu/session.sh fix_lm                      (issue 22: the LM fix, 5 arms x 3 seeds)
 #   bash benchmarks/gpu/session.sh profile_switch              (issue 21: a toy run cut on CUDA resumed on CPU, and back)
 # $OUT returns at most 8 files: a job leaves two to four (JOB.out, a JSON, a log, NAME.tgz); count
@@ -128,6 +129,7 @@ print(f"{sys.argv[2]:14s} {tps:>12,.0f} tokens/s  MFU {mfu:.3f}  step {ms:.2f} m
         fig9) lm_run fig9 configs/fig9_lm_gradients.yaml ;;
         fig5_scale) lm_run fig5_scale configs/fig5_lm_scale.yaml ;;        # 120 cells, ~3 calls
         add_grok) lm_run add_grok configs/fig5_lm_add_grok.yaml ;;         # 8 cells, T_ADD grokking
+        lr_scan) lm_run lr_scan configs/fig5_lm_lr_scan.yaml ;;  # 12 cells: 150m/60m T_CMP at lr 1e-3, 6e-3
         fig8_retention) lm_run fig8_retention configs/fig8_lm_retention.yaml ;;  # 24 cells, traced
         fix_lm) lm_run fix_lm configs/fix_lm.yaml && {  # 15 cells (issue 22); then the fix files
                     COLUMNS=100 python3 -m raretask fix configs/fix_lm.yaml --out /tmp/runs/fix_lm \
