@@ -332,6 +332,21 @@ def test_lm_cost_counts_each_visit_from_the_log(lm_run, capsys, tmp_path):
     assert left == [lm_cost.CellsLeft(cell["task"], "tiny", cell["rate"], cell["delivery"],
                                       "12 x 16 x 32", 1, sum(took) / len(took))]
     assert left[0].seconds() == left[0].seconds_a_cell
+    # a size no cell has measured: scaled from the measured size of its task and step shape
+    # nearest in FLOPs per token (here the only one), by the ratio of FLOPs per token
+    cells = json.loads((run / "cells.json").read_text())
+    cells[1]["size"] = "4m"
+    (run / "cells.json").write_text(json.dumps(cells))
+    tiny = [lm_cost.CellSpeed("tiny", cell["task"], "12 x 16 x 32", seconds=[10.0]),
+            lm_cost.CellSpeed("20m", cell["task"], "99 x 16 x 32", seconds=[1.0]),  # other shape
+            lm_cost.CellSpeed("20m", "other", "12 x 16 x 32", seconds=[1.0])]  # other task
+    fpt = {s: ModelConfig.preset(s, vocab_size=cell["vocab_size"]).flops_per_token(
+        cell["seq_len"]) for s in ("tiny", "4m")}
+    [guess] = lm_cost.cells_left(run, tiny)
+    assert (guess.size, guess.estimated_from) == ("4m", "tiny")
+    assert guess.seconds_a_cell == pytest.approx(10.0 * fpt["4m"] / fpt["tiny"])
+    assert guess.seconds_a_cell > 10 * 20  # 4m does > 20x tiny's FLOPs a token
+    assert lm_cost.cells_left(run, tiny[1:])[0].seconds_a_cell is None  # no peer: unknown
     with pytest.raises(SystemExit) as stop:  # not a run: one line, exit 2
         lm_cost.main([str(tmp_path / "nope")])
     assert stop.value.code == 2

@@ -9,7 +9,10 @@ finishes, ``gNNNN: SIZE TASK steps A->B in Xs (Y tokens/s)``. From those and ``c
   and a peak). Work on cells a visit cut short is not counted: it restarts, so it was lost.
 * **cells left** (a grid filled call by call): the unfinished cells per task, size and frequency,
   with the seconds a cell of that size and task took so far (packed as it ran) and their sum,
-  for sizing the next calls; "-" where no cell of that size and task has finished yet.
+  for sizing the next calls. Where no cell of that size and task has finished yet, the seconds
+  are estimated (``~``) from the measured size of the same task and step shape nearest in FLOPs
+  per token, scaled by the ratio of FLOPs per token: the same MFU, so usually high for a larger
+  model (which runs at a higher MFU); "-" where no cell of that task and shape finished.
 * **per size and task**: the cells, seconds a cell and each process's tokens/s, as logged; for
   cells logged since the split was (2026-12-05), the seconds of a cell's first steps
   (compilation, CUDA-graph capture), its evaluations and its checkpoint writes. A cell trained
@@ -96,6 +99,7 @@ class CellsLeft:
     shape: str
     cells: int
     seconds_a_cell: float | None  # the mean over finished cells of this size, task and shape
+    estimated_from: str | None = None  # seconds_a_cell scaled from this size's (module doc)
 
     def seconds(self) -> float | None:
         return None if self.seconds_a_cell is None else self.cells * self.seconds_a_cell
@@ -103,6 +107,27 @@ class CellsLeft:
 
 def _shape(cell: dict) -> str:
     return f"{cell['steps']} x {cell['batch_size']} x {cell['seq_len']}"
+
+
+def _flops_per_token(size: str, vocab_size: int, seq_len: int) -> int:
+    from raretask.lm.model import ModelConfig
+
+    return ModelConfig.preset(size, vocab_size=vocab_size).flops_per_token(seq_len)
+
+
+def _estimate(cell: dict, shape: str, measured: dict[tuple, float]) -> tuple[float, str] | None:
+    """A cell of a size not yet measured: the seconds of the same task and step shape at the
+    size nearest in FLOPs per token, times the ratio of FLOPs per token (with its size)."""
+    import math
+
+    vocab, seq = int(cell["vocab_size"]), int(cell["seq_len"])
+    mine = _flops_per_token(cell["size"], vocab, seq)
+    peers = [(abs(math.log(_flops_per_token(size, vocab, seq) / mine)), size, sec)
+             for (size, task, sh), sec in measured.items() if task == cell["task"] and sh == shape]
+    if not peers:
+        return None
+    _, size, sec = min(peers)
+    return sec * mine / _flops_per_token(size, vocab, seq), size
 
 
 def cells_left(run_dir: str | Path, speeds: list[CellSpeed]) -> list[CellsLeft]:
@@ -119,7 +144,9 @@ def cells_left(run_dir: str | Path, speeds: list[CellSpeed]) -> list[CellsLeft]:
         schedule = f"every {every}" if every > 1 else str(cell.get("delivery", "even"))
         key = (cell["task"], cell["size"], float(cell["rate"]), schedule, _shape(cell))
         if key not in left:
-            left[key] = CellsLeft(*key, 0, measured.get((cell["size"], cell["task"], key[4])))
+            sec = measured.get((cell["size"], cell["task"], key[4]))
+            guess = None if sec is not None else _estimate(cell, key[4], measured)
+            left[key] = CellsLeft(*key, 0, *(guess or (sec, None)))
         left[key].cells += 1
     return list(left.values())
 
@@ -130,7 +157,6 @@ def _time(stamp: str) -> dt.datetime:
 
 def grid_cost(run_dir: str | Path) -> tuple[list[Visit], list[CellSpeed]]:
     """The visits and per-size speeds of ``run_dir`` (module docstring)."""
-    from raretask.lm.model import ModelConfig
     from raretask.runs import store
 
     run_dir = Path(run_dir)
@@ -169,8 +195,7 @@ def grid_cost(run_dir: str | Path) -> tuple[list[Visit], list[CellSpeed]]:
         tokens = steps * int(cell["batch_size"]) * int(cell["seq_len"])
         key = (cell["size"], int(cell["vocab_size"]), int(cell["seq_len"]))
         if key not in flops_per_token:
-            flops_per_token[key] = ModelConfig.preset(
-                key[0], vocab_size=key[1]).flops_per_token(key[2])
+            flops_per_token[key] = _flops_per_token(*key)
         visit.cells += 1
         visit.tokens += tokens
         visit.flops += tokens * flops_per_token[key]
@@ -247,15 +272,17 @@ def main(argv: list[str] | None = None) -> None:
     known = [c.seconds() for c in left if c.seconds() is not None]
     # cell-seconds: P processes sharing a device finish them in about cell-s / P of wall time
     t = Table(title=f"cells left: {sum(c.cells for c in left)} ({sum(known):,.0f} cell-seconds "
-              "for those of a measured size, at the seconds a cell took so far; P processes "
-              "take about cell-s / P)", box=box.SIMPLE_HEAD)
+              "at the seconds a cell of that size took so far, ~ scaled by FLOPs per token from "
+              "the size named; P processes take about cell-s / P)", box=box.SIMPLE_HEAD)
     for c in ("task", "size", "freq/tok", "schedule", "steps x rows x tokens", "cells",
               "s a cell", "cell-s"):
         t.add_column(c, justify="right")
     for c in left:
         sec, total = c.seconds_a_cell, c.seconds()
+        guess = f"~{sec:.0f} ({c.estimated_from})" if c.estimated_from else None
         t.add_row(c.task, c.size, f"{c.frequency:.3g}", c.schedule, c.shape, str(c.cells),
-                  "-" if sec is None else f"{sec:.0f}", "-" if total is None else f"{total:.0f}")
+                  guess or ("-" if sec is None else f"{sec:.0f}"),
+                  "-" if total is None else ("~" * bool(guess)) + f"{total:.0f}")
     console.print(t)
 
 
