@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -118,8 +119,6 @@ def _flops_per_token(size: str, vocab_size: int, seq_len: int) -> int:
 def _estimate(cell: dict, shape: str, measured: dict[tuple, float]) -> tuple[float, str] | None:
     """A cell of a size not yet measured: the seconds of the same task and step shape at the
     size nearest in FLOPs per token, times the ratio of FLOPs per token (with its size)."""
-    import math
-
     vocab, seq = int(cell["vocab_size"]), int(cell["seq_len"])
     mine = _flops_per_token(cell["size"], vocab, seq)
     peers = [(abs(math.log(_flops_per_token(size, vocab, seq) / mine)), size, sec)
