@@ -70,6 +70,7 @@ from raretask.lm.trainer import (
     check_attention,
     step_autocast,
 )
+from raretask.runs.profile import COMPILE_MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("raretask", "hf-eager", "hf-compiled")
@@ -308,8 +309,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS,
                     help="raretask's SDPA backend (auto: PyTorch's choice, as the HF variants)")
     ap.add_argument("--compile-mode", default="default",
-                    choices=("default", "reduce-overhead", "max-autotune",
-                             "max-autotune-no-cudagraphs"),
+                    choices=COMPILE_MODES,
                     help="torch.compile mode of the raretask variant")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="peak dense TFLOP/s for MFU (989: H100/H200 SXM bf16)")

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import stack_module_state
 
-from raretask.lm.model import Transformer, apply_rotary
+from raretask.lm.model import Transformer, apply_rotary, rms_norm
 from raretask.lm.trainer import (
     WARMUP_STEPS,
     LMTrainer,
@@ -144,10 +144,8 @@ def _linear(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def _rms(x: Tensor, weight: Tensor, cfg) -> Tensor:
-    """``RMSNorm`` per seed: x [K, N, C], weight [K, C]; float32 inside, x's dtype out."""
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
-    return (y * weight.float().unsqueeze(1)).to(x.dtype)
+    """``RMSNorm`` per seed: x [K, N, C], weight [K, C]."""
+    return rms_norm(x, weight.unsqueeze(1), cfg.norm_eps)
 
 
 class StackedLMTrainer:

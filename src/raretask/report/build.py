@@ -553,7 +553,7 @@ def fix_section(runs: list[RunInput]) -> Section:
               "-" if r.tokens is None else f"{r.tokens:.3g}", _fix_accuracy(r),
               "-" if r.task_loss is None else _fmt(r.task_loss), _fix_learned(r)]
              + (_fix_text_cells(r, fix.rows[0]) if text else [])
-             + ([_fix_framed_change(r, fix.rows[0])] if framed else [])
+             + ([_fix_change(r, fix.rows[0], "val_loss_framed")] if framed else [])
              + ([f"{r.flops / fix.rows[0].flops:.3g}x" if r.flops is not None else "-"]
                 if cost else [])
              + [r.run or "-"] + (_fix_task_cells(r) if every_task else []) for r in fix.rows],
@@ -580,15 +580,13 @@ def _fix_text_cells(row, first) -> list[str]:
     """Held-out text loss and its change against the first row (the natural mix)."""
     if row.val_loss is None:
         return ["-", "-"]
-    change = "-" if first.val_loss is None else f"{row.val_loss - first.val_loss:+.4f}"
-    return [f"{row.val_loss:.4f}", change]
+    return [f"{row.val_loss:.4f}", _fix_change(row, first, "val_loss")]
 
 
-def _fix_framed_change(row, first) -> str:
-    """The framed text loss's change against the first row (LM: not the format's)."""
-    if row.val_loss_framed is None or first.val_loss_framed is None:
-        return "-"
-    return f"{row.val_loss_framed - first.val_loss_framed:+.4f}"
+def _fix_change(row, first, field: str) -> str:
+    """``field``'s change against the first row, '-' when either lacks it."""
+    mine, theirs = getattr(row, field), getattr(first, field)
+    return "-" if mine is None or theirs is None else f"{mine - theirs:+.4f}"
 
 
 def _fix_task_cells(row) -> list[str]:

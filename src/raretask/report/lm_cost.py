@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import math
 import re
@@ -110,6 +111,7 @@ def _shape(cell: dict) -> str:
     return f"{cell['steps']} x {cell['batch_size']} x {cell['seq_len']}"
 
 
+@functools.cache
 def _flops_per_token(size: str, vocab_size: int, seq_len: int) -> int:
     from raretask.lm.model import ModelConfig
 
@@ -165,7 +167,6 @@ def grid_cost(run_dir: str | Path) -> tuple[list[Visit], list[CellSpeed]]:
     by_group = {c["group"]: c for c in store.read_cells(run_dir).values()}
     visits: list[Visit] = []
     speeds: dict[tuple, CellSpeed] = {}
-    flops_per_token: dict[tuple, int] = {}
     start = last = None
     saving: dict[str, float] = {}  # group -> seconds writing checkpoints in this visit
     for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -192,12 +193,10 @@ def grid_cost(run_dir: str | Path) -> tuple[list[Visit], list[CellSpeed]]:
         cell = by_group[m["group"]]
         steps = int(m["b"]) - int(m["a"])
         tokens = steps * int(cell["batch_size"]) * int(cell["seq_len"])
-        key = (cell["size"], int(cell["vocab_size"]), int(cell["seq_len"]))
-        if key not in flops_per_token:
-            flops_per_token[key] = _flops_per_token(*key)
         visit.cells += 1
         visit.tokens += tokens
-        visit.flops += tokens * flops_per_token[key]
+        visit.flops += tokens * _flops_per_token(cell["size"], int(cell["vocab_size"]),
+                                                 int(cell["seq_len"]))
         shape = _shape(cell)
         speed = speeds.setdefault((cell["size"], cell["task"], shape),
                                   CellSpeed(cell["size"], cell["task"], shape))

@@ -28,6 +28,9 @@ from pydantic import Field
 
 from raretask.schema import StrictModel
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""torch.compile modes an LM profile takes (benchmarks/lm_throughput.py offers the same)."""
+
 Retraction = Literal["qr", "polar_once"]
 
 
@@ -56,8 +59,7 @@ class Profile(StrictModel):
                                   "up to this train as one padded group (0: one group each).")
     # -- language models ---------------------------------------------------------------------
     compile: bool | None = Field(None, description="LM: torch.compile the training step.")
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
-                          "max-autotune-no-cudagraphs"] | None = (
+    compile_mode: Literal[COMPILE_MODES] | None = (
         Field(None, description="LM: torch.compile mode; 'reduce-overhead' replays the step as "
               "CUDA graphs (small models are bound by kernel launches); 'max-autotune' also "
               "tunes GEMM kernels and fuses elementwise work into them (minutes to compile)."))
