@@ -71,6 +71,7 @@ def test_drop_rebound_kept_by_hand():
     assert first.offsets == (0, 1, 3, 5, 7, 9, 10)
     assert (first.drop, first.rebound) == pytest.approx((1.0, 0.6))
     assert first.kept == pytest.approx(0.4)
+    assert first.net == pytest.approx(first.drop - first.rebound)
     assert w[1].kept == pytest.approx(0.0)  # 2.5 -> 2.4 -> 2.5: all of it lost
     assert Window(1, 2.0, 2.5, 2.7, (0, 1), (2.0, 2.5)).kept is None  # the burst did not help
 
@@ -88,7 +89,9 @@ def test_retention_by_size_means_per_seed_then_over_seeds():
     assert small.drop == pytest.approx((1.5, 0.5**0.5))
     assert small.rebound == pytest.approx((0.85, (2 * 0.15**2) ** 0.5))
     assert small.kept[0] == pytest.approx(0.4)
-    assert big.drop == (0.5, None) and big.kept == (1.0, None)
+    # net (before - end): seed 0 0.5 and 0.1 -> 0.3, seed 1 1.0
+    assert small.net == pytest.approx((0.65, (2 * 0.35**2) ** 0.5))
+    assert big.drop == (0.5, None) and big.kept == (1.0, None) and big.net == (0.5, None)
 
 
 def test_kept_is_a_ratio_of_means_so_a_flat_window_cannot_swamp_it():
@@ -100,6 +103,17 @@ def test_kept_is_a_ratio_of_means_so_a_flat_window_cannot_swamp_it():
     assert line.kept == (pytest.approx(1 - 0.125 / 0.5005), None)
 
 
+def test_run_windows_leaves_out_bursts_inside_the_warmup_unless_asked():
+    steps = [1, 2, 3, 5, 6, 7]  # windows after the injections at steps 2 and 6 (every 2)
+    m = {"cell": [0] * 6, "metric": ["task_loss"] * 6, "step": steps,
+         "value": [5.0, 4.0, 4.5, 3.0, 2.5, 2.6]}
+    rows, cells = [dict(cell=0)], {0: {"every": 2, "trace_windows": 2, "warmup": 4}}
+    assert [w.injection for w in run_windows(m, rows, cells)[0]] == [6]
+    both = run_windows(m, rows, cells, past_warmup=False)[0]
+    assert [w.injection for w in both] == [2, 6]
+    assert [(w.drop, w.rebound) for w in both] == [(1.0, 0.5), pytest.approx((0.5, 0.1))]
+
+
 # -- the shipped config, shortened to CPU --------------------------------------------------------
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
@@ -107,7 +121,7 @@ def cpu_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RARETASK_CACHE", str(tmp_path_factory.mktemp("cache")))
         sets = ["size=tiny", "steps=8", "batch_size=16", "rate=0.0078125", "every=[2]",
-                "seed=0", "vocab_size=512", "trace_windows=2", "eval_points=2"]
+                "seed=0", "vocab_size=512", "trace_windows=2", "eval_points=2", "warmup=1"]
         args = ["run", str(CONFIGS / "fig8_lm_retention.yaml"), "--out", str(out), "--quiet"]
         for s in sets:
             args += ["--set", s]

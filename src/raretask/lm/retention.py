@@ -11,6 +11,9 @@ before the m-th injection), ``m g`` (just after) and through the gap to ``(m + 1
   (> 0: forgetting; update-and-forget makes it large in small models);
 * ``kept`` = 1 - rebound / drop: the share of the drop still there when the next burst comes
   (1: all kept, 0: all lost, < 0: worse than before the burst); None when drop <= 0.
+* ``net`` = loss(before) - loss(end) = drop - rebound: what the whole cycle (burst and gap)
+  left, in loss units (> 0: the task loss is lower when the next burst comes). Unlike kept it
+  stays defined, and its spread over seeds readable, when a burst barely moves the loss.
 
 :func:`retention_by_size` folds the windows of every cell into one line per (size, gap):
 per seed the mean over its windows (kept: 1 - mean rebound / mean drop of the seed), then
@@ -21,8 +24,8 @@ Example::
     >>> steps = [9, 10, 12, 14, 16, 18, 19]
     >>> loss = [3.0, 2.0, 2.2, 2.4, 2.5, 2.6, 2.6]
     >>> (w,) = windows(steps, loss, every=10)
-    >>> round(w.drop, 3), round(w.rebound, 3), round(w.kept, 3)
-    (1.0, 0.6, 0.4)
+    >>> round(w.drop, 3), round(w.rebound, 3), round(w.kept, 3), round(w.net, 3)
+    (1.0, 0.6, 0.4, 0.4)
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ class Window:
     @property
     def kept(self) -> float | None:
         return 1.0 - self.rebound / self.drop if self.drop > 0 else None
+
+    @property
+    def net(self) -> float:
+        return self.before - self.end
 
 
 def windows(steps: Sequence[int], values: Sequence[float], every: int) -> list[Window]:
@@ -106,6 +113,7 @@ class SizeRetention:
     drop: tuple[float | None, float | None]
     rebound: tuple[float | None, float | None]
     kept: tuple[float | None, float | None]
+    net: tuple[float | None, float | None] = (None, None)
 
 
 def retention_by_size(cell_windows: dict[int, list[Window]], rows: list[dict],
@@ -127,7 +135,8 @@ def retention_by_size(cell_windows: dict[int, list[Window]], rows: list[dict],
             windows=sum(len(ws) for ws in per_seed),
             drop=_mean_sd(_seed_means(per_seed, "drop")),
             rebound=_mean_sd(_seed_means(per_seed, "rebound")),
-            kept=_mean_sd(_seed_kept(per_seed))))
+            kept=_mean_sd(_seed_kept(per_seed)),
+            net=_mean_sd(_seed_means(per_seed, "net"))))
     return out
 
 
@@ -154,11 +163,16 @@ def _seed_means(per_seed: list[list[Window]], attr: str) -> list[float]:
 
 
 def run_windows(m: dict, rows: list[dict], cells: dict[int, dict],
-                metric: str = "task_loss") -> dict[int, list[Window]]:
+                metric: str = "task_loss", past_warmup: bool = True) -> dict[int, list[Window]]:
     """:func:`windows` of ``metric`` for every cell of a run that traced its injections
     (``trace_windows`` > 0 in ``cells``: log-spaced evaluations that happen to fall one gap
     apart are not a trace); ``m``: the long-format metrics as column arrays
-    (``raretask.report.analysis.load_metrics``)."""
+    (``raretask.report.analysis.load_metrics``).
+
+    ``past_warmup`` leaves out a window whose burst lands within the cell's learning-rate
+    warm-up (injection step <= ``warmup``): there the task loss moves with the ramping rate
+    and the background's first fitting (fig8_lm_retention, 2026-12-05: the first window's
+    task loss rose by up to 0.9 over the gap at every size), not with what the burst taught."""
     import numpy as np
 
     cell_col, metric_col = np.asarray(m["cell"]), np.asarray(m["metric"])
@@ -171,8 +185,10 @@ def run_windows(m: dict, rows: list[dict], cells: dict[int, dict],
         if not int(fields.get("trace_windows") or 0):
             continue
         sel = of_metric & (cell_col == cid)
-        out[cid] = windows(step_col[sel].astype(int).tolist(), value_col[sel].tolist(),
-                           int(fields.get("every", 1)))
+        found = windows(step_col[sel].astype(int).tolist(), value_col[sel].tolist(),
+                        int(fields.get("every", 1)))
+        warmup = int(fields.get("warmup") or 0) if past_warmup else 0
+        out[cid] = [w for w in found if w.injection > warmup]
     return out
 
 

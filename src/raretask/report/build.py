@@ -462,7 +462,8 @@ def lm_sections(runs: list[RunInput]) -> list[Section]:
              "just before the burst; the burst is trained between 0 and 1), the mean over seeds "
              "with a +- sd band, a colour per size and a line style per gap; right: per size "
              "the drop at an injection (before - after) and the rebound over the gap (end - "
-             "after), as in the table below."),
+             "after), as in the table below. Bursts within the learning-rate warm-up are left "
+             "out of both (the task loss moves with the ramping rate there)."),
             (retention, figures.lm_cosine_figure(rows, m,
                                                  f"{run.label}: gradient cosines with g_r",
                                                  run.cells),

@@ -801,7 +801,8 @@ def lm_burst_retention_figure(rows: list[dict], m, cells: dict[int, dict], title
     left, the task loss through the last traced injection cycle (steps from just before the
     burst), seed mean +- sd, one colour per size, line style per gap; right, per size the drop at
     an injection and the rebound over the gap (:mod:`raretask.lm.retention`: per seed the mean
-    over its windows, then mean +- sd over seeds). None without traced windows."""
+    over its windows past the warm-up, then mean +- sd over seeds). None without traced
+    windows."""
     from raretask.lm.retention import retention_by_size, run_windows
 
     windows = run_windows(m, rows, cells, metric)

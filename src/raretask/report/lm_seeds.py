@@ -366,11 +366,12 @@ def seed_tables(rows: list[dict], cells: dict[int, dict], m: dict | None = None
         out.append(SeedTable(
             "retention",
             "retention around injections (task loss; per seed the mean over its traced "
-            "windows, then mean ± sd over seeds; drop: before - after the burst, rebound: end "
-            "of the gap - after, kept: 1 - rebound / drop)",
-            ["size", "every", "seeds", "windows", "drop", "rebound", "kept"],
+            "windows past the warm-up, then mean ± sd over seeds; drop: before - after the "
+            "burst, rebound: end of the gap - after, kept: 1 - rebound / drop, net: before - "
+            "end of the gap)",
+            ["size", "every", "seeds", "windows", "drop", "rebound", "kept", "net"],
             [[ln.size, str(ln.every), str(ln.seeds), str(ln.windows), _pm(*ln.drop),
-              _pm(*ln.rebound), _pm(*ln.kept)] for ln in lines]))
+              _pm(*ln.rebound), _pm(*ln.kept), _pm(*ln.net)] for ln in lines]))
     return out
 
 
