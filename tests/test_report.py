@@ -265,6 +265,34 @@ def test_partial_lm_grid_is_refused_unless_asked_and_then_labelled(lm_run, capsy
     assert label in text and "rep_lm:" not in text  # no table or figure title without it
 
 
+def test_lm_cost_counts_a_cut_cell_up_to_the_checkpoint_a_later_visit_resumed(lm_run, tmp_path):
+    """A cell cut at step 6 and resumed there next visit: its 6 steps count to the cut visit
+    (work kept); a cell cut and restarted from step 0 counts nothing to its cut visit."""
+    from raretask.report import lm_cost
+
+    run = tmp_path / "cut"
+    shutil.copytree(lm_run, run)
+    first, second = (c["group"] for c in json.loads((run / "cells.json").read_text()))
+    start = ("start: raretask x, python 3.12, device cuda, 2 cells in 2 groups, 2 groups to "
+             "run, 2 processes (cells)\n")
+    with open(run / "log.txt", "a", encoding="utf-8") as fh:
+        fh.write(f"2099-01-01 00:00:00 {start}"
+                 f"2099-01-01 00:00:10 {first}: checkpoint at step 4 of 12 (9 s since step 0, "
+                 "written in 1.0 s)\n"
+                 f"2099-01-01 00:00:20 {first}: checkpoint at step 6 of 12 (19 s since step 0, "
+                 "written in 1.0 s)\n"
+                 f"2099-01-01 00:00:20 {second}: checkpoint at step 3 of 12 (19 s since step 0, "
+                 "written in 1.0 s)\n"
+                 f"2099-01-02 00:00:00 {start}"
+                 f"2099-01-02 00:00:01 {first}: resumed from step 6\n"
+                 f"2099-01-02 00:00:09 {first}: tiny cmp steps 6->12 in 8.0s (384 tokens/s)\n"
+                 f"2099-01-02 00:00:19 {second}: tiny cmp steps 0->12 in 18.0s (341 tokens/s)\n")
+    visits, _ = lm_cost.grid_cost(run)
+    row = 16 * 32  # the fixture's rows x tokens a row
+    assert [(v.cells, v.cut, v.tokens) for v in visits[1:]] == [
+        (0, 1, 6 * row), (2, 0, (6 + 12) * row)]
+
+
 def test_lm_cost_counts_each_visit_from_the_log(lm_run, capsys, tmp_path):
     """Item 8's cost record: tokens are steps x rows x tokens a row of the finished cells (exact),
     FLOPs the model's per token, a visit's time ends before the next visit's lines."""

@@ -6,7 +6,9 @@ finishes, ``gNNNN: SIZE TASK steps A->B in Xs (Y tokens/s)``. From those and ``c
 * **per visit**: the device, processes, wall time (the start line to the visit's last line),
   cells finished, their tokens (steps x rows x tokens a row, exact), tokens/s over all
   processes, and MFU (their training FLOPs, ``ModelConfig.flops_per_token``, over the wall time
-  and a peak). Work on cells a visit cut short is not counted: it restarts, so it was lost.
+  and a peak). A cell a visit cut short counts up to its last checkpoint when a later visit
+  resumed from that checkpoint (its ``resumed from step N`` line; the visit's ``cut`` cells),
+  and not at all when it restarted: that work was lost.
 * **cells left** (a grid filled call by call): the unfinished cells per task, size and frequency,
   with the seconds a cell of that size and task took so far (packed as it ran) and their sum,
   for sizing the next calls. Where no cell of that size and task has finished yet, the seconds
@@ -49,8 +51,9 @@ _DONE = re.compile(_STAMP + r"(?P<group>g\d+): (?P<size>\S+) (?P<task>\S+) steps
                    r"(?:; first \d+ steps (?P<warm>[\d.]+)s, \d+ evaluations (?P<eval>[\d.]+)s)?"
                    # profile.stack_seeds: the seconds are the stack's, shared by its K cells
                    r"(?:; (?P<stack>\d+) seeds stacked)?")
-_CKPT = re.compile(_STAMP + r"(?P<groups>g\d+(?:\+g\d+)*): checkpoint at step .* written in "
-                   r"(?P<sec>[\d.]+) s\)")
+_CKPT = re.compile(_STAMP + r"(?P<groups>g\d+(?:\+g\d+)*): checkpoint at step (?P<step>\d+) "
+                   r".* written in (?P<sec>[\d.]+) s\)")
+_RESUMED = re.compile(_STAMP + r"(?P<group>g\d+): resumed from step (?P<step>\d+)$")
 
 
 @dataclass
@@ -62,8 +65,17 @@ class Visit:
     processes: int
     wall_s: float = 0.0
     cells: int = 0
+    cut: int = 0
+    """Cells this visit left unfinished and a later one resumed from its last checkpoint."""
     tokens: int = 0
     flops: float = 0.0
+
+    def add(self, cell: dict, steps: int) -> None:
+        """Count ``steps`` of ``cell`` as trained in this visit."""
+        tokens = steps * int(cell["batch_size"]) * int(cell["seq_len"])
+        self.tokens += tokens
+        self.flops += tokens * _flops_per_token(cell["size"], int(cell["vocab_size"]),
+                                                int(cell["seq_len"]))
 
     def tokens_per_s(self) -> float | None:
         return self.tokens / self.wall_s if self.wall_s > 0 else None
@@ -169,6 +181,10 @@ def grid_cost(run_dir: str | Path) -> tuple[list[Visit], list[CellSpeed]]:
     speeds: dict[tuple, CellSpeed] = {}
     start = last = None
     saving: dict[str, float] = {}  # group -> seconds writing checkpoints in this visit
+    # a cut cell's kept work: (group, step) -> the visit that wrote that checkpoint, and the
+    # step each group's segment in a visit began from (0 unless it was resumed there)
+    wrote: dict[tuple[str, int], int] = {}
+    began: dict[tuple[int, str], int] = {}
     for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
         if m := _START.match(line):
             start = last = _time(m["stamp"])
@@ -186,17 +202,22 @@ def grid_cost(run_dir: str | Path) -> tuple[list[Visit], list[CellSpeed]]:
         if m := _CKPT.match(line):
             for group in m["groups"].split("+"):  # a stack's write, shared by its cells
                 saving[group] = saving.get(group, 0.0) + float(m["sec"])
+                wrote[(group, int(m["step"]))] = len(visits) - 1
+            continue
+        if (m := _RESUMED.match(line)) and m["group"] in by_group:
+            group, step = m["group"], int(m["step"])
+            began[(len(visits) - 1, group)] = step
+            earlier = wrote.get((group, step))
+            if earlier is not None and earlier < len(visits) - 1:  # kept from a cut visit
+                visits[earlier].cut += 1
+                visits[earlier].add(by_group[group], step - began.get((earlier, group), 0))
             continue
         m = _DONE.match(line)
         if m is None or m["group"] not in by_group:
             continue
         cell = by_group[m["group"]]
-        steps = int(m["b"]) - int(m["a"])
-        tokens = steps * int(cell["batch_size"]) * int(cell["seq_len"])
         visit.cells += 1
-        visit.tokens += tokens
-        visit.flops += tokens * _flops_per_token(cell["size"], int(cell["vocab_size"]),
-                                                 int(cell["seq_len"]))
+        visit.add(cell, int(m["b"]) - int(m["a"]))
         shape = _shape(cell)
         speed = speeds.setdefault((cell["size"], cell["task"], shape),
                                   CellSpeed(cell["size"], cell["task"], shape))
@@ -240,11 +261,13 @@ def main(argv: list[str] | None = None) -> None:
     console = Console()
     t = Table(title=f"{args.run_dir}: visits (MFU against {args.peak_tflops:g} TFLOP/s)",
               box=box.SIMPLE_HEAD)
-    for c in ("started", "device", "procs", "wall s", "cells done", "tokens", "tokens/s", "MFU"):
+    for c in ("started", "device", "procs", "wall s", "cells done", "cut", "tokens", "tokens/s",
+              "MFU"):
         t.add_column(c, justify="right")
     for v in visits:
         tps, mfu = v.tokens_per_s(), v.mfu(args.peak_tflops)
         t.add_row(v.started, v.device, str(v.processes), f"{v.wall_s:.0f}", str(v.cells),
+                  str(v.cut),
                   f"{v.tokens / 1e6:.1f}M", "-" if tps is None else f"{tps:,.0f}",
                   "-" if mfu is None else f"{mfu:.1%}")
     console.print(t)
