@@ -154,3 +154,44 @@ def test_summary_tables_of_the_committed_fig9_run(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "0.919±0.016" in out and "3.974±0.009" in out and "retention" not in out
     assert "boundary above 0.000977" in out
+
+
+def test_fig5_at_scale_holds_issue_19s_checks():
+    """The committed complete grid (benchmarks/results/fig5_lm_scale, one H100/H200): both tasks,
+    five sizes spanning > 25x non-embedding parameters, 3 seeds each; T_ADD learned at 1/32 by
+    60m (3 of 3 seeds) and 150m (2 of 3) while 4m stays below 0.5 (RESULTS.md, eighth session)."""
+    rows, cells = load("fig5_lm_scale")
+    settings = seed_cells(rows, cells)
+    assert len(rows) == 138 and {c.task for c in settings} == {"cmp", "add"}
+    assert all(c.seeds == (0, 1, 2) for c in settings)
+    params = {r["size"]: r["params"] for r in rows}
+    assert max(params.values()) / params["4m"] > 25 and params["150m"] > 100e6
+    def at(task: str, frequency: float) -> dict:
+        return {c.size: c for c in settings
+                if c.task == task and c.frequency == pytest.approx(frequency, rel=1e-3)}
+
+    add = at("add", 1 / 32)
+    assert [round(add[s].mean["test_accuracy"], 3) for s in ("tiny", "4m", "20m", "60m", "150m")] \
+        == [0.801, 0.016, 0.883, 0.951, 0.679]
+    assert [add[s].n_learned for s in ("4m", "60m", "150m")] == [0, 3, 2]
+    assert max(r["test_accuracy"] for r in rows if r["task"] == "add" and r["size"] == "4m") < 0.5
+    cmp = at("cmp", 1 / 1024)
+    # past 60m T_CMP stops improving at this budget: 150m 0.546 against 60m's 0.678
+    assert [round(cmp[s].mean["test_accuracy"], 3) for s in ("60m", "150m")] == [0.678, 0.546]
+
+
+def test_fig8_retention_drop_grows_with_size_pinned():
+    """The committed Fig. 8 grid: per size, the drop at a burst of 256 every 32 steps (windows
+    past the warm-up, mean over seeds) grows from tiny to 150m; what the cycle keeps does not."""
+    import pyarrow.parquet as pq
+
+    from raretask.lm.retention import retention_by_size, run_windows
+
+    rows, cells = load("fig8_lm_retention")
+    m = pq.read_table(RESULTS / "fig8_lm_retention" / "metrics.parquet").to_pydict()
+    lines = retention_by_size(run_windows(m, rows, cells), rows, cells)
+    long_gap = [ln for ln in lines if ln.every == 32]
+    assert [(ln.size, ln.seeds, ln.windows) for ln in long_gap] == [
+        (s, 3, 15) for s in ("tiny", "4m", "20m", "60m", "150m")]
+    assert [round(ln.drop[0], 3) for ln in long_gap] == [0.089, 0.231, 0.301, 0.384, 0.409]
+    assert all(abs(ln.net[0]) < 2 * ln.net[1] for ln in long_gap)  # every net within 2 sd of 0
