@@ -113,7 +113,7 @@ class SizeRetention:
     drop: tuple[float | None, float | None]
     rebound: tuple[float | None, float | None]
     kept: tuple[float | None, float | None]
-    net: tuple[float | None, float | None] = (None, None)
+    net: tuple[float | None, float | None]
 
 
 def retention_by_size(cell_windows: dict[int, list[Window]], rows: list[dict],
