@@ -15,7 +15,8 @@ before the m-th injection), ``m g`` (just after) and through the gap to ``(m + 1
   left, in loss units (> 0: the task loss is lower when the next burst comes). Unlike kept it
   stays defined, and its spread over seeds readable, when a burst barely moves the loss.
 
-:func:`retention_by_size` folds the windows of every cell into one line per (size, gap):
+:func:`run_windows` finds them in a run's metrics, leaving out bursts inside the learning-rate
+warm-up; :func:`retention_by_size` folds the windows of every cell into one line per (size, gap):
 per seed the mean over its windows (kept: 1 - mean rebound / mean drop of the seed), then
 mean +- sd (ddof 1) over the seeds.
 
